@@ -1,0 +1,200 @@
+"""Teacher rationale records: the schema, validated reading and writing, and output parsers.
+
+A record is one example with the teacher's chain-of-thought: its stable `id`, the model
+`input` text, the gold `label` (text), the `teacher_label` and `rationale` parsed from the
+teacher's raw `teacher_output`, and `parse_error` (None, or why the parse fell back).
+
+Each parser gives, for every raw output, the same rationale and label as the paper's code
+(google-research/distilling-step-by-step, data_utils.py), fallbacks included; where the
+paper's code falls back to a blank, the record keeps that blank and says why in
+`parse_error`. Teacher outputs are untrusted text: they are only split and matched here.
+
+This module must not read ../shared, build SeqIO tasks, or touch TensorFlow.
+"""
+import dataclasses
+import gzip
+import json
+import os
+import re
+from typing import Callable, Iterable, Iterator, NamedTuple, Optional
+
+NLI_LABELS = ("entailment", "neutral", "contradiction")
+# Separates premise from hypothesis in NLI inputs: the paper joins the two with the
+# tokenizer's EOS token, and the data pipeline turns this marker back into EOS.
+NLI_SEPARATOR = "</s>"
+
+
+class RationaleFileError(ValueError):
+  """A rationale or input file that cannot be read; the message names file and line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RationaleRecord:
+  """One example with its teacher rationale.
+
+  `input` and `label` are None only for splits whose inputs the paper's release lacks
+  (e-SNLI and ANLI R1 train); `dsbs_jax.data` joins them from a source the user names.
+  """
+  id: str
+  input: Optional[str]
+  label: Optional[str]
+  teacher_label: str
+  rationale: str
+  teacher_output: str
+  parse_error: Optional[str] = None
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+
+_REQUIRED_STRINGS = ("id", "teacher_label", "rationale", "teacher_output")
+_OPTIONAL_STRINGS = ("input", "label", "parse_error")
+
+
+def record_from_dict(obj, where: str) -> RationaleRecord:
+  """Validates a decoded JSON object; `where` ("file:line") prefixes every error."""
+  if not isinstance(obj, dict):
+    raise RationaleFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  unknown = set(obj) - set(_REQUIRED_STRINGS) - set(_OPTIONAL_STRINGS)
+  if unknown:
+    raise RationaleFileError(f"{where}: unknown field(s) {sorted(unknown)}")
+  for field in _REQUIRED_STRINGS:
+    if field not in obj:
+      raise RationaleFileError(f"{where}: missing field {field!r}")
+  for field in _REQUIRED_STRINGS + _OPTIONAL_STRINGS:
+    value = obj.get(field)
+    if value is None and field in _OPTIONAL_STRINGS:
+      continue
+    if not isinstance(value, str):
+      raise RationaleFileError(
+          f"{where}: field {field!r} must be a string, got {type(value).__name__} ({value!r:.40})")
+  if not obj["id"]:
+    raise RationaleFileError(f"{where}: field 'id' is empty")
+  return RationaleRecord(**{k: obj.get(k) for k in _REQUIRED_STRINGS + _OPTIONAL_STRINGS})
+
+
+def open_text(path: str, mode: str = "rt"):
+  """Opens a text file, through gzip when the name ends in .gz."""
+  if str(path).endswith(".gz"):
+    return gzip.open(path, mode, encoding="utf-8")
+  return open(path, mode, encoding="utf-8")
+
+
+def iter_json_lines(path: str) -> Iterator[tuple[str, object]]:
+  """Yields ("file:line", decoded object) for each non-blank line; errors name the line."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  with open_text(path) as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      where = f"{path}:{line_number}"
+      try:
+        yield where, json.loads(line)
+      except json.JSONDecodeError as e:
+        raise RationaleFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+def read_records(path: str) -> list[RationaleRecord]:
+  """Reads a rationale JSONL(.gz) file; raises RationaleFileError naming file and line."""
+  records = [record_from_dict(obj, where) for where, obj in iter_json_lines(path)]
+  if not records:
+    raise RationaleFileError(f"{path}: file holds no records")
+  seen = {}
+  for line_number, record in enumerate(records, start=1):
+    if record.id in seen:
+      raise RationaleFileError(
+          f"{path}: id {record.id!r} appears twice (records {seen[record.id]} and {line_number})")
+    seen[record.id] = line_number
+  return records
+
+
+def write_records(path: str, records: Iterable[RationaleRecord]) -> int:
+  """Writes records as JSONL (gzip when `path` ends in .gz, reproducibly); returns the count."""
+  count = 0
+  tmp_path = f"{path}.tmp"
+  raw = open(tmp_path, "wb")
+  stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.endswith(".gz") else raw
+  with raw, stream:
+    for record in records:
+      stream.write((record.to_json() + "\n").encode("utf-8"))
+      count += 1
+  os.replace(tmp_path, path)
+  return count
+
+
+class ParsedOutput(NamedTuple):
+  rationale: str
+  label: str
+  error: Optional[str]
+
+
+def parse_cqa(output: str) -> ParsedOutput:
+  """CommonsenseQA: '<rationale> So the answer is (c) <choice>.' then maybe a next 'Q:'."""
+  answer_part = output.split("Q:")[0].rstrip()
+  pieces = answer_part.split("So the answer is")
+  if len(pieces) != 2:
+    # The paper's code raises here; no shipped output takes this path.
+    return ParsedOutput(" ", " ", f"'So the answer is' appears {len(pieces) - 1} times")
+  rationale, answer = pieces[0].rstrip(), pieces[1]
+  after_letter = re.split(r"\(.\)", answer)
+  if len(after_letter) < 2:
+    return ParsedOutput(rationale, " ", "no lettered choice such as '(a)' after 'So the answer is'")
+  label = after_letter[1].strip()
+  if not label:
+    return ParsedOutput(rationale, " ", "nothing after the lettered choice")
+  return ParsedOutput(rationale, label[:-1] if label.endswith(".") else label, None)
+
+
+def parse_svamp(output: str) -> ParsedOutput:
+  """SVAMP: '<rationale> The answer is (<equation>).' then maybe a next 'Q:'."""
+  answer_part = output.split("Q:")[0].rstrip()
+  pieces = answer_part.split("The answer is")
+  if len(pieces) != 2:
+    return ParsedOutput(" ", " ", f"'The answer is' appears {len(pieces) - 1} times, expected once")
+  equation = re.search(r"\(.*\)", pieces[1])
+  if equation is None:
+    return ParsedOutput(pieces[0].rstrip(), " ", "no parenthesized equation after 'The answer is'")
+  return ParsedOutput(pieces[0].rstrip(), equation.group(0), None)
+
+
+def parse_esnli(output: str) -> ParsedOutput:
+  """e-SNLI: '<rationale>\\nAnswer: <label>' then maybe a next 'Premise:'."""
+  rationale = output.split("Answer:")[0].rstrip()
+  pieces = output.split("Answer: ")
+  if len(pieces) < 2:
+    return ParsedOutput(rationale, " ", "no 'Answer: ' in the output")
+  return ParsedOutput(rationale, pieces[1].split("Premise")[0].rstrip(), None)
+
+
+def parse_anli(output: str) -> ParsedOutput:
+  """ANLI: '<rationale> So the answer is <label>.' then maybe a next 'Premise:'.
+
+  As in the paper, the label is what follows the phrase minus its last character (the
+  full stop), and an output without the phrase exactly once gives blank strings.
+  """
+  pieces = output.split("Premise:")[0].rstrip().split("So the answer is")
+  if len(pieces) != 2:
+    return ParsedOutput("", "", f"'So the answer is' appears {len(pieces) - 1} times, expected once")
+  return ParsedOutput(pieces[0].rstrip(), pieces[1].lstrip()[:-1], None)
+
+
+PARSERS: dict[str, Callable[[str], ParsedOutput]] = {
+    "cqa": parse_cqa,
+    "svamp": parse_svamp,
+    "esnli": parse_esnli,
+    "anli1": parse_anli,
+}
+
+
+def make_record(dataset: str, example_id: str, input_text: Optional[str],
+                label: Optional[str], teacher_output: str) -> RationaleRecord:
+  """Parses `teacher_output` with the dataset's parser and returns the full record."""
+  if not isinstance(teacher_output, str):
+    raise TypeError(f"{example_id}: teacher output must be a string, got {type(teacher_output).__name__}")
+  parsed = PARSERS[dataset](teacher_output)
+  if parsed.error is None and not parsed.label.strip():
+    parsed = parsed._replace(error="the teacher label is blank")
+  return RationaleRecord(
+      id=example_id, input=input_text, label=label, teacher_label=parsed.label,
+      rationale=parsed.rationale, teacher_output=teacher_output, parse_error=parsed.error)

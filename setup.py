@@ -1,0 +1,36 @@
+"""Installs dsbs-jax: distilling step-by-step on JAX/Flax with SeqIO tasks and gin configs."""
+import setuptools
+
+setuptools.setup(
+    name="dsbs-jax",
+    version="0.1.0",
+    description="Distilling step-by-step (Hsieh et al., ACL 2023) in JAX/Flax, T5X-style.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["dsbs_jax", "dsbs_jax.*", "tasks", "tasks.*"]),
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "seqio>=0.0.20,<0.0.21",
+        # seqio needs TensorFlow; on Linux the plain wheel runs on the CPU, and
+        # tensorflow-text (a seqio dependency) pins the matching TensorFlow minor.
+        "tensorflow>=2.21,<2.22",
+        "tensorflow-text>=2.21,<2.22",
+        "tensorflow-datasets>=4.9.10,<5",
+        "gin-config>=0.5,<0.6",
+        "sentencepiece>=0.2,<0.3",
+        "safetensors>=0.4,<1",
+        "numpy>=1.26,<3",
+        "tqdm>=4.66,<5",
+    ],
+    extras_require={
+        # torch==2.13.0 is the CPU wheel this project's machines carry; a looser
+        # range would pull several GB of CUDA wheels.
+        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5,<6"],
+    },
+    entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},
+)
