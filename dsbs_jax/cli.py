@@ -7,6 +7,11 @@ import argparse
 import importlib
 import sys
 
+from dsbs_jax import gin_utils
+from dsbs_jax import rationales
+
+USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError)
+
 # Modules imported lazily so that `dsbs --help` stays fast and one broken
 # subcommand cannot take the others down.
 SUBCOMMAND_MODULES = (
@@ -23,8 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+  argv, gin_bindings = gin_utils.split_gin_bindings(sys.argv[1:] if argv is None else list(argv))
   args = build_parser().parse_args(argv)
-  return args.func(args) or 0
+  args.gin_bindings = gin_bindings
+  try:
+    return args.func(args) or 0
+  except USER_ERRORS as e:
+    # Bad input, not a bug: the message names the file, line or flag; no traceback.
+    print(f"dsbs {args.command}: error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,386 @@
+"""SeqIO building blocks for distilling step-by-step: options, sources, preprocessors, vocabulary.
+
+Everything a run may change (alpha, the training-data fraction and its seed, the task
+prefixes, the vocabulary, where the e-SNLI / ANLI train inputs come from) is a field of
+`TaskOptions`, a gin-configurable dataclass read when a dataset is built, not when tasks
+are registered: `import tasks` registers everything once, and gin decides the rest.
+
+The label task and the rationale task of a dataset read the same records through the same
+subsampling, so they always see exactly the same examples.
+
+This module must not register tasks itself (tasks/ does) or know about models or training.
+"""
+import dataclasses
+import functools
+import math
+import os
+from typing import Callable, Mapping, Optional, Sequence
+
+import gin
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dsbs_jax import rationales
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RATIONALES_DIR = os.path.join(REPO_ROOT, "rationales")
+DEFAULT_VOCABULARY = os.path.join(DEFAULT_RATIONALES_DIR, "vocab", "dsbs_spm_8k.model")
+SPLITS = ("train", "validation", "test")
+_SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
+PAPER_PREFIXES = ("predict: ", "explain: ")
+# Teacher labels that agree with gold labels less often than this mean the inputs were
+# joined in an order other than the teacher outputs' (3-way NLI chance is 1/3).
+MIN_JOINED_TEACHER_ACCURACY = 0.5
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+  """What a run chooses about its data; bind fields in gin, e.g. `TaskOptions.alpha = 0.5`.
+
+  Attributes:
+    alpha: weight of the label task; mixtures sample label : rationale at alpha : 1-alpha.
+    train_fraction: fraction of the training split used (the paper's 0.125 ... 1.0).
+    subsample_seed: seed of the subsampling permutation (the paper's `--run`).
+    label_prefix, rationale_prefix: task prefixes; the paper's code uses
+      "predict: " and "explain: ".
+    vocabulary_path: SentencePiece model; the standard T5 model for pretrained students.
+    vocabulary_extra_ids: sentinel ids appended to the vocabulary (100 for T5's).
+    rationales_dir: folder of <dataset>/<split>.jsonl[.gz] record files.
+    train_inputs: for datasets whose train inputs the release lacks, {dataset: source},
+      where source is a JSONL path or "tfds:<name>[:<split>]".
+    drop_parse_failures: leave out training examples whose teacher output did not parse
+      (the paper keeps them, with blank targets).
+  """
+  alpha: float = 0.5
+  train_fraction: float = 1.0
+  subsample_seed: int = 0
+  label_prefix: str = "[label] "
+  rationale_prefix: str = "[rationale] "
+  vocabulary_path: str = DEFAULT_VOCABULARY
+  vocabulary_extra_ids: int = 0
+  rationales_dir: str = DEFAULT_RATIONALES_DIR
+  train_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  drop_parse_failures: bool = False
+
+  def __post_init__(self):
+    if not 0.0 < self.alpha < 1.0:
+      raise ValueError(f"TaskOptions.alpha must be in (0, 1), got {self.alpha}; "
+                       "for label-only training use the *_finetune or *_distill mixtures")
+    if not 0.0 < self.train_fraction <= 1.0:
+      raise ValueError(f"TaskOptions.train_fraction must be in (0, 1], got {self.train_fraction}")
+
+
+class MissingTrainInputsError(FileNotFoundError):
+  """The paper's release lacks this dataset's train inputs and no source was named."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What distinguishes one benchmark: its name, metric and where its train inputs live."""
+  name: str
+  metric_fn: Callable[[Sequence[str], Sequence[str]], dict]
+  train_inputs_hint: Optional[str] = None  # set when the release lacks train inputs
+
+
+def subsample(records: list, fraction: float, seed: int) -> list:
+  """Keeps `fraction` of the records, as the paper's `train_test_split(1 - fraction, seed)`.
+
+  That call permutes with `numpy.random.default_rng(seed)` and drops the first
+  ceil((1 - fraction) n) indices; the kept records come in permuted order.
+  """
+  if fraction >= 1.0:
+    return list(records)
+  permutation = np.random.default_rng(seed).permutation(len(records))
+  return [records[i] for i in permutation[math.ceil((1.0 - fraction) * len(records)):]]
+
+
+def split_path(rationales_dir: str, dataset: str, split: str) -> str:
+  base = os.path.join(rationales_dir, dataset, _SPLIT_FILES[split] + ".jsonl")
+  for candidate in (base, base + ".gz"):
+    if os.path.exists(candidate):
+      return candidate
+  raise FileNotFoundError(
+      f"{base}[.gz]: no rationale file for {dataset}/{split}; set TaskOptions.rationales_dir "
+      f"(now {rationales_dir!r}) or run tools/convert_release.py")
+
+
+@functools.lru_cache(maxsize=32)
+def _read_records_cached(path: str, mtime: float) -> tuple:
+  del mtime  # part of the cache key only: an edited file is read again
+  return tuple(rationales.read_records(path))
+
+
+def read_split(rationales_dir: str, dataset: str, split: str) -> tuple:
+  path = split_path(rationales_dir, dataset, split)
+  return _read_records_cached(path, os.path.getmtime(path))
+
+
+def _nli_label_text(value, where: str) -> str:
+  if isinstance(value, bool) or not isinstance(value, (int, str)):
+    raise rationales.RationaleFileError(f"{where}: 'label' must be 0, 1, 2 or a label name, got {value!r}")
+  if isinstance(value, int):
+    if value not in (0, 1, 2):
+      raise rationales.RationaleFileError(f"{where}: label {value} is not 0, 1 or 2")
+    return rationales.NLI_LABELS[value]
+  if value not in rationales.NLI_LABELS:
+    raise rationales.RationaleFileError(f"{where}: label {value!r} is not one of {rationales.NLI_LABELS}")
+  return value
+
+
+def _nli_example(obj, where: str) -> tuple[str, str]:
+  """(input, label) from an NLI example: premise (or context), hypothesis, label."""
+  if not isinstance(obj, dict):
+    raise rationales.RationaleFileError(f"{where}: expected a JSON object")
+  premise = obj.get("premise", obj.get("context"))
+  for field, value in (("premise", premise), ("hypothesis", obj.get("hypothesis"))):
+    if not isinstance(value, str):
+      raise rationales.RationaleFileError(f"{where}: field {field!r} missing or not a string")
+  if "label" not in obj:
+    raise rationales.RationaleFileError(f"{where}: missing field 'label'")
+  return (f"{premise}{rationales.NLI_SEPARATOR}{obj['hypothesis']}",
+          _nli_label_text(obj["label"], where))
+
+
+def _read_tfds_examples(spec: str) -> list[tuple[str, str]]:
+  import tensorflow_datasets as tfds  # imported here: only this path needs it
+  _, name, *rest = spec.split(":")
+  split = rest[0] if rest else "train"
+  dataset = tfds.load(name, split=split, shuffle_files=False)
+  examples = []
+  for index, example in enumerate(tfds.as_numpy(dataset)):
+    decoded = {k: (v.decode("utf-8") if isinstance(v, bytes) else int(v)) for k, v in example.items()
+               if k in ("premise", "context", "hypothesis", "label")}
+    examples.append(_nli_example(decoded, f"{spec}[{index}]"))
+  return examples
+
+
+def read_train_inputs(source: str) -> list[tuple[str, str]]:
+  """Reads (input, label) pairs from a JSONL path or a "tfds:<name>[:<split>]" source."""
+  if source.startswith("tfds:"):
+    return _read_tfds_examples(source)
+  examples = [_nli_example(obj, where) for where, obj in rationales.iter_json_lines(source)]
+  if not examples:
+    raise rationales.RationaleFileError(f"{source}: file holds no examples")
+  return examples
+
+
+@functools.lru_cache(maxsize=4)
+def _joined_train_records(rationales_dir: str, dataset: str, source: str) -> tuple:
+  records = read_split(rationales_dir, dataset, "train")
+  examples = read_train_inputs(source)
+  if len(examples) != len(records):
+    raise ValueError(
+        f"{dataset} train inputs from {source}: {len(examples):,} examples, but the teacher outputs "
+        f"in {split_path(rationales_dir, dataset, 'train')} cover {len(records):,}; the inputs must be "
+        "the full train split in the paper's order")
+  joined = tuple(dataclasses.replace(r, input=text, label=label)
+                 for r, (text, label) in zip(records, examples))
+  agreement = np.mean([r.teacher_label == r.label for r in joined])
+  if agreement < MIN_JOINED_TEACHER_ACCURACY:
+    raise ValueError(
+        f"{dataset} train inputs from {source} look misaligned with the teacher outputs: teacher "
+        f"labels agree with their gold labels on {agreement:.1%} of examples (chance level), against "
+        f"~70% on the shipped validation split; give the inputs in the paper's order")
+  return joined
+
+
+def records_for(spec: DatasetSpec, split: str, options: TaskOptions) -> list:
+  """The records a task reads for `split` under `options`: joined, filtered, subsampled."""
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  if split == "train" and spec.train_inputs_hint:
+    source = options.train_inputs.get(spec.name)
+    if not source:
+      raise MissingTrainInputsError(
+          f"{spec.name} train inputs are not in the paper's release (only its teacher outputs are "
+          f"shipped). Name them in gin: TaskOptions.train_inputs = {{'{spec.name}': SOURCE}}, where "
+          f"SOURCE is {spec.train_inputs_hint}")
+    records = list(_joined_train_records(options.rationales_dir, spec.name, source))
+  else:
+    records = list(read_split(options.rationales_dir, spec.name, split))
+  if split == "train":
+    if options.drop_parse_failures:
+      records = [r for r in records if r.parse_error is None]
+    records = subsample(records, options.train_fraction, options.subsample_seed)
+  return records
+
+
+TARGETS = {
+    "label_gold": lambda record, split: record.label,
+    # Teacher labels train the student; evaluation is always against gold labels.
+    "label_teacher": lambda record, split: record.teacher_label if split == "train" else record.label,
+    "rationale": lambda record, split: record.rationale,
+}
+
+
+class RecordDataSource(seqio.FunctionDataSource):
+  """A SeqIO source over rationale records, resolved from `TaskOptions` at read time."""
+
+  def __init__(self, spec: DatasetSpec, target_kind: str):
+    self._spec = spec
+    self._target_kind = target_kind
+    super().__init__(dataset_fn=self._dataset_fn, splits=SPLITS, caching_permitted=False)
+
+  def _examples(self, split: str) -> dict:
+    records = records_for(self._spec, split, TaskOptions())
+    target_of = TARGETS[self._target_kind]
+    return {"id": [r.id for r in records], "input": [r.input for r in records],
+            "target": [target_of(r, split) for r in records]}
+
+  def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
+    del shuffle_files, seed  # one in-memory shard; seqio shuffles examples
+    examples = self._examples(split)
+    return tf.data.Dataset.from_tensor_slices({k: tf.constant(v, tf.string) for k, v in examples.items()})
+
+  def num_input_examples(self, split: str) -> int:
+    return len(records_for(self._spec, split, TaskOptions()))
+
+
+@seqio.map_over_dataset
+def add_label_prefix(example):
+  return {"id": example["id"], "inputs": TaskOptions().label_prefix + example["input"],
+          "targets": example["target"]}
+
+
+@seqio.map_over_dataset
+def add_rationale_prefix(example):
+  return {"id": example["id"], "inputs": TaskOptions().rationale_prefix + example["input"],
+          "targets": example["target"]}
+
+
+def encode_with_separators(vocabulary: seqio.Vocabulary, text: tf.Tensor) -> tf.Tensor:
+  """Tokenizes `text`, turning each NLI_SEPARATOR into the EOS id, as the paper's HF tokenizer does."""
+  pieces = tf.strings.split(text, rationales.NLI_SEPARATOR)
+  ids = vocabulary.encode_tf(pieces)  # ragged [pieces, tokens]
+  eos = tf.fill([tf.shape(pieces)[0], 1], tf.constant(vocabulary.eos_id, ids.dtype))
+  with_eos = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1).flat_values
+  return with_eos[:-1]  # the last piece has no separator after it
+
+
+def tokenize(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
+  """Like seqio.preprocessors.tokenize, keeping "<key>_pretokenized", with EOS separators."""
+  for feature in output_features.values():
+    feature.vocabulary.eos_id  # resolves the vocabulary now, so a bad path fails plainly here
+  def encode(example):
+    out = dict(example)
+    for key, feature in output_features.items():
+      out[f"{key}_pretokenized"] = example[key]
+      out[key] = encode_with_separators(feature.vocabulary, example[key])
+    return out
+  return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+class OptionsVocabulary(seqio.Vocabulary):
+  """The SentencePiece vocabulary that `TaskOptions` names when it is used.
+
+  Tasks are registered at import, before gin is parsed; this defers the choice of model.
+  """
+
+  def __init__(self):
+    super().__init__(extra_ids=0)
+
+  @property
+  def _resolved(self) -> seqio.SentencePieceVocabulary:
+    options = TaskOptions()
+    return _sentencepiece_vocabulary(options.vocabulary_path, options.vocabulary_extra_ids)
+
+  @property
+  def eos_id(self):
+    return self._resolved.eos_id
+
+  @property
+  def unk_id(self):
+    return self._resolved.unk_id
+
+  @property
+  def pad_id(self):
+    return self._resolved.pad_id
+
+  @property
+  def vocab_size(self):
+    return self._resolved.vocab_size
+
+  @property
+  def _base_vocab_size(self):
+    return self._resolved.vocab_size
+
+  def _encode(self, s):
+    return self._resolved.encode(s)
+
+  def _decode(self, ids):
+    return self._resolved.decode(ids)
+
+  def _encode_tf(self, s):
+    return self._resolved.encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self._resolved.decode_tf(ids)
+
+  def __eq__(self, other):
+    return isinstance(other, OptionsVocabulary)
+
+  def __hash__(self):
+    return hash(OptionsVocabulary)
+
+
+@functools.lru_cache(maxsize=8)
+def _sentencepiece_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: SentencePiece model not found (TaskOptions.vocabulary_path)")
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+def output_features() -> dict:
+  vocabulary = OptionsVocabulary()
+  return {"inputs": seqio.Feature(vocabulary, add_eos=True),
+          "targets": seqio.Feature(vocabulary, add_eos=True)}
+
+
+def task_name(dataset: str, kind: str) -> str:
+  return f"{dataset}_{kind}"
+
+
+MIXTURES = {  # mixture suffix -> (label task kind, with rationale task)
+    "finetune": ("label_gold", False),
+    "distill": ("label_teacher", False),
+    "dsbs_gold": ("label_gold", True),
+    "dsbs_teacher": ("label_teacher", True),
+}
+
+
+def label_rate(task) -> float:
+  del task
+  return TaskOptions().alpha
+
+
+def rationale_rate(task) -> float:
+  del task
+  return 1.0 - TaskOptions().alpha
+
+
+def register_dataset(spec: DatasetSpec) -> list[str]:
+  """Registers the three tasks and four mixtures of one dataset; returns their names."""
+  names = []
+  for kind in TARGETS:
+    name = task_name(spec.name, kind)
+    is_rationale = kind == "rationale"
+    seqio.TaskRegistry.add(
+        name,
+        source=RecordDataSource(spec, kind),
+        preprocessors=[add_rationale_prefix if is_rationale else add_label_prefix,
+                       tokenize, seqio.preprocessors.append_eos_after_trim],
+        output_features=output_features(),
+        postprocess_fn=None if is_rationale else lambda text, **unused: text.strip(),
+        metric_fns=[] if is_rationale else [spec.metric_fn])
+    names.append(name)
+  for suffix, (label_kind, with_rationale) in MIXTURES.items():
+    name = task_name(spec.name, suffix)
+    label_task = task_name(spec.name, label_kind)
+    subtasks = ([(label_task, label_rate), (task_name(spec.name, "rationale"), rationale_rate)]
+                if with_rationale else [(label_task, 1.0)])
+    seqio.MixtureRegistry.add(name, subtasks)
+    names.append(name)
+  return names
+

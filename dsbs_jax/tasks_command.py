@@ -1,0 +1,79 @@
+"""`dsbs tasks`: lists every registered task and mixture with its examples per split.
+
+With --examples N it also prints N preprocessed examples of each mixture (the text the
+student reads and writes, and its token counts). It reads the same gin flags as training,
+so a train fraction or alpha set there shows here. Nothing here defines tasks.
+"""
+import argparse
+import itertools
+
+import seqio
+
+from dsbs_jax import data
+from dsbs_jax import gin_utils
+from dsbs_jax import rationales
+
+FEATURE_LENGTHS = {"inputs": 512, "targets": 256}
+
+
+def add_parser(subparsers) -> None:
+  parser = subparsers.add_parser("tasks", help=__doc__.splitlines()[0])
+  gin_utils.add_gin_arguments(parser)
+  parser.add_argument("--examples", type=int, default=0, metavar="N",
+                      help="print N preprocessed examples of each mixture")
+  parser.add_argument("--dataset", action="append", default=[],
+                      help="only this dataset (repeatable)")
+  parser.set_defaults(func=run)
+
+
+def count(provider, split: str) -> str:
+  try:
+    if isinstance(provider, seqio.Mixture):
+      return f"{sum(task.num_input_examples(split) for task in provider.tasks):,}"
+    return f"{provider.num_input_examples(split):,}"
+  except data.MissingTrainInputsError:
+    return "inputs missing"
+
+
+def print_examples(mixture: seqio.Mixture, num_examples: int) -> None:
+  split = "validation"  # present for every dataset, train inputs or not
+  dataset = mixture.get_dataset(FEATURE_LENGTHS, split=split, shuffle=True, seed=0, use_cached=False)
+  vocabulary = mixture.output_features["inputs"].vocabulary
+  for example in itertools.islice(dataset.as_numpy_iterator(), num_examples):
+    for i, feature in enumerate(("inputs", "targets")):
+      label = f"[{mixture.name}/{split}]" if i == 0 else " " * (len(mixture.name) + len(split) + 3)
+      print(f"  {label} {feature} ({len(example[feature])} tokens): "
+            f"{decode_with_separators(vocabulary, example[feature].tolist())!r}")
+
+
+def decode_with_separators(vocabulary, ids: list[int]) -> str:
+  """Decodes ids, showing each EOS inside the sequence (NLI's separator) as the marker."""
+  if ids and ids[-1] == vocabulary.eos_id:
+    ids = ids[:-1]
+  pieces = [[]]
+  for token in ids:
+    if token == vocabulary.eos_id:
+      pieces.append([])
+    else:
+      pieces[-1].append(token)
+  return rationales.NLI_SEPARATOR.join(vocabulary.decode(piece) for piece in pieces)
+
+
+def run(args: argparse.Namespace) -> int:
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+  import tasks  # registers everything; after gin, like T5X's task modules
+  datasets = [spec.name for spec in tasks.DATASETS if not args.dataset or spec.name in args.dataset]
+  header = f"{'name':<24} {'kind':<8}" + "".join(f"{split:>16}" for split in data.SPLITS)
+  print(header)
+  print("-" * len(header))
+  for dataset in datasets:
+    names = [data.task_name(dataset, kind) for kind in (*data.TARGETS, *data.MIXTURES)]
+    for name in names:
+      provider = seqio.get_mixture_or_task(name)
+      kind = "mixture" if isinstance(provider, seqio.Mixture) else "task"
+      print(f"{name:<24} {kind:<8}" + "".join(f"{count(provider, split):>16}" for split in data.SPLITS))
+  if args.examples:
+    for dataset in datasets:
+      for suffix in data.MIXTURES:
+        print_examples(seqio.get_mixture_or_task(data.task_name(dataset, suffix)), args.examples)
+  return 0

@@ -1,0 +1,10 @@
+"""ANLI round 1 with PaLM rationales; train inputs are not in the paper's release and are joined."""
+from dsbs_jax import data
+from dsbs_jax import metrics
+
+SPEC = data.DatasetSpec(
+    name="anli1", metric_fn=metrics.exact_match_accuracy,
+    train_inputs_hint=("the JSONL that the paper's data_utils.py writes from Hugging Face's "
+                       "`anli` split train_r1 (anli1_train.json: premise, hypothesis, label), "
+                       "or 'tfds:anli/r1'"))
+data.register_dataset(SPEC)
