@@ -261,15 +261,50 @@ def encode_with_separators(vocabulary: seqio.Vocabulary, text: tf.Tensor) -> tf.
 
 def tokenize(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
   """Like seqio.preprocessors.tokenize, keeping "<key>_pretokenized", with EOS separators."""
-  for feature in output_features.values():
+  text_features = {key: output_features[key] for key in ("inputs", "targets")}
+  for feature in text_features.values():
     feature.vocabulary.eos_id  # resolves the vocabulary now, so a bad path fails plainly here
   def encode(example):
     out = dict(example)
-    for key, feature in output_features.items():
+    for key, feature in text_features.items():
       out[f"{key}_pretokenized"] = example[key]
       out[key] = encode_with_separators(feature.vocabulary, example[key])
     return out
   return dataset.map(encode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+TASK_IDS = {"label": 1, "rationale": 2}  # 0 is padding
+
+
+def add_task_ids(task_id: int):
+  """A preprocessor marking every target token with its task, so losses can be split."""
+  @seqio.map_over_dataset
+  def mark(example):
+    return dict(example, targets_task=tf.fill(tf.shape(example["targets"]), task_id))
+  return mark
+
+
+class DistillationFeatureConverter(seqio.EncDecFeatureConverter):
+  """EncDecFeatureConverter that also packs "targets_task" into "decoder_task_ids".
+
+  decoder_task_ids is 0 on padding, TASK_IDS["label"] on label-task target tokens and
+  TASK_IDS["rationale"] on rationale-task ones, aligned with decoder_target_tokens.
+  """
+  TASK_FEATURES = dict(seqio.EncDecFeatureConverter.TASK_FEATURES,
+                       targets_task=seqio.FeatureConverter.FeatureSpec(dtype=tf.int32))
+  MODEL_FEATURES = dict(seqio.EncDecFeatureConverter.MODEL_FEATURES,
+                        decoder_task_ids=seqio.FeatureConverter.FeatureSpec(dtype=tf.int32))
+
+  def __call__(self, ds, task_feature_lengths):
+    lengths = dict(task_feature_lengths, targets_task=task_feature_lengths["targets"])
+    return super().__call__(ds, lengths)
+
+  def _convert_example(self, features):
+    return dict(super()._convert_example(features), decoder_task_ids=features["targets_task"])
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    lengths = super().get_model_feature_lengths(task_feature_lengths)
+    return dict(lengths, decoder_task_ids=task_feature_lengths["targets"])
 
 
 class OptionsVocabulary(seqio.Vocabulary):
@@ -335,7 +370,9 @@ def _sentencepiece_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceV
 def output_features() -> dict:
   vocabulary = OptionsVocabulary()
   return {"inputs": seqio.Feature(vocabulary, add_eos=True),
-          "targets": seqio.Feature(vocabulary, add_eos=True)}
+          "targets": seqio.Feature(vocabulary, add_eos=True),
+          "targets_task": seqio.Feature(seqio.PassThroughVocabulary(len(TASK_IDS) + 1),
+                                        add_eos=False, required=False)}
 
 
 def task_name(dataset: str, kind: str) -> str:
@@ -370,7 +407,8 @@ def register_dataset(spec: DatasetSpec) -> list[str]:
         name,
         source=RecordDataSource(spec, kind),
         preprocessors=[add_rationale_prefix if is_rationale else add_label_prefix,
-                       tokenize, seqio.preprocessors.append_eos_after_trim],
+                       tokenize, seqio.preprocessors.append_eos_after_trim,
+                       add_task_ids(TASK_IDS["rationale" if is_rationale else "label"])],
         output_features=output_features(),
         postprocess_fn=None if is_rationale else lambda text, **unused: text.strip(),
         metric_fns=[] if is_rationale else [spec.metric_fn])

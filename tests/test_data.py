@@ -86,6 +86,21 @@ def test_every_task_and_mixture_yields_packed_batches(name, small_nli_dir):
   assert (batch["decoder_loss_weights"] > 0).sum() > 0
 
 
+@pytest.mark.parametrize("mixture", ["cqa_dsbs_teacher", "svamp_dsbs_gold"])
+def test_distillation_converter_marks_each_target_token_with_its_task(mixture):
+  dataset = seqio.get_mixture_or_task(mixture).get_dataset(
+      LENGTHS, split="train", shuffle=True, seed=0, use_cached=False)
+  converter = data.DistillationFeatureConverter(pack=True)
+  batch = next(converter(dataset, LENGTHS).batch(8).as_numpy_iterator())
+  task_ids = batch["decoder_task_ids"]
+  np.testing.assert_array_equal(task_ids > 0, batch["decoder_loss_weights"] > 0)
+  assert set(np.unique(task_ids)) == {0, data.TASK_IDS["label"], data.TASK_IDS["rationale"]}
+  # One task per packed example: the id is constant within each decoder segment.
+  for row_ids, row_segments in zip(task_ids, batch["decoder_segment_ids"]):
+    for segment in set(row_segments[row_segments > 0]):
+      assert len(set(row_ids[row_segments == segment])) == 1
+
+
 def test_mixture_rates_follow_alpha():
   bind(alpha=0.3)
   mixture = seqio.get_mixture_or_task("cqa_dsbs_teacher")
