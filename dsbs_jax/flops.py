@@ -1,0 +1,60 @@
+"""Model FLOPs of the T5 encoder-decoder, counted layer by layer.
+
+Each weight matrix is charged 2 FLOPs per multiply-add on the tokens that pass through it
+(encoder weights on encoder tokens, decoder weights on decoder tokens, cross-attention
+keys and values on encoder tokens once per decoder layer), plus the attention score and
+value products over the sequence lengths as computed. A training step costs three forward
+passes (forward, and backward through activations and weights). The common shortcut
+6 * parameters * tokens charges every weight on every token and overcounts an
+encoder-decoder. Embedding lookups, norms and softmax are not counted (T5X and PaLM's MFU
+convention). This module must not run the model.
+"""
+from dsbs_jax.models import t5
+
+
+def _attention_projection_flops(config: t5.T5Config) -> int:
+  """One projection (q, k, v or o) for one token: 2 * embed * heads * head_dim."""
+  return 2 * config.emb_dim * config.num_heads * config.head_dim
+
+
+def _mlp_flops(config: t5.T5Config) -> int:
+  inputs = len(config.mlp_activations)  # gated GELU has two input projections
+  return 2 * config.emb_dim * config.mlp_dim * (inputs + 1)
+
+
+def _scores_flops(config: t5.T5Config, keys_length: int) -> int:
+  """QK^T and attention-weighted values for one query token over keys_length keys."""
+  return 2 * 2 * keys_length * config.num_heads * config.head_dim
+
+
+def forward_flops(config: t5.T5Config, batch_size: int, input_length: int,
+                  target_length: int) -> int:
+  """FLOPs of one forward pass over [batch, input_length] -> [batch, target_length]."""
+  projection = _attention_projection_flops(config)
+  encoder_token = 4 * projection + _scores_flops(config, input_length) + _mlp_flops(config)
+  decoder_token = (4 * projection + _scores_flops(config, target_length)  # self-attention
+                   + 2 * projection + _scores_flops(config, input_length)  # cross q and o
+                   + _mlp_flops(config))
+  cross_keys_values = 2 * projection * input_length  # per decoder layer, per example
+  logits = 2 * config.emb_dim * config.vocab_size * target_length
+  per_example = (config.num_encoder_layers * encoder_token * input_length
+                 + config.num_decoder_layers * (decoder_token * target_length + cross_keys_values)
+                 + logits)
+  return batch_size * per_example
+
+
+def train_step_flops(config: t5.T5Config, batch_size: int, input_length: int,
+                     target_length: int) -> int:
+  """Forward plus backward: three forward passes' worth."""
+  return 3 * forward_flops(config, batch_size, input_length, target_length)
+
+
+def parameter_count(config: t5.T5Config) -> int:
+  """Weights of the network as this module counts them, for cross-checking the layout."""
+  projection = config.emb_dim * config.num_heads * config.head_dim
+  mlp = config.emb_dim * config.mlp_dim * (len(config.mlp_activations) + 1)
+  encoder = config.num_encoder_layers * (4 * projection + mlp + 2 * config.emb_dim)
+  decoder = config.num_decoder_layers * (8 * projection + mlp + 3 * config.emb_dim)
+  embeddings = config.vocab_size * config.emb_dim * (1 if config.logits_via_embedding else 2)
+  relative_bias = 2 * config.relative_attention_num_buckets * config.num_heads
+  return encoder + decoder + embeddings + relative_bias + 2 * config.emb_dim
