@@ -16,6 +16,8 @@ USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotF
 # subcommand cannot take the others down.
 SUBCOMMAND_MODULES = (
     "dsbs_jax.tasks_command",
+    "dsbs_jax.convert",
+    "dsbs_jax.teacher_command",
 )
 
 

@@ -1,0 +1,365 @@
+"""The T5 encoder-decoder (T5 v1.0, v1.1 and Flan-T5) in Flax, its config, and helpers to
+initialize parameters, get their logical partition specs, and predict with the cache.
+
+Parameter names follow T5X's minimal T5 example so T5X checkpoints load without renaming.
+This module holds no loss, optimizer, data or checkpoint-file code.
+"""
+import dataclasses
+import functools
+import json
+from typing import Any, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsbs_jax import decoding
+from dsbs_jax.models import layers
+
+EOS_ID = 1
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+  """Hyperparameters of the network; defaults are T5 v1.0 small's."""
+  vocab_size: int = 32128
+  emb_dim: int = 512
+  num_heads: int = 8
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  head_dim: int = 64
+  mlp_dim: int = 2048
+  # One per input projection, multiplied together: ('relu',) for T5 v1.0,
+  # ('gelu', 'linear') for v1.1's gated GELU. Names are keys of layers.ACTIVATIONS.
+  mlp_activations: tuple[str, ...] = ("relu",)
+  dropout_rate: float = 0.1
+  # Output logits from the transposed token embedding, scaled by 1/sqrt(emb_dim)
+  # as T5 v1.0 does, instead of a separate `logits_dense` kernel.
+  logits_via_embedding: bool = False
+  relative_attention_num_buckets: int = 32
+  relative_attention_max_distance: int = 128
+  layer_norm_epsilon: float = 1e-6
+  dtype: str = "float32"  # activations, e.g. "bfloat16"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
+    unknown = [a for a in self.mlp_activations if a not in layers.ACTIVATIONS]
+    if not self.mlp_activations or unknown:
+      raise ValueError(f"mlp_activations {self.mlp_activations!r}: each must be one of "
+                       f"{sorted(layers.ACTIVATIONS)}")
+    for name in ("dtype", "param_dtype"):
+      jnp.dtype(getattr(self, name))  # raises on an unknown dtype name
+
+  def to_dict(self) -> dict[str, Any]:
+    values = dataclasses.asdict(self)
+    values["mlp_activations"] = list(self.mlp_activations)
+    return values
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "T5Config":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown T5Config fields: {unknown}")
+    # Every field is passed so that gin bindings in scope cannot leak in.
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    return cls(**{**defaults, **values})
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> "T5Config":
+    return cls.from_dict(json.loads(text))
+
+
+def _dtypes(config: T5Config) -> dict[str, jnp.dtype]:
+  return {"dtype": jnp.dtype(config.dtype), "param_dtype": jnp.dtype(config.param_dtype)}
+
+
+def _dropout(config: T5Config, x, deterministic: bool):
+  return nn.Dropout(config.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
+
+
+def _attention(config: T5Config, name: str, is_cross_attention: bool = False):
+  return layers.MultiHeadAttention(
+      num_heads=config.num_heads, head_dim=config.head_dim,
+      is_cross_attention=is_cross_attention, dropout_rate=config.dropout_rate,
+      name=name, **_dtypes(config))
+
+
+def _norm(config: T5Config, name: str):
+  return layers.RMSNorm(epsilon=config.layer_norm_epsilon, name=name, **_dtypes(config))
+
+
+def _mlp(config: T5Config):
+  return layers.MlpBlock(
+      intermediate_dim=config.mlp_dim, activations=config.mlp_activations,
+      dropout_rate=config.dropout_rate, name="mlp", **_dtypes(config))
+
+
+def _relpos_bias(config: T5Config):
+  # One table per stack, shared by its layers (T5 keeps it in the first layer only).
+  return layers.RelativePositionBiases(
+      num_buckets=config.relative_attention_num_buckets,
+      max_distance=config.relative_attention_max_distance, num_heads=config.num_heads,
+      name="relpos_bias", **_dtypes(config))
+
+
+class EncoderLayer(nn.Module):
+  """Pre-norm self-attention then MLP, each added back to its input."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs, mask, bias, *, deterministic: bool):
+    cfg = self.config
+    # [batch, length, embed]
+    x = _norm(cfg, "pre_attention_layer_norm")(inputs)
+    x = _attention(cfg, "attention")(x, x, mask, bias, deterministic=deterministic)
+    x = inputs + _dropout(cfg, x, deterministic)
+    y = _mlp(cfg)(_norm(cfg, "pre_mlp_layer_norm")(x), deterministic=deterministic)
+    y = x + _dropout(cfg, y, deterministic)
+    return layers.constrain(y, ("batch", "length", "embed"))
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm causal self-attention, attention to the encoder, then MLP."""
+  config: T5Config
+
+  @nn.compact
+  def __call__(self, inputs, encoded, self_mask, cross_mask, bias, *, deterministic: bool,
+               decode: bool, decode_position=None):
+    cfg = self.config
+    # [batch, length, embed]
+    x = _norm(cfg, "pre_self_attention_layer_norm")(inputs)
+    x = _attention(cfg, "self_attention")(
+        x, x, self_mask, bias, deterministic=deterministic, decode=decode,
+        decode_position=decode_position)
+    x = inputs + _dropout(cfg, x, deterministic)
+    y = _norm(cfg, "pre_cross_attention_layer_norm")(x)
+    y = _attention(cfg, "encoder_decoder_attention", is_cross_attention=True)(
+        y, encoded, cross_mask, deterministic=deterministic, decode=decode)
+    y = x + _dropout(cfg, y, deterministic)
+    z = _mlp(cfg)(_norm(cfg, "pre_mlp_layer_norm")(y), deterministic=deterministic)
+    z = y + _dropout(cfg, z, deterministic)
+    return layers.constrain(z, ("batch", "length", "embed"))
+
+
+class Encoder(nn.Module):
+  config: T5Config
+  token_embedder: nn.Module
+
+  @nn.compact
+  def __call__(self, tokens, mask, *, deterministic: bool):
+    cfg = self.config
+    # [batch, length] -> [batch, length, embed]
+    x = _dropout(cfg, self.token_embedder(tokens), deterministic)
+    # Row positions: within a packed segment, relative distances equal the segment's own.
+    positions = np.arange(tokens.shape[1])
+    bias = _relpos_bias(cfg)(positions, positions, bidirectional=True)
+    for index in range(cfg.num_encoder_layers):
+      x = EncoderLayer(cfg, name=f"layers_{index}")(x, mask, bias, deterministic=deterministic)
+    x = _norm(cfg, "encoder_norm")(x)
+    return _dropout(cfg, x, deterministic)
+
+
+class Decoder(nn.Module):
+  config: T5Config
+  token_embedder: nn.Module
+
+  @nn.compact
+  def __call__(self, encoded, tokens, self_mask, cross_mask, *, deterministic: bool,
+               decode: bool, max_decode_length: Optional[int]):
+    cfg = self.config
+    # [batch, length] -> [batch, length, embed]
+    y = _dropout(cfg, self.token_embedder(tokens), deterministic)
+    decode_position = None
+    key_positions = np.arange(tokens.shape[1])
+    query_positions = key_positions
+    if decode:
+      is_step = self.has_variable("cache", "cache_index")
+      cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+      if is_step:
+        if max_decode_length is None:
+          raise ValueError("decoding with a cache needs max_decode_length")
+        decode_position = cache_index.value
+        cache_index.value = decode_position + 1
+        query_positions = decode_position[None]
+        key_positions = np.arange(max_decode_length)
+    bias = _relpos_bias(cfg)(query_positions, key_positions, bidirectional=False)
+    for index in range(cfg.num_decoder_layers):
+      y = DecoderLayer(cfg, name=f"layers_{index}")(
+          y, encoded, self_mask, cross_mask, bias, deterministic=deterministic, decode=decode,
+          decode_position=decode_position)
+    y = _dropout(cfg, _norm(cfg, "decoder_norm")(y), deterministic)
+    if cfg.logits_via_embedding:
+      logits = self.token_embedder.attend(y) / np.sqrt(cfg.emb_dim)
+    else:
+      logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
+                            param_dtype=jnp.dtype(cfg.param_dtype), name="logits_dense")(y)
+    # [batch, length, vocab]
+    return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+class Transformer(nn.Module):
+  """The encoder-decoder with T5X's interface. Token 0 is padding, 1 is EOS."""
+  config: T5Config
+
+  def setup(self):
+    cfg = self.config
+    self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, **_dtypes(cfg))
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
+
+  def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, *,
+             enable_dropout: bool = True):
+    """[batch, length] tokens -> [batch, length, embed].
+
+    `encoder_positions` is accepted for T5X's interface; relative attention needs none.
+    """
+    del encoder_positions
+    valid = encoder_input_tokens > 0
+    mask = layers.make_attention_mask(valid, valid)
+    if encoder_segment_ids is not None:
+      mask &= layers.make_attention_mask(encoder_segment_ids, encoder_segment_ids, jnp.equal)
+    return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout)
+
+  def decode(self, encoded, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+             encoder_segment_ids=None, decoder_segment_ids=None, decoder_positions=None, *,
+             enable_dropout: bool = True, decode: bool = False,
+             max_decode_length: Optional[int] = None):
+    """Logits [batch, length, vocab] (float32) for the decoder inputs.
+
+    With decode=True the first call creates the 'cache' collection (pass inputs of the
+    full decoding length); later calls take one token [batch, 1] each.
+    """
+    del decoder_positions  # as encoder_positions in `encode`
+    encoder_valid = encoder_input_tokens > 0
+    if decode:
+      if encoder_segment_ids is not None:
+        raise ValueError("packed inputs (segment ids) cannot be decoded with a cache")
+      self_mask = None  # the attention's cache supplies the causal mask
+      cross_mask = layers.make_attention_mask(
+          jnp.ones_like(decoder_input_tokens, dtype=bool), encoder_valid)
+    else:
+      self_mask = layers.make_decoder_mask(decoder_target_tokens, decoder_segment_ids)
+      cross_mask = layers.make_attention_mask(decoder_target_tokens > 0, encoder_valid)
+      if encoder_segment_ids is not None:
+        cross_mask &= layers.make_attention_mask(
+            decoder_segment_ids, encoder_segment_ids, jnp.equal)
+    return self.decoder(encoded, decoder_input_tokens, self_mask, cross_mask,
+                        deterministic=not enable_dropout, decode=decode,
+                        max_decode_length=max_decode_length)
+
+  def __call__(self, encoder_input_tokens, decoder_input_tokens, decoder_target_tokens,
+               encoder_segment_ids=None, decoder_segment_ids=None, encoder_positions=None,
+               decoder_positions=None, *, enable_dropout: bool = True):
+    encoded = self.encode(encoder_input_tokens, encoder_segment_ids, encoder_positions,
+                          enable_dropout=enable_dropout)
+    return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
+                       decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
+                       decoder_positions, enable_dropout=enable_dropout)
+
+
+def _init_variables(config: T5Config, rng: jax.Array):
+  tokens = jnp.ones((1, 1), jnp.int32)
+  return Transformer(config).init(rng, tokens, tokens, tokens, enable_dropout=False)
+
+
+def _abstract_boxed_params(config: T5Config):
+  init = functools.partial(_init_variables, config)
+  return jax.eval_shape(init, jax.random.key(0))["params"]
+
+
+def init_params(config: T5Config, rng: jax.Array) -> dict[str, Any]:
+  """Freshly initialized parameters (plain arrays, T5X layout)."""
+  init = jax.jit(functools.partial(_init_variables, config))
+  return nn.meta.unbox(init(rng)["params"])
+
+
+def param_shapes(config: T5Config) -> dict[str, Any]:
+  """The parameter tree as jax.ShapeDtypeStruct leaves, computed without allocating."""
+  return nn.meta.unbox(_abstract_boxed_params(config))
+
+
+def param_partition_specs(config: T5Config) -> dict[str, Any]:
+  """PartitionSpecs of logical axis names ('embed', 'mlp', ...) for every parameter.
+
+  Map them to a mesh with nn.logical_to_mesh_sharding(specs, mesh, rules).
+  """
+  return nn.get_partition_spec(_abstract_boxed_params(config))
+
+
+# ------------------------------------------------------------------------------
+# Inference with the key/value cache.
+# ------------------------------------------------------------------------------
+def init_decode_cache(params, config: T5Config, encoded, encoder_input_tokens,
+                      max_decode_length: int):
+  """The 'cache' collection for decoding up to max_decode_length tokens.
+
+  Cross-attention keys and values are computed here, once, from `encoded`.
+  """
+  dummy_targets = jnp.ones((encoded.shape[0], max_decode_length), jnp.int32)
+  _, variables = Transformer(config).apply(
+      {"params": params}, encoded, encoder_input_tokens, dummy_targets, dummy_targets,
+      enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+      mutable=["cache"], method=Transformer.decode)
+  return variables["cache"]
+
+
+def make_tokens_to_logits(params, config: T5Config, encoded, encoder_input_tokens,
+                          max_decode_length: int):
+  """The `tokens_to_logits(ids [batch, 1], cache) -> (logits [batch, vocab], cache)` step."""
+  model = Transformer(config)
+
+  def tokens_to_logits(ids, cache):
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, encoded, encoder_input_tokens, ids, ids,
+        enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+        mutable=["cache"], method=Transformer.decode)
+    return logits[:, 0], variables["cache"]
+
+  return tokens_to_logits
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "max_decode_length", "method", "num_beams", "top_k"))
+def predict_batch(params, config: T5Config, encoder_input_tokens, max_decode_length: int,
+                  method: str = "greedy", num_beams: int = 4, alpha: float = 0.6,
+                  temperature: float = 1.0, top_k: int = 0,
+                  rng: Optional[jax.Array] = None) -> jax.Array:
+  """Generated ids [batch, max_decode_length]: no start token, 0 after EOS.
+
+  method: 'greedy', 'beam' (best of num_beams with length penalty alpha), or 'sample'
+  (temperature, optional top_k; needs rng).
+  """
+  batch_size = encoder_input_tokens.shape[0]
+  encoded = Transformer(config).apply(
+      {"params": params}, encoder_input_tokens, enable_dropout=False,
+      method=Transformer.encode)
+  if method == "beam":
+    # Beam b of example i lives in row i * num_beams + b of everything the decoder sees.
+    encoded = jnp.repeat(encoded, num_beams, axis=0)
+    encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
+  cache = init_decode_cache(params, config, encoded, encoder_input_tokens, max_decode_length)
+  tokens_to_logits = make_tokens_to_logits(params, config, encoded, encoder_input_tokens,
+                                           max_decode_length)
+  if method == "greedy":
+    return decoding.greedy_search(tokens_to_logits, cache, batch_size, max_decode_length,
+                                  eos_id=EOS_ID)
+  if method == "sample":
+    if rng is None:
+      raise ValueError("method='sample' needs rng")
+    return decoding.temperature_sample(
+        tokens_to_logits, cache, rng, batch_size, max_decode_length,
+        temperature=temperature, top_k=top_k, eos_id=EOS_ID)
+  if method == "beam":
+    sequences, _ = decoding.beam_search(
+        tokens_to_logits, cache, batch_size, max_decode_length, num_beams=num_beams,
+        alpha=alpha, eos_id=EOS_ID)
+    return sequences[:, 0]
+  raise ValueError(f"unknown decoding method {method!r}: expected greedy, beam or sample")

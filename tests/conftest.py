@@ -1,0 +1,60 @@
+"""Shared test fixtures: the tiny T5 config and tiny random Hugging Face T5 models."""
+import os
+
+# Eight simulated CPU devices for the sharding tests; set before anything imports jax.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest
+
+from dsbs_jax.models import t5
+
+TINY_VOCAB_SIZE = 128
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> t5.T5Config:
+  """A tiny T5 v1.1 (matches gin/models/t5_1_1_tiny.gin), without dropout."""
+  return t5.T5Config(vocab_size=TINY_VOCAB_SIZE, emb_dim=32, num_heads=4, num_encoder_layers=2,
+                     num_decoder_layers=2, head_dim=8, mlp_dim=64,
+                     mlp_activations=("gelu", "linear"), dropout_rate=0.0)
+
+
+def make_hf_t5(version: str, seed: int = 0, eos_boost: float = 0.0):
+  """A random transformers T5ForConditionalGeneration in eval mode, float32.
+
+  version 'v1.1': gated GELU with its own output layer (as Flan-T5); 'v1.0': ReLU with
+  the output tied to the scaled embedding. `eos_boost` raises EOS's output weights so
+  that generated sequences end at varied lengths.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  gated = version == "v1.1"
+  hf_config = transformers.T5Config(
+      vocab_size=TINY_VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+      num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=32,
+      relative_attention_max_distance=128, dropout_rate=0.0,
+      feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+  torch.manual_seed(seed)
+  model = transformers.T5ForConditionalGeneration(hf_config)
+  if gated:
+    # transformers >= 5 always ties lm_head to the embedding; real Flan-T5 checkpoints
+    # have their own, so give this model one too.
+    model.lm_head = torch.nn.Linear(32, TINY_VOCAB_SIZE, bias=False)
+    torch.nn.init.normal_(model.lm_head.weight, std=1.0)
+  model.eval()
+  if eos_boost:
+    # Point EOS's output row along the decoder's mean final state, so that its logit
+    # is about eos_boost on typical states and higher on some.
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(2, TINY_VOCAB_SIZE, (8, 12), generator=generator)
+    with torch.no_grad():
+      states = model(input_ids=inputs, decoder_input_ids=inputs,
+                     output_hidden_states=True).decoder_hidden_states[-1]
+      mean_state = model.decoder.final_layer_norm(states).mean(dim=(0, 1))
+      if not gated:
+        mean_state = mean_state * 32**-0.5
+      model.lm_head.weight[1] = eos_boost * mean_state / mean_state.square().sum()
+  return model

@@ -1,0 +1,141 @@
+"""Tests for dsbs_jax.models (layers.py, t5.py): configs, shipped gin files, relative
+position buckets, packing, logical axes, dropout and dtypes."""
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from dsbs_jax import convert
+from dsbs_jax.models import layers
+from dsbs_jax.models import t5
+
+GIN_MODEL_FILES = sorted(pathlib.Path(convert.GIN_MODELS_DIR).glob("*.gin"))
+LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
+
+
+def jitted_apply(config):
+  """Transformer(config).apply, compiled (op-by-op dispatch is slow on CPU)."""
+  return jax.jit(t5.Transformer(config).apply, static_argnames=("enable_dropout",))
+
+
+def count_params(config):
+  return sum(np.prod(x.shape) for x in jax.tree.leaves(t5.param_shapes(config)))
+
+
+@pytest.mark.parametrize("gin_file", GIN_MODEL_FILES, ids=lambda p: p.stem)
+def test_every_gin_model_file_builds_a_config(gin_file):
+  config = convert.config_from_gin(gin_file)
+  assert config.vocab_size in (128, 32128)
+  assert t5.T5Config.from_json(config.to_json()) == config
+  assert count_params(config) > 0
+
+
+def test_gin_model_sizes_match_the_public_checkpoints():
+  # Parameter counts of google/t5-v1_1-base and t5-base on the Hugging Face hub.
+  assert count_params(convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_1_1_base.gin")) \
+      == 247_577_856
+  assert count_params(convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_base.gin")) \
+      == 222_903_552
+
+
+def test_tiny_gin_file_matches_the_test_fixture(tiny_config):
+  config = convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
+  assert config == dataclasses.replace(tiny_config, dropout_rate=config.dropout_rate)
+
+
+def test_config_validation_and_dict_round_trip(tiny_config):
+  assert t5.T5Config.from_dict(tiny_config.to_dict()) == tiny_config
+  with pytest.raises(ValueError, match="unknown T5Config fields: \\['d_model'\\]"):
+    t5.T5Config.from_dict({**tiny_config.to_dict(), "d_model": 3})
+  with pytest.raises(ValueError, match="mlp_activations"):
+    t5.T5Config(mlp_activations=("gelu_new",))
+
+
+def test_relative_position_buckets_match_transformers():
+  torch = pytest.importorskip("torch")
+  modeling_t5 = pytest.importorskip("transformers.models.t5.modeling_t5")
+  relative = np.arange(-700, 700)
+  for bidirectional in (True, False):
+    for num_buckets, max_distance in ((32, 128), (16, 64)):
+      expected = modeling_t5.T5Attention._relative_position_bucket(
+          torch.tensor(relative), bidirectional=bidirectional, num_buckets=num_buckets,
+          max_distance=max_distance).numpy()
+      ours = jax.jit(lambda r, b=bidirectional, n=num_buckets, d=max_distance:
+                     layers.relative_position_bucket(r, bidirectional=b, num_buckets=n,
+                                                     max_distance=d))(relative)
+      np.testing.assert_array_equal(ours, expected)
+
+
+def test_packed_examples_match_each_alone(tiny_config):
+  params = t5.init_params(tiny_config, jax.random.key(0))
+  apply = jitted_apply(tiny_config)
+  inputs_a, targets_a = [5, 6, 7, 1], [9, 10, 1]
+  inputs_b, targets_b = [11, 12, 1], [13, 14, 15, 1]
+
+  def alone(inputs, targets):
+    decoder_inputs = [0] + targets[:-1]
+    return apply({"params": params}, jnp.array([inputs]), jnp.array([decoder_inputs]),
+                       jnp.array([targets]), enable_dropout=False)[0]
+
+  # Packed as T5X's feature converter does: each segment's decoder input starts at 0.
+  packed = apply(
+      {"params": params},
+      jnp.array([inputs_a + inputs_b + [0]]),
+      jnp.array([[0] + targets_a[:-1] + [0] + targets_b[:-1] + [0]]),
+      jnp.array([targets_a + targets_b + [0]]),
+      encoder_segment_ids=jnp.array([[1] * 4 + [2] * 3 + [0]]),
+      decoder_segment_ids=jnp.array([[1] * 3 + [2] * 4 + [0]]),
+      encoder_positions=jnp.array([[0, 1, 2, 3, 0, 1, 2, 0]]),
+      decoder_positions=jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]]),
+      enable_dropout=False)[0]
+  np.testing.assert_allclose(packed[:3], alone(inputs_a, targets_a), atol=1e-5)
+  np.testing.assert_allclose(packed[3:7], alone(inputs_b, targets_b), atol=1e-5)
+
+
+def test_every_parameter_has_logical_axes(tiny_config):
+  specs = traverse_util.flatten_dict(t5.param_partition_specs(tiny_config), sep="/")
+  shapes = traverse_util.flatten_dict(t5.param_shapes(tiny_config), sep="/")
+  assert specs.keys() == shapes.keys()
+  for name, spec in specs.items():
+    assert len(spec) == len(shapes[name].shape), name
+    assert set(spec) <= LOGICAL_AXES, name
+  assert tuple(specs["encoder/layers_0/attention/query/kernel"]) == ("embed", "joined_kv")
+  assert tuple(specs["decoder/logits_dense/kernel"]) == ("embed", "vocab")
+
+
+def test_parameter_names_follow_t5x(tiny_config):
+  tied = dataclasses.replace(tiny_config, logits_via_embedding=True, mlp_activations=("relu",))
+  names = set(traverse_util.flatten_dict(t5.param_shapes(tied), sep="/"))
+  assert {"token_embedder/embedding", "encoder/relpos_bias/rel_embedding",
+          "encoder/layers_1/mlp/wi/kernel", "encoder/encoder_norm/scale",
+          "decoder/layers_0/pre_cross_attention_layer_norm/scale",
+          "decoder/layers_1/encoder_decoder_attention/out/kernel",
+          "decoder/decoder_norm/scale"} <= names
+  assert not any("logits_dense" in name for name in names)
+
+
+def test_dropout_only_when_enabled():
+  config = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, num_encoder_layers=1,
+                       num_decoder_layers=1, head_dim=8, mlp_dim=32, dropout_rate=0.3)
+  params = t5.init_params(config, jax.random.key(0))
+  tokens = jnp.array([[3, 4, 5, 1]])
+  forward = jitted_apply(config)
+  apply = lambda enable, seed: forward(
+      {"params": params}, tokens, tokens, tokens, enable_dropout=enable,
+      rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_array_equal(apply(False, 0), apply(False, 1))
+  assert not np.allclose(apply(True, 0), apply(True, 1))
+
+
+def test_bfloat16_activations_give_float32_logits_close_to_float32(tiny_config):
+  params = t5.init_params(tiny_config, jax.random.key(0))
+  tokens = jnp.array([[3, 4, 5, 1, 0]])
+  run = lambda config: jitted_apply(config)(
+      {"params": params}, tokens, tokens, tokens, enable_dropout=False)
+  low = run(dataclasses.replace(tiny_config, dtype="bfloat16"))
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low[0, :4], run(tiny_config)[0, :4], atol=0.5, rtol=0.1)
