@@ -1,0 +1,314 @@
+"""Stage 1: rationales from a teacher LLM by few-shot chain-of-thought prompting, resumably.
+
+Holds the prompt files' format (`PromptTemplate`, files in rationales/prompts/), reading
+the examples to annotate, the append-only output file keyed by example id, the generation
+loop (bounded concurrency, request and token caps, progress bar), and the summary of a
+record file that `dsbs rationales stats` prints. HTTP lives in `dsbs_jax.teacher_client`,
+parsing of teacher outputs in `dsbs_jax.rationales`.
+
+The output file only ever grows by whole records, each flushed as it completes, so a crash
+loses at most the requests in flight and a rerun sends only what is missing. This module
+must not import TensorFlow or SeqIO, nor see the API key.
+"""
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+from typing import Callable, Iterable, Optional, Sequence
+
+import tqdm
+
+from dsbs_jax import metrics
+from dsbs_jax import rationales
+from dsbs_jax import teacher_client
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "rationales", "prompts")
+# The teacher-label metric for each parser; parsers not named here use exact match.
+METRIC_FOR_PARSER = {"svamp": metrics.equation_accuracy}
+
+logger = logging.getLogger(__name__)
+
+
+class PromptFileError(ValueError):
+  """A prompt file that cannot be used; the message names the file and the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One input to annotate: its id, the model input text and the gold label (None if unknown)."""
+  id: str
+  input: str
+  label: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptTemplate:
+  """A few-shot prompt: exemplars, then the query for one example (see rationales/prompts/README.md).
+
+  An input is split at `input_separator` into `input_fields`, which `query_template` names;
+  an exemplar is its query followed by `output_template` filled with its rationale and answer.
+  """
+  path: str
+  parser: str
+  input_fields: tuple
+  query_template: str
+  output_template: str
+  exemplars: tuple
+  exemplar_separator: str = "\n\n"
+  input_separator: str = rationales.NLI_SEPARATOR
+  stop: tuple = ()
+  chat_instruction: str = ""
+
+  @classmethod
+  def load(cls, path: str) -> "PromptTemplate":
+    try:
+      with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    except FileNotFoundError:
+      raise FileNotFoundError(f"{path}: no such prompt file") from None
+    except json.JSONDecodeError as e:
+      raise PromptFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    required = ("parser", "input_fields", "query_template", "output_template", "exemplars")
+    optional = ("exemplar_separator", "input_separator", "stop", "chat_instruction", "description")
+    missing = [k for k in required if k not in spec]
+    unknown = set(spec) - set(required) - set(optional)
+    if missing or unknown:
+      raise PromptFileError(f"{path}: missing field(s) {missing}, unknown field(s) {sorted(unknown)}")
+    if spec["parser"] not in rationales.PARSERS:
+      raise PromptFileError(f"{path}: parser {spec['parser']!r} is not one of {sorted(rationales.PARSERS)}")
+    exemplars = tuple(spec["exemplars"])
+    for i, exemplar in enumerate(exemplars):
+      if not all(isinstance(exemplar.get(k), str) for k in ("input", "rationale", "answer")):
+        raise PromptFileError(f"{path}: exemplars[{i}] needs string fields input, rationale and answer")
+    fields = {k: spec[k] for k in required + optional if k in spec and k != "description"}
+    template = cls(path=path, **{**fields, "input_fields": tuple(spec["input_fields"]),
+                                 "stop": tuple(spec.get("stop", ())), "exemplars": exemplars})
+    for i, exemplar in enumerate(exemplars):
+      try:
+        template.exemplar_text(exemplar)
+      except (KeyError, ValueError) as e:
+        raise PromptFileError(f"{path}: exemplars[{i}] does not fit the templates: {e}") from None
+    return template
+
+  def _fields(self, input_text: str) -> dict:
+    if len(self.input_fields) == 1:
+      return {self.input_fields[0]: input_text}
+    values = input_text.split(self.input_separator)
+    if len(values) != len(self.input_fields):
+      raise ValueError(f"input has {len(values)} part(s) separated by {self.input_separator!r}, "
+                       f"the prompt expects {len(self.input_fields)} ({', '.join(self.input_fields)})")
+    return dict(zip(self.input_fields, values))
+
+  def query(self, input_text: str) -> str:
+    return self.query_template.format(**self._fields(input_text))
+
+  def output(self, exemplar: dict) -> str:
+    return self.output_template.format(rationale=exemplar["rationale"], answer=exemplar["answer"])
+
+  def exemplar_text(self, exemplar: dict) -> str:
+    return self.query(exemplar["input"]) + self.output(exemplar)
+
+  def prompt(self, input_text: str) -> str:
+    """The completion prompt: exemplars then the query, which the completion continues."""
+    blocks = [self.exemplar_text(e) for e in self.exemplars] + [self.query(input_text)]
+    return self.exemplar_separator.join(blocks)
+
+  def messages(self, input_text: str) -> list:
+    """The chat form: exemplars as user/assistant turns, then the query as the last user turn."""
+    turns = [{"role": "system", "content": self.chat_instruction}] if self.chat_instruction else []
+    for exemplar in self.exemplars:
+      turns.append({"role": "user", "content": self.query(exemplar["input"])})
+      turns.append({"role": "assistant", "content": self.output(exemplar).strip()})
+    turns.append({"role": "user", "content": self.query(input_text)})
+    return turns
+
+
+def default_prompt_path(dataset: str) -> str:
+  return os.path.join(PROMPTS_DIR, f"{dataset}.json")
+
+
+def read_examples(path: str) -> list[Example]:
+  """Reads a JSONL of {"id", "input", "label"?}; errors name file and line."""
+  examples, seen = [], {}
+  for where, obj in rationales.iter_json_lines(path):
+    if not isinstance(obj, dict):
+      raise rationales.RationaleFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    unknown = set(obj) - {"id", "input", "label"}
+    if unknown:
+      raise rationales.RationaleFileError(
+          f"{where}: unknown field(s) {sorted(unknown)}; expected id, input, label")
+    for field in ("id", "input"):
+      if not isinstance(obj.get(field), str) or not obj[field]:
+        raise rationales.RationaleFileError(f"{where}: field {field!r} must be a non-empty string")
+    if obj.get("label") is not None and not isinstance(obj["label"], str):
+      raise rationales.RationaleFileError(f"{where}: field 'label' must be a string or null")
+    if obj["id"] in seen:
+      raise rationales.RationaleFileError(
+          f"{where}: id {obj['id']!r} already used at line {seen[obj['id']]}")
+    seen[obj["id"]] = where.rsplit(":", 1)[1]
+    examples.append(Example(obj["id"], obj["input"], obj.get("label")))
+  if not examples:
+    raise rationales.RationaleFileError(f"{path}: file holds no examples")
+  return examples
+
+
+def examples_from_records(records: Iterable[rationales.RationaleRecord], source: str) -> list[Example]:
+  """Examples from shipped records (ids, inputs, gold labels); all must have inputs."""
+  examples = [Example(r.id, r.input, r.label) for r in records]
+  lacking = sum(e.input is None for e in examples)
+  if lacking:
+    raise rationales.RationaleFileError(
+        f"{source}: {lacking:,} records have no input (the paper's release lacks them); "
+        "give the inputs with --input FILE.jsonl instead")
+  return examples
+
+
+def resume_output(path: str) -> dict[str, rationales.RationaleRecord]:
+  """Records already in the output file, by id, after dropping a torn last line.
+
+  A line without its newline can only come from a crash mid-write: it is cut off (with a
+  warning) and its example generated again. Any other bad line is an error naming it.
+  """
+  if not os.path.exists(path):
+    return {}
+  with open(path, "rb") as f:
+    content = f.read()
+  complete_end = content.rfind(b"\n") + 1
+  if complete_end < len(content):
+    logger.warning("%s: dropping a torn last line (%d bytes, from an interrupted run); "
+                   "its example will be generated again", path, len(content) - complete_end)
+    with open(path, "r+b") as f:
+      f.truncate(complete_end)
+  done = {}
+  for line_number, line in enumerate(content[:complete_end].decode("utf-8").splitlines(), start=1):
+    if not line.strip():
+      continue
+    where = f"{path}:{line_number}"
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise rationales.RationaleFileError(
+          f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
+    record = rationales.record_from_dict(obj, where)
+    if record.id in done:
+      raise rationales.RationaleFileError(f"{where}: id {record.id!r} appears twice")
+    done[record.id] = record
+  return done
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  total: int
+  already_done: int
+  written: int = 0
+  failed: int = 0
+  stopped: Optional[str] = None  # why generation stopped early, if it did
+
+  @property
+  def remaining(self) -> int:
+    return self.total - self.already_done - self.written
+
+
+def generate(examples: Sequence[Example], template: PromptTemplate, client: teacher_client.TeacherClient,
+             out_path: str, parser: Optional[str] = None, concurrency: int = 4,
+             progress: Optional[bool] = None) -> GenerationResult:
+  """Annotates every example not yet in `out_path`, appending one record per completion.
+
+  At most `concurrency` requests are in flight. Examples whose retries run out are counted
+  as failed and left for a rerun. A cap in `client.budget`, a fatal client error or Ctrl-C
+  stops new requests (Ctrl-C returns with `stopped="interrupted"`); what has completed is
+  already written, and requests still in flight are abandoned.
+  """
+  parser = parser or template.parser
+  done = resume_output(out_path)
+  pending = [e for e in examples if e.id not in done]
+  result = GenerationResult(total=len(examples), already_done=len(examples) - len(pending))
+  build_prompt = template.messages if client.api == "chat" else template.prompt
+
+  def annotate(example: Example) -> rationales.RationaleRecord:
+    completion = client.complete(build_prompt(example.input))
+    # Completions continue "A:" with a space; the shipped PaLM outputs start at the rationale.
+    return rationales.make_record(
+        parser, example.id, example.input, example.label, completion.text.lstrip())
+
+  bar = tqdm.tqdm(total=result.total, initial=result.already_done, unit="ex", dynamic_ncols=True,
+                  disable=None if progress is None else not progress, desc="rationales",
+                  postfix={"failed": 0})
+  queue = iter(pending)
+  in_flight = {}
+  executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
+  try:
+    with open(out_path, "a", encoding="utf-8") as out:
+      while True:
+        while len(in_flight) < concurrency and not client.stop_event.is_set():
+          example = next(queue, None)
+          if example is None:
+            break
+          in_flight[executor.submit(annotate, example)] = example
+        if not in_flight:
+          break
+        finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in finished:
+          example = in_flight.pop(future)
+          try:
+            record = future.result()
+          except teacher_client.BudgetExhausted as e:
+            result.stopped = result.stopped or str(e)
+            client.stop_event.set()
+            continue
+          except teacher_client.TeacherError:
+            client.stop_event.set()
+            raise
+          except (teacher_client.RetriesExhausted, ValueError) as e:
+            result.failed += 1
+            logger.warning("%s: failed: %s", example.id, e)
+            bar.set_postfix(failed=result.failed)
+            continue
+          out.write(record.to_json() + "\n")
+          out.flush()
+          result.written += 1
+          bar.update(1)
+        if client.budget.exhausted_reason() and not client.stop_event.is_set():
+          result.stopped = client.budget.exhausted_reason()
+          client.stop_event.set()
+  except KeyboardInterrupt:
+    result.stopped = "interrupted"
+  finally:
+    client.stop_event.set()
+    executor.shutdown(wait=False, cancel_futures=True)
+    bar.close()
+  return result
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordStats:
+  """What `dsbs rationales stats` reports about one record file."""
+  path: str
+  records: int
+  with_gold_labels: int
+  parse_failures: int
+  parse_failures_by_reason: dict
+  empty_rationales: int
+  teacher_accuracy: Optional[float]  # None when no record has a gold label
+  metric: str
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+
+
+def record_stats(path: str, records: Sequence[rationales.RationaleRecord],
+                 parser: Optional[str] = None) -> RecordStats:
+  """Counts, parse failures and teacher-label accuracy against gold labels where known."""
+  metric_fn: Callable = METRIC_FOR_PARSER.get(parser, metrics.exact_match_accuracy)
+  with_gold = [r for r in records if r.label is not None]
+  accuracy = metric_fn([r.label for r in with_gold], [r.teacher_label for r in with_gold])["accuracy"] \
+      if with_gold else None
+  reasons = collections.Counter(r.parse_error for r in records if r.parse_error is not None)
+  return RecordStats(
+      path=path, records=len(records), with_gold_labels=len(with_gold),
+      parse_failures=sum(reasons.values()), parse_failures_by_reason=dict(reasons.most_common()),
+      empty_rationales=sum(not r.rationale.strip() for r in records), teacher_accuracy=accuracy,
+      metric=metric_fn.__name__)

@@ -1,0 +1,163 @@
+"""`dsbs rationales`: `generate` asks a teacher LLM for rationales; `stats` summarizes a record file.
+
+Only argument handling and reporting live here; the work is in `dsbs_jax.teacher` and
+`dsbs_jax.teacher_client`. The API key is read from the environment variable that
+--api_key_env names and handed to the client; it is never printed.
+"""
+import argparse
+import logging
+import os
+import sys
+
+from dsbs_jax import rationales
+from dsbs_jax import teacher
+from dsbs_jax import teacher_client
+
+SPLITS = ("train", "validation", "test")
+EXIT_INCOMPLETE = 1
+EXIT_INTERRUPTED = 130
+
+
+def add_parser(subparsers) -> None:
+  parser = subparsers.add_parser("rationales", help=__doc__.splitlines()[0],
+                                 description=__doc__.splitlines()[0])
+  actions = parser.add_subparsers(dest="action", required=True)
+
+  generate = actions.add_parser(
+      "generate", help="annotate inputs with a teacher's rationales (resumable)",
+      description="Sends few-shot chain-of-thought prompts to an OpenAI-compatible endpoint and "
+                  "appends one record per example to --out; rerun the same command to resume.")
+  source = generate.add_mutually_exclusive_group(required=True)
+  source.add_argument("--input", metavar="FILE.jsonl",
+                      help='examples, one {"id", "input", "label"} per line')
+  source.add_argument("--dataset",
+                      help="read ids, inputs and gold labels from the shipped rationales/<DATASET>")
+  generate.add_argument("--split", default="train", choices=SPLITS,
+                        help="split of --dataset (default train)")
+  generate.add_argument("--rationales_dir", default=None,
+                        help="where --dataset lives (default: the shipped rationales/)")
+  generate.add_argument("--prompt",
+                        help="prompt file (default with --dataset: rationales/prompts/<DATASET>.json)")
+  generate.add_argument("--parser", choices=sorted(rationales.PARSERS),
+                        help="teacher-output parser (default: the prompt file's)")
+  generate.add_argument("--teacher", required=True, metavar="URL",
+                        help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+  generate.add_argument("--model", required=True, help="model name sent with each request")
+  generate.add_argument("--api", choices=teacher_client.APIS, default="completions",
+                        help="/v1/completions with the prompt text, or /v1/chat/completions with messages")
+  generate.add_argument("--out", required=True, metavar="FILE.jsonl", help="output records, appended to")
+  generate.add_argument("--api_key_env", default="OPENAI_API_KEY", metavar="VAR",
+                        help="environment variable holding the API key (default OPENAI_API_KEY)")
+  generate.add_argument("--concurrency", type=_positive_int, default=4,
+                        help="requests in flight (default 4)")
+  generate.add_argument("--max_requests", type=_positive_int, default=None,
+                        help="stop after this many HTTP requests, retries included")
+  generate.add_argument("--max_tokens_total", type=_positive_int, default=None,
+                        help="stop once this many tokens are spent (from replies' usage, else about "
+                             f"{teacher_client.CHARS_PER_TOKEN_ESTIMATE} characters per token)")
+  generate.add_argument("--temperature", type=float, default=0.0)
+  generate.add_argument("--max_tokens", type=_positive_int, default=256, help="completion length cap")
+  generate.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop sequence (repeatable; default: the prompt file's, e.g. '\\n\\nQ:')")
+  generate.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply")
+  generate.add_argument("--max_attempts", type=_positive_int, default=6, help="attempts per example")
+  generate.add_argument("--retry_base_delay", type=float, default=1.0,
+                        help="first backoff in seconds; doubles per attempt, with jitter")
+  generate.add_argument("--retry_max_delay", type=float, default=30.0, help="backoff cap in seconds")
+  generate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: when stderr is a terminal)")
+  generate.add_argument("--verbose", action="store_true", help="log every retry")
+  generate.set_defaults(func=run_generate)
+
+  stats = actions.add_parser("stats", help="counts, parse failures and teacher accuracy of record files")
+  stats.add_argument("files", nargs="+", metavar="FILE",
+                     help="rationale record file(s), .jsonl or .jsonl.gz")
+  stats.add_argument("--parser", choices=sorted(rationales.PARSERS),
+                     help="picks the accuracy metric (svamp: equation value); "
+                          "default: the file's folder name")
+  stats.set_defaults(func=run_stats)
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+  return value
+
+
+def _read_examples(args: argparse.Namespace) -> list:
+  if args.input:
+    return teacher.read_examples(args.input)
+  from dsbs_jax import data  # imported here: it loads TensorFlow, which --input does not need
+  rationales_dir = args.rationales_dir or data.DEFAULT_RATIONALES_DIR
+  records = data.read_split(rationales_dir, args.dataset, args.split)
+  return teacher.examples_from_records(records, data.split_path(rationales_dir, args.dataset, args.split))
+
+
+def run_generate(args: argparse.Namespace) -> int:
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(levelname)s %(name)s: %(message)s")
+  prompt_path = args.prompt or (teacher.default_prompt_path(args.dataset) if args.dataset else None)
+  if not prompt_path:
+    print("dsbs rationales generate: error: --prompt is required with --input", file=sys.stderr)
+    return 2
+  template = teacher.PromptTemplate.load(prompt_path)
+  examples = _read_examples(args)
+  api_key = os.environ.get(args.api_key_env)
+  if not api_key:
+    logging.warning("$%s is not set; sending requests without an API key", args.api_key_env)
+  client = teacher_client.TeacherClient(
+      args.teacher, args.model, api=args.api, api_key=api_key, timeout_s=args.timeout,
+      max_tokens=args.max_tokens, temperature=args.temperature,
+      stop=template.stop if args.stop is None else args.stop,
+      retry=teacher_client.RetryPolicy(args.max_attempts, args.retry_base_delay, args.retry_max_delay),
+      budget=teacher_client.Budget(args.max_requests, args.max_tokens_total))
+  try:
+    result = teacher.generate(examples, template, client, args.out, parser=args.parser,
+                              concurrency=args.concurrency, progress=args.progress)
+  except (teacher_client.TeacherError, teacher.PromptFileError) as e:
+    print(f"dsbs rationales generate: error: {e}", file=sys.stderr)
+    return 2
+  budget = client.budget
+  estimated = f", {budget.estimated_tokens:,} of them estimated" if budget.estimated_tokens else ""
+  print(f"{args.out}: {result.total - result.remaining:,} of {result.total:,} examples done "
+        f"({result.written:,} written now, {result.already_done:,} already there); "
+        f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}")
+  if result.remaining == 0:
+    return 0
+  if result.failed:
+    print(f"{result.failed:,} example(s) failed after {args.max_attempts} attempts each (see the "
+          "warnings above)", file=sys.stderr)
+  if result.stopped:
+    print(f"stopped early: {result.stopped}", file=sys.stderr)
+  print(f"{result.remaining:,} example(s) remain; rerun the same command to continue", file=sys.stderr)
+  return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_INCOMPLETE
+
+
+def _default_stats_parser(path: str):
+  folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  return folder if folder in rationales.PARSERS else None
+
+
+def _percent(value) -> str:
+  return "" if value is None else f"{value:.2%}"
+
+
+def run_stats(args: argparse.Namespace) -> int:
+  all_stats = [teacher.record_stats(path, rationales.read_records(path),
+                                    args.parser or _default_stats_parser(path))
+               for path in args.files]
+  columns = ("file", "records", "with gold", "parse failures", "empty rationales",
+             "teacher accuracy", "metric")
+  rows = [(s.path, f"{s.records:,}", f"{s.with_gold_labels:,}", f"{s.parse_failures:,}",
+           f"{s.empty_rationales:,}", _percent(s.teacher_accuracy), s.metric) for s in all_stats]
+  widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+  print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
+  for row in rows:
+    print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+  for s in all_stats:
+    for reason, count in s.parse_failures_by_reason.items():
+      print(f"  {s.path}: {count:,} x {reason}")
+  for s in all_stats:
+    print(s.to_json())
+  return 0
