@@ -21,6 +21,7 @@ setuptools.setup(
         "tensorflow>=2.21,<2.22",
         "tensorflow-text>=2.21,<2.22",
         "tensorflow-datasets>=4.9.10,<5",
+        "tensorboard>=2.21,<2.22",
         "gin-config>=0.5,<0.6",
         "sentencepiece>=0.2,<0.3",
         "safetensors>=0.4,<1",

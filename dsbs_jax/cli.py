@@ -10,33 +10,43 @@ import sys
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
 
-USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError)
+# Errors that mean bad input rather than a bug: printed as one line naming the file, line
+# or flag, without a traceback. Subcommand modules add theirs as `USER_ERRORS`.
+BASE_USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError)
 
-# Modules imported lazily so that `dsbs --help` stays fast and one broken
-# subcommand cannot take the others down.
-SUBCOMMAND_MODULES = (
-    "dsbs_jax.tasks_command",
-    "dsbs_jax.convert",
-    "dsbs_jax.teacher_command",
-)
+# Subcommand -> module that registers it. Only the module of the subcommand being run is
+# imported, so that one subcommand's heavy imports do not slow the others.
+SUBCOMMANDS = {
+    "tasks": "dsbs_jax.tasks_command",
+    "convert": "dsbs_jax.convert",
+    "rationales": "dsbs_jax.teacher_command",
+    "train": "dsbs_jax.train",
+    "eval": "dsbs_jax.infer",
+    "predict": "dsbs_jax.infer",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
+  """(parser, user error types) for `command`, or for every subcommand when unknown."""
   parser = argparse.ArgumentParser(prog="dsbs", description=__doc__.splitlines()[0])
   subparsers = parser.add_subparsers(dest="command", required=True)
-  for module_name in SUBCOMMAND_MODULES:
-    importlib.import_module(module_name).add_parser(subparsers)
-  return parser
+  module_names = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
+  user_errors = BASE_USER_ERRORS
+  for module_name in dict.fromkeys(module_names):
+    module = importlib.import_module(module_name)
+    module.add_parser(subparsers)
+    user_errors += getattr(module, "USER_ERRORS", ())
+  return parser, user_errors
 
 
 def main(argv=None) -> int:
   argv, gin_bindings = gin_utils.split_gin_bindings(sys.argv[1:] if argv is None else list(argv))
-  args = build_parser().parse_args(argv)
+  parser, user_errors = build_parser(argv[0] if argv else None)
+  args = parser.parse_args(argv)
   args.gin_bindings = gin_bindings
   try:
     return args.func(args) or 0
-  except USER_ERRORS as e:
-    # Bad input, not a bug: the message names the file, line or flag; no traceback.
+  except user_errors as e:
     print(f"dsbs {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -1,25 +1,22 @@
 """Custom datasets without code: a rationale record file in, SeqIO tasks and mixtures out.
 
 `register_custom_dataset` lays a record file (e.g. from `dsbs rationales generate`) out as
-<TaskOptions.rationales_dir>/<name>/{train,valid,test}.jsonl, carving validation from train
-deterministically when no split is given, and registers the dataset's three tasks and four
-mixtures as the shipped benchmarks have (<name>_dsbs_teacher and so on).
-`register_custom_datasets` is the gin-configurable form:
+<layout_dir>/<name>/{train,valid,test}.jsonl (layout_dir defaults to the record file's
+folder), carving validation from train as the paper carves CQA's, and registers the
+dataset's three tasks and four mixtures as the shipped benchmarks have
+(<name>_dsbs_teacher and so on). `register_custom_datasets` is the gin-configurable form,
+called when `tasks` is imported:
 
     register_custom_datasets.datasets = [
         {"name": "mydata", "rationales_file": "/data/mydata.jsonl", "metric": "exact_match"}]
 
-The records are read through `TaskOptions.rationales_dir` like every dataset's, so the
-layout is written there: point it at a folder of your own for custom runs. This module
-must not define the benchmarks' tasks (tasks/ does) or talk to a teacher.
+This module must not define the benchmarks' tasks (tasks/ does) or talk to a teacher.
 """
-import math
 import os
 import re
 from typing import Mapping, Optional, Sequence
 
 import gin
-import numpy as np
 import seqio
 
 from dsbs_jax import data
@@ -28,16 +25,6 @@ from dsbs_jax import rationales
 
 METRICS = {"exact_match": metrics.exact_match_accuracy, "equation": metrics.equation_accuracy}
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
-
-
-def carve_validation(records: Sequence, valid_fraction: float) -> tuple[list, list]:
-  """(train, valid) as Hugging Face's `train_test_split(test_size=valid_fraction, seed=0)`.
-
-  The same carving as the shipped CQA and SVAMP validation splits (see rationales/README.md).
-  """
-  permutation = np.random.default_rng(0).permutation(len(records))
-  num_valid = math.ceil(valid_fraction * len(records))
-  return [records[i] for i in permutation[num_valid:]], [records[i] for i in permutation[:num_valid]]
 
 
 def _read_labelled(path: str) -> list:
@@ -51,7 +38,8 @@ def _read_labelled(path: str) -> list:
 
 
 def register_custom_dataset(name: str, rationales_file: str, metric: str = "exact_match",
-                            valid_fraction: float = 0.1, test_file: Optional[str] = None) -> list[str]:
+                            valid_fraction: float = 0.1, test_file: Optional[str] = None,
+                            layout_dir: Optional[str] = None) -> list[str]:
   """Writes the record layout of dataset `name` and registers its tasks; returns their names."""
   if not _NAME_PATTERN.fullmatch(name):
     raise ValueError(f"custom dataset name {name!r}: use lowercase letters, digits and '_'")
@@ -61,16 +49,18 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
     raise ValueError(f"custom dataset {name}: valid_fraction must be in (0, 1), got {valid_fraction}")
   if data.task_name(name, "rationale") in seqio.TaskRegistry.names():
     raise ValueError(f"custom dataset {name}: tasks named {name}_* are already registered")
-  train, valid = carve_validation(_read_labelled(rationales_file), valid_fraction)
+  train, valid = data.split_records(_read_labelled(rationales_file), valid_fraction, seed=0)
   if not train:
     raise rationales.RationaleFileError(f"{rationales_file}: too few records to carve a validation split")
-  dataset_dir = os.path.join(data.TaskOptions().rationales_dir, name)
+  layout_dir = layout_dir or os.path.dirname(os.path.abspath(rationales_file))
+  dataset_dir = os.path.join(layout_dir, name)
   os.makedirs(dataset_dir, exist_ok=True)
   rationales.write_records(os.path.join(dataset_dir, "train.jsonl"), train)
   rationales.write_records(os.path.join(dataset_dir, "valid.jsonl"), valid)
   if test_file:
     rationales.write_records(os.path.join(dataset_dir, "test.jsonl"), _read_labelled(test_file))
-  return data.register_dataset(data.DatasetSpec(name=name, metric_fn=METRICS[metric]))
+  return data.register_dataset(
+      data.DatasetSpec(name=name, metric_fn=METRICS[metric], rationales_dir=layout_dir))
 
 
 @gin.configurable

@@ -21,11 +21,14 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from dsbs_jax import gin_utils
 from dsbs_jax import rationales
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RATIONALES_DIR = os.path.join(REPO_ROOT, "rationales")
 DEFAULT_VOCABULARY = os.path.join(DEFAULT_RATIONALES_DIR, "vocab", "dsbs_spm_8k.model")
+# The shipped from-scratch vocabulary, for gin files: VOCABULARY = %DSBS_VOCABULARY.
+gin.constant("DSBS_VOCABULARY", DEFAULT_VOCABULARY)
 SPLITS = ("train", "validation", "test")
 _SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
 PAPER_PREFIXES = ("predict: ", "explain: ")
@@ -65,6 +68,8 @@ class TaskOptions:
   drop_parse_failures: bool = False
 
   def __post_init__(self):
+    gin_utils.check_required("TaskOptions", {f.name: getattr(self, f.name)
+                                             for f in dataclasses.fields(self)})
     if not 0.0 < self.alpha < 1.0:
       raise ValueError(f"TaskOptions.alpha must be in (0, 1), got {self.alpha}; "
                        "for label-only training use the *_finetune or *_distill mixtures")
@@ -78,22 +83,37 @@ class MissingTrainInputsError(FileNotFoundError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-  """What distinguishes one benchmark: its name, metric and where its train inputs live."""
+  """What distinguishes one dataset: its name, metric, records folder and train inputs.
+
+  rationales_dir: the folder holding <name>/<split>.jsonl; None means
+  TaskOptions.rationales_dir (the shipped benchmarks).
+  train_inputs_hint: set when the records lack train inputs, saying where to get them.
+  """
   name: str
   metric_fn: Callable[[Sequence[str], Sequence[str]], dict]
-  train_inputs_hint: Optional[str] = None  # set when the release lacks train inputs
+  train_inputs_hint: Optional[str] = None
+  rationales_dir: Optional[str] = None
+
+
+def split_records(records: Sequence, held_out_fraction: float, seed: int) -> tuple[list, list]:
+  """(kept, held out) as Hugging Face's `train_test_split(test_size=held_out_fraction, seed)`.
+
+  That call permutes with `numpy.random.default_rng(seed)`, holds out the first
+  ceil(held_out_fraction * n) indices and keeps the rest, each in permuted order. The
+  paper carves CQA's and SVAMP's validation splits (fraction 0.1, seed 0) and subsamples
+  training data (fraction 1 - train_fraction, seed = run) this way.
+  """
+  permutation = np.random.default_rng(seed).permutation(len(records))
+  num_held_out = math.ceil(held_out_fraction * len(records))
+  return ([records[i] for i in permutation[num_held_out:]],
+          [records[i] for i in permutation[:num_held_out]])
 
 
 def subsample(records: list, fraction: float, seed: int) -> list:
-  """Keeps `fraction` of the records, as the paper's `train_test_split(1 - fraction, seed)`.
-
-  That call permutes with `numpy.random.default_rng(seed)` and drops the first
-  ceil((1 - fraction) n) indices; the kept records come in permuted order.
-  """
+  """Keeps `fraction` of the records (all of them, in order, at 1.0)."""
   if fraction >= 1.0:
     return list(records)
-  permutation = np.random.default_rng(seed).permutation(len(records))
-  return [records[i] for i in permutation[math.ceil((1.0 - fraction) * len(records)):]]
+  return split_records(records, 1.0 - fraction, seed)[0]
 
 
 def split_path(rationales_dir: str, dataset: str, split: str) -> str:
@@ -190,6 +210,7 @@ def records_for(spec: DatasetSpec, split: str, options: TaskOptions) -> list:
   """The records a task reads for `split` under `options`: joined, filtered, subsampled."""
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  rationales_dir = spec.rationales_dir or options.rationales_dir
   if split == "train" and spec.train_inputs_hint:
     source = options.train_inputs.get(spec.name)
     if not source:
@@ -197,9 +218,9 @@ def records_for(spec: DatasetSpec, split: str, options: TaskOptions) -> list:
           f"{spec.name} train inputs are not in the paper's release (only its teacher outputs are "
           f"shipped). Name them in gin: TaskOptions.train_inputs = {{'{spec.name}': SOURCE}}, where "
           f"SOURCE is {spec.train_inputs_hint}")
-    records = list(_joined_train_records(options.rationales_dir, spec.name, source))
+    records = list(_joined_train_records(rationales_dir, spec.name, source))
   else:
-    records = list(read_split(options.rationales_dir, spec.name, split))
+    records = list(read_split(rationales_dir, spec.name, split))
   if split == "train":
     if options.drop_parse_failures:
       records = [r for r in records if r.parse_error is None]

@@ -7,8 +7,14 @@ value products over the sequence lengths as computed. A training step costs thre
 passes (forward, and backward through activations and weights). The common shortcut
 6 * parameters * tokens charges every weight on every token and overcounts an
 encoder-decoder. Embedding lookups, norms and softmax are not counted (T5X and PaLM's MFU
-convention). This module must not run the model.
+convention). It also holds the devices' peak FLOP/s, to turn FLOPs into utilization.
+This module must not run the model.
 """
+import time
+
+import jax
+import jax.numpy as jnp
+
 from dsbs_jax.models import t5
 
 
@@ -58,3 +64,39 @@ def parameter_count(config: t5.T5Config) -> int:
   embeddings = config.vocab_size * config.emb_dim * (1 if config.logits_via_embedding else 2)
   relative_bias = 2 * config.relative_attention_num_buckets * config.num_heads
   return encoder + decoder + embeddings + relative_bias + 2 * config.emb_dim
+
+
+# Dense bf16 matmul peaks per chip, from the vendors' data sheets.
+KNOWN_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+}
+
+
+def measured_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
+  """FLOP/s of a float32 [size, size] matmul on the default device, best of `repeats`."""
+  x = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  matmul(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(x).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+  """(peak FLOP/s of one local device, where the figure comes from)."""
+  kind = jax.local_devices()[0].device_kind
+  if kind in KNOWN_PEAK_FLOPS:
+    return KNOWN_PEAK_FLOPS[kind], f"{kind} data sheet"
+  # Unknown devices (CPUs included): what a float32 matmul reaches here, measured now.
+  return measured_matmul_peak(), f"measured float32 matmul on {kind}"

@@ -52,3 +52,16 @@ def parse_gin(gin_files: list[str], bindings: list[str], search_paths: list[str]
       gin.parse_config(binding)
     except (ValueError, SyntaxError, KeyError) as e:
       raise GinConfigError(f"--gin.{binding.replace(' = ', '=', 1)}: {e}") from None
+
+
+def check_required(configurable: str, values: dict) -> None:
+  """Raises GinConfigError naming each value still `gin.REQUIRED`.
+
+  Gin checks REQUIRED defaults itself, but a parameter bound to a macro whose value is
+  %gin.REQUIRED (T5X's way of marking a run file's required macros) arrives unchecked.
+  """
+  missing = [name for name, value in values.items() if value is gin.REQUIRED]
+  if missing:
+    names = ", ".join(f"{configurable}.{name}" for name in missing)
+    raise GinConfigError(f"required but not set: {names}; set the macro the run's gin file "
+                         "binds to it (e.g. --gin.MODEL_DIR=\"'/path'\")")

@@ -416,9 +416,9 @@ def test_custom_dataset_becomes_trainable_mixtures(svamp_records, tmp_path):
                                                for i, r in enumerate(svamp_records)])
   gin.clear_config()
   try:
-    gin.bind_parameter("TaskOptions.rationales_dir", str(tmp_path / "dir"))
     gin.parse_config("register_custom_datasets.datasets = [{'name': 'custom_teacher_test', "
-                     f"'rationales_file': '{records_file}', 'metric': 'equation'}}]")
+                     f"'rationales_file': '{records_file}', 'metric': 'equation', "
+                     f"'layout_dir': '{tmp_path / 'dir'}'}}]")
     names = custom_tasks.register_custom_datasets()
     assert "custom_teacher_test_dsbs_teacher" in names
     assert len(rationales.read_records(str(tmp_path / "dir/custom_teacher_test/valid.jsonl"))) == 3

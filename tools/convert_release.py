@@ -12,12 +12,12 @@ import argparse
 import collections
 import glob
 import json
-import math
 import os
 import sys
 
 import numpy as np
 
+from dsbs_jax import data
 from dsbs_jax import metrics
 from dsbs_jax import rationales
 
@@ -40,15 +40,8 @@ def read_teacher_outputs(release, dataset, split):
 
 
 def carve_validation(records):
-  """Splits like the paper's `train_test_split(test_size=0.1, seed=0)` (Hugging Face datasets).
-
-  That call draws `numpy.random.default_rng(0).permutation(n)`, takes the first
-  ceil(0.1 n) indices as the held-out split and the rest as train, each in permuted order.
-  """
-  permutation = np.random.default_rng(0).permutation(len(records))
-  num_valid = math.ceil(VALID_FRACTION * len(records))
-  return ([records[i] for i in permutation[num_valid:]],
-          [records[i] for i in permutation[:num_valid]])
+  """(train, valid) as the paper's `train_test_split(test_size=0.1, seed=0)`."""
+  return data.split_records(records, VALID_FRACTION, seed=0)
 
 
 def cqa_input(example):

@@ -1,0 +1,282 @@
+"""Prediction and evaluation with a trained student: `dsbs predict` and `dsbs eval`.
+
+A trained MODEL_DIR holds config.json (the network), run.json (task prefixes, feature
+lengths, vocabulary file) and vocabulary.model beside its checkpoints, so prediction needs
+no gin. Inputs are tokenized by the same code as training (dsbs_jax.data), decoded with the
+key/value cache, and scored with the task's own SeqIO metrics. Model outputs are untrusted
+text: they are only compared and written, never executed.
+
+This module must not train or change checkpoints.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Iterable, Optional
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dsbs_jax import checkpoints
+from dsbs_jax import data
+from dsbs_jax import gin_utils
+from dsbs_jax import input_pipeline
+from dsbs_jax import rationales
+from dsbs_jax.models import t5
+
+RUN_FILE = "run.json"
+VOCABULARY_FILE = "vocabulary.model"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """How a student was trained: what prediction must reproduce (MODEL_DIR/run.json)."""
+  mixture_or_task_name: str
+  input_length: int
+  target_length: int
+  label_prefix: str
+  rationale_prefix: str
+  vocabulary_extra_ids: int = 0
+
+  def save(self, model_dir: str) -> None:
+    path = pathlib.Path(model_dir) / RUN_FILE
+    path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+  def task_option_bindings(self, model_dir: str) -> list[str]:
+    """Gin bindings that make the data pipeline tokenize as this run did."""
+    values = {"vocabulary_path": str(pathlib.Path(model_dir).absolute() / VOCABULARY_FILE),
+              "vocabulary_extra_ids": self.vocabulary_extra_ids,
+              "label_prefix": self.label_prefix, "rationale_prefix": self.rationale_prefix}
+    return [f"TaskOptions.{key} = {value!r}" for key, value in values.items()]
+
+  @classmethod
+  def load(cls, model_dir: str) -> "RunSpec":
+    path = pathlib.Path(model_dir) / RUN_FILE
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: not found; is {model_dir} a MODEL_DIR written by dsbs train?")
+    try:
+      return cls(**json.loads(path.read_text()))
+    except (TypeError, json.JSONDecodeError) as error:
+      raise ValueError(f"{path}: {error}") from None
+
+
+def vocabulary_of(model_dir: str, spec: RunSpec) -> seqio.SentencePieceVocabulary:
+  path = pathlib.Path(model_dir) / VOCABULARY_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f"{path}: vocabulary missing from the model dir")
+  return seqio.SentencePieceVocabulary(str(path), extra_ids=spec.vocabulary_extra_ids)
+
+
+def load_trained_params(model_dir: str, step: Optional[str] = "best"):
+  """(params, config, step) from MODEL_DIR's checkpoints: 'best' (by validation), 'latest' or a number."""
+  config = checkpoints.load_config(model_dir)
+  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"{checkpointer.directory}: no checkpoints")
+    if step == "latest":
+      chosen = steps[-1]
+    elif step == "best":
+      chosen = best_step(model_dir) or steps[-1]
+    else:
+      chosen = int(step)
+    state, _ = checkpointer.restore(chosen, None)
+  finally:
+    checkpointer.close()
+  params = state["params"] if isinstance(state, dict) else state.params
+  return params, config, chosen
+
+
+BEST_FILE = "best_step.json"
+
+
+def best_step(model_dir: str) -> Optional[int]:
+  path = pathlib.Path(model_dir) / BEST_FILE
+  return json.loads(path.read_text())["step"] if path.is_file() else None
+
+
+def tokenize_inputs(vocabulary: seqio.Vocabulary, texts: list[str], length: int) -> np.ndarray:
+  """[len(texts), length] ids as training tokenizes them: separators as EOS, EOS at the end."""
+  dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string))
+  dataset = dataset.map(lambda text: data.encode_with_separators(vocabulary, text))
+  rows = np.zeros((len(texts), length), np.int32)
+  for i, ids in enumerate(dataset.as_numpy_iterator()):
+    ids = np.append(ids[:length - 1], vocabulary.eos_id)
+    rows[i, :len(ids)] = ids
+  return rows
+
+
+def detokenize(vocabulary: seqio.Vocabulary, ids: np.ndarray) -> list[str]:
+  texts = []
+  for row in np.asarray(ids):
+    ends = np.flatnonzero(row == vocabulary.eos_id)
+    texts.append(vocabulary.decode(row[:ends[0]].tolist() if len(ends) else row.tolist()))
+  return texts
+
+
+class Predictor:
+  """Batched decoding of raw texts with fixed shapes (one compilation per setting)."""
+
+  def __init__(self, params, config: t5.T5Config, vocabulary: seqio.Vocabulary,
+               input_length: int, decode_length: int, batch_size: int = 32,
+               method: str = "greedy", num_beams: int = 4):
+    self.params, self.config, self.vocabulary = params, config, vocabulary
+    self.input_length, self.decode_length = input_length, decode_length
+    self.batch_size, self.method, self.num_beams = batch_size, method, num_beams
+
+  def decode_tokens(self, encoder_tokens: np.ndarray) -> list[str]:
+    """Texts for [rows <= batch_size, input_length] ids (padded to the batch inside)."""
+    rows = encoder_tokens.shape[0]
+    padded = np.zeros((self.batch_size, encoder_tokens.shape[1]), np.int32)
+    padded[:rows] = encoder_tokens
+    ids = t5.predict_batch(self.params, self.config, padded, self.decode_length,
+                           method=self.method, num_beams=self.num_beams)
+    return detokenize(self.vocabulary, jax.device_get(ids)[:rows])
+
+  def predict(self, texts: list[str], prefix: str) -> list[str]:
+    outputs = []
+    for start in range(0, len(texts), self.batch_size):
+      chunk = [prefix + text for text in texts[start:start + self.batch_size]]
+      outputs += self.decode_tokens(tokenize_inputs(self.vocabulary, chunk, self.input_length))
+    return outputs
+
+
+def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: dict,
+                   predictions_path: Optional[str] = None,
+                   rationale_prefix: Optional[str] = None,
+                   max_examples: Optional[int] = None) -> dict:
+  """Greedy-decodes `split` of a label task, scores it with the task's metrics.
+
+  Writes predictions_path (JSONL: id, input, gold, prediction; with rationale_prefix also
+  the generated rationale) when given. Returns the metrics, e.g. {"accuracy": 0.61}.
+  """
+  task = seqio.get_mixture_or_task(task_name)
+  records = []
+  for batch in input_pipeline.eval_batches(task_name, split, lengths, predictor.batch_size,
+                                           max_examples):
+    count = int(batch.valid.sum())
+    predictions = predictor.decode_tokens(batch.features["encoder_input_tokens"][:count])
+    for i in range(count):
+      records.append({"id": batch.ids[i], "input": batch.inputs[i], "gold": batch.targets[i],
+                      "prediction": predictions[i]})
+  if not records:
+    raise ValueError(f"{task_name}/{split}: no examples to evaluate")
+  targets = [task.postprocess_fn(r["gold"], is_target=True) for r in records]
+  predictions = [task.postprocess_fn(r["prediction"], is_target=False) for r in records]
+  metrics = {}
+  for metric_fn in task.metric_fns:
+    metrics.update(metric_fn(targets, predictions))
+  if predictions_path:
+    if rationale_prefix is not None:
+      label_prefix = data.TaskOptions().label_prefix
+      raw_inputs = [r["input"][len(label_prefix):] for r in records]
+      for record, rationale in zip(records, predictor.predict(raw_inputs, rationale_prefix)):
+        record["rationale"] = rationale
+    write_jsonl(predictions_path, records)
+  return metrics
+
+
+def write_jsonl(path: str, records: Iterable[dict]) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)
+
+
+def read_prediction_inputs(path: str) -> list[dict]:
+  """[{id, input}] from a JSONL file ({"input": ..., "id"?: ...}) or a plain-text file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  if path.endswith((".jsonl", ".jsonl.gz", ".json")):
+    examples = []
+    for where, obj in rationales.iter_json_lines(path):
+      if not isinstance(obj, dict) or not isinstance(obj.get("input"), str):
+        raise rationales.RationaleFileError(f"{where}: expected an object with a string 'input'")
+      examples.append({"id": str(obj.get("id", len(examples))), "input": obj["input"]})
+    return examples
+  with rationales.open_text(path) as f:
+    return [{"id": str(i), "input": line.rstrip("\n")} for i, line in enumerate(f) if line.strip()]
+
+
+def add_parser(subparsers) -> None:
+  predict = subparsers.add_parser("predict", help="label (and rationale) predictions for raw inputs")
+  predict.add_argument("--checkpoint", required=True, help="MODEL_DIR written by dsbs train")
+  predict.add_argument("--step", default="best", help="'best' (by validation), 'latest' or a step")
+  predict.add_argument("--input", required=True, help="JSONL with 'input' (and 'id'), or plain text")
+  predict.add_argument("--output", required=True, help="JSONL to write")
+  predict.add_argument("--rationale", action="store_true", help="also generate rationales")
+  predict.add_argument("--method", default="greedy", choices=("greedy", "beam"))
+  predict.add_argument("--batch_size", type=int, default=32)
+  predict.add_argument("--decode_length", type=int, default=None,
+                       help="most tokens to generate (default: the run's target length)")
+  predict.set_defaults(func=run_predict)
+
+  evaluate = subparsers.add_parser("eval", help="decode and score a task's split with a trained student")
+  gin_utils.add_gin_arguments(evaluate)
+  evaluate.add_argument("--checkpoint", required=True, help="MODEL_DIR written by dsbs train")
+  evaluate.add_argument("--step", default="best")
+  evaluate.add_argument("--task", default=None, help="label task (default: the run's)")
+  evaluate.add_argument("--split", default="test", choices=data.SPLITS)
+  evaluate.add_argument("--output", default=None, help="predictions JSONL (default: in MODEL_DIR)")
+  evaluate.add_argument("--batch_size", type=int, default=32)
+  evaluate.set_defaults(func=run_eval)
+
+
+def _predictor(args, spec: RunSpec, params, config) -> Predictor:
+  return Predictor(params, config, vocabulary_of(args.checkpoint, spec), spec.input_length,
+                   getattr(args, "decode_length", None) or spec.target_length,
+                   batch_size=args.batch_size, method=getattr(args, "method", "greedy"))
+
+
+def run_predict(args: argparse.Namespace) -> int:
+  spec = RunSpec.load(args.checkpoint)
+  examples = read_prediction_inputs(args.input)
+  params, config, step = load_trained_params(args.checkpoint, args.step)
+  predictor = _predictor(args, spec, params, config)
+  start = time.time()
+  texts = [example["input"] for example in examples]
+  labels = predictor.predict(texts, spec.label_prefix)
+  rationales_out = predictor.predict(texts, spec.rationale_prefix) if args.rationale else None
+  records = []
+  for i, example in enumerate(examples):
+    record = dict(example, prediction=labels[i])
+    if rationales_out is not None:
+      record["rationale"] = rationales_out[i]
+    records.append(record)
+  write_jsonl(args.output, records)
+  print(f"{len(records)} predictions from step {step} in {time.time() - start:.1f}s -> {args.output}",
+        file=sys.stderr)
+  return 0
+
+
+def label_task_of(mixture_or_task_name: str) -> str:
+  """The label task of a run's mixture (evaluation always scores the label task)."""
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  label_tasks = [task.name for task in tasks if task.metric_fns]
+  if not label_tasks:
+    raise ValueError(f"{mixture_or_task_name} has no label task with metrics to evaluate")
+  return label_tasks[0]
+
+
+def run_eval(args: argparse.Namespace) -> int:
+  spec = RunSpec.load(args.checkpoint)
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings + spec.task_option_bindings(args.checkpoint),
+                      args.gin_search_path)
+  import tasks  # registers every task, after gin like T5X's task modules
+  del tasks
+  params, config, step = load_trained_params(args.checkpoint, args.step)
+  task_name = args.task or label_task_of(spec.mixture_or_task_name)
+  output = args.output or os.path.join(args.checkpoint, f"predictions_{args.split}_step{step}.jsonl")
+  lengths = {"inputs": spec.input_length, "targets": spec.target_length}
+  metrics = evaluate_split(_predictor(args, spec, params, config), task_name, args.split, lengths,
+                           output)
+  print(json.dumps({"task": task_name, "split": args.split, "step": step, **metrics}))
+  return 0

@@ -1,0 +1,104 @@
+"""Batches for training and evaluation, read from SeqIO tasks and mixtures.
+
+Training batches are packed, repeated and deterministic given a seed, and each host reads
+its own shard, so a restarted run resumes at exactly the next batch by skipping the
+batches it already consumed. Evaluation batches are unpacked, carry each example's id and
+text, and are padded to a full batch with masked-out filler rows.
+
+This module must not know the model or the optimizer.
+"""
+import dataclasses
+from typing import Iterator, Mapping, Optional
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from dsbs_jax import data
+
+
+def host_shard() -> seqio.ShardInfo:
+  return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
+
+
+def host_batch_size(global_batch_size: int) -> int:
+  if global_batch_size % jax.process_count():
+    raise ValueError(f"BATCH_SIZE={global_batch_size} does not divide over "
+                     f"{jax.process_count()} hosts")
+  return global_batch_size // jax.process_count()
+
+
+def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+                  global_batch_size: int, seed: int, skip_batches: int = 0,
+                  pack: bool = True) -> Iterator[dict]:
+  """Endless packed training batches of this host's shard, as numpy arrays.
+
+  `skip_batches` drops that many batches first: with the same seed the sequence is the
+  same, so a restored run continues where it stopped.
+  """
+  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  dataset = provider.get_dataset(
+      task_feature_lengths, split="train", shuffle=True, seed=seed, num_epochs=None,
+      shard_info=host_shard(), use_cached=False)
+  converter = data.DistillationFeatureConverter(pack=pack)
+  dataset = converter(dataset, task_feature_lengths)
+  dataset = dataset.batch(host_batch_size(global_batch_size), drop_remainder=True)
+  dataset = dataset.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
+  return dataset.as_numpy_iterator()
+
+
+@dataclasses.dataclass
+class EvalBatch:
+  """Model features [batch, length] plus per-row ids, texts and a validity mask."""
+  features: dict
+  ids: list
+  inputs: list
+  targets: list
+  valid: np.ndarray  # [batch] bool: False on filler rows
+
+
+def eval_batches(task_name: str, split: str, task_feature_lengths: Mapping[str, int],
+                 batch_size: int, max_examples: Optional[int] = None) -> Iterator[EvalBatch]:
+  """Unpacked batches of every example of `split` (this host's shard), in file order."""
+  task = seqio.get_mixture_or_task(task_name)
+  dataset = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1,
+                             shard_info=host_shard(), use_cached=False)
+  if max_examples:
+    dataset = dataset.take(max_examples)
+  converter = seqio.EncDecFeatureConverter(pack=False)
+  lengths = converter.get_model_feature_lengths(task_feature_lengths)
+  rows = []
+  for example in dataset.as_numpy_iterator():
+    rows.append(example)
+    if len(rows) == batch_size:
+      yield _eval_batch(rows, lengths, batch_size)
+      rows = []
+  if rows:
+    yield _eval_batch(rows, lengths, batch_size)
+
+
+def _pad(ids: np.ndarray, length: int) -> np.ndarray:
+  out = np.zeros(length, np.int32)
+  ids = ids[:length]
+  out[:len(ids)] = ids
+  return out
+
+
+def _eval_batch(rows: list, lengths: Mapping[str, int], batch_size: int) -> EvalBatch:
+  encoder = np.zeros((batch_size, lengths["encoder_input_tokens"]), np.int32)
+  targets = np.zeros((batch_size, lengths["decoder_target_tokens"]), np.int32)
+  for i, row in enumerate(rows):
+    encoder[i] = _pad(row["inputs"], encoder.shape[1])
+    targets[i] = _pad(row["targets"], targets.shape[1])
+  decoder_inputs = np.concatenate([np.zeros((batch_size, 1), np.int32), targets[:, :-1]], axis=1)
+  valid = np.arange(batch_size) < len(rows)
+  features = {
+      "encoder_input_tokens": encoder,
+      "decoder_input_tokens": decoder_inputs,
+      "decoder_target_tokens": targets,
+      "decoder_loss_weights": (targets > 0).astype(np.int32) * valid[:, None],
+  }
+  decode = lambda key: [row[key].decode("utf-8") for row in rows] + [""] * (batch_size - len(rows))
+  return EvalBatch(features=features, ids=decode("id"), inputs=decode("inputs_pretokenized"),
+                   targets=decode("targets_pretokenized"), valid=valid)
