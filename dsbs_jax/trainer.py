@@ -1,0 +1,269 @@
+"""The train state, optimizers and learning-rate schedules, and the jitted, sharded train and
+eval steps (with gradient accumulation over microbatches and a non-finite loss guard).
+
+This module holds no training loop, data pipeline, checkpoint or logging code (see train.py).
+"""
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from dsbs_jax import model
+from dsbs_jax import partitioning
+from dsbs_jax.models import t5
+
+# Per optimizer: T5X's finetuning default (Adafactor, constant 1e-3, no gradient clipping
+# beyond Adafactor's own update clipping) and the paper's code, which uses Hugging Face
+# Trainer's defaults (AdamW, 5e-5 decaying linearly to 0, gradient norm clipped at 1).
+OPTIMIZER_DEFAULTS = {
+    "adafactor": {"learning_rate": 1e-3, "schedule": "constant", "grad_clip_norm": None},
+    "adamw": {"learning_rate": 5e-5, "schedule": "linear_decay", "grad_clip_norm": 1.0},
+}
+SCHEDULES = ("constant", "linear_decay", "rsqrt", "cosine")
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A training step produced a NaN or infinite loss or metric."""
+
+
+@struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: the number of updates applied
+  params: Any
+  opt_state: Any
+
+
+def make_schedule(schedule: str, learning_rate: float, warmup_steps: int = 0,
+                  total_steps: Optional[int] = None) -> optax.Schedule:
+  """A learning rate per step: linear warmup from 0 to `learning_rate`, then the schedule.
+
+  'constant'; 'linear_decay' and 'cosine' to 0 at total_steps; 'rsqrt':
+  learning_rate * sqrt(w / step) with w = max(warmup_steps, 1) (T5's inverse square root
+  with the peak rate as the parameter: T5's 1/sqrt(max(step, 10k)) is 0.01 with w = 10k).
+  """
+  decay_steps = None if total_steps is None else total_steps - warmup_steps
+  if schedule == "constant":
+    decay = optax.constant_schedule(learning_rate)
+  elif schedule == "rsqrt":
+    timescale = max(warmup_steps, 1)
+    decay = lambda step: learning_rate * jnp.sqrt(timescale / (step + timescale))
+  elif schedule in ("linear_decay", "cosine"):
+    if decay_steps is None or decay_steps <= 0:
+      raise ValueError(f"schedule {schedule!r} needs total_steps > warmup_steps "
+                       f"(got total_steps={total_steps}, warmup_steps={warmup_steps})")
+    decay = (optax.linear_schedule(learning_rate, 0.0, decay_steps) if schedule == "linear_decay"
+             else optax.cosine_decay_schedule(learning_rate, decay_steps))
+  else:
+    raise ValueError(f"unknown schedule {schedule!r}: expected one of {SCHEDULES}")
+  if not warmup_steps:
+    return decay
+  warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+  return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+@gin.configurable
+def make_optimizer(name: str = "adafactor", learning_rate: Optional[float] = None,
+                   schedule: Optional[str] = None, warmup_steps: int = 0,
+                   total_steps: Optional[int] = None, weight_decay: float = 0.0,
+                   grad_clip_norm: Optional[float] = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, learning-rate schedule); None arguments take OPTIMIZER_DEFAULTS[name].
+
+  Adafactor takes optax's T5 settings (factored second moments, decay 0.8, update
+  clipping at 1, updates scaled by the parameters' scale, no momentum). AdamW decays
+  only matrices (not layer-norm scales), as Hugging Face Trainer does.
+  """
+  if name not in OPTIMIZER_DEFAULTS:
+    raise ValueError(f"unknown optimizer {name!r}: expected one of {sorted(OPTIMIZER_DEFAULTS)}")
+  defaults = OPTIMIZER_DEFAULTS[name]
+  learning_rate = defaults["learning_rate"] if learning_rate is None else learning_rate
+  schedule = defaults["schedule"] if schedule is None else schedule
+  grad_clip_norm = defaults["grad_clip_norm"] if grad_clip_norm is None else grad_clip_norm
+  learning_rate_fn = make_schedule(schedule, learning_rate, warmup_steps, total_steps)
+  if name == "adafactor":
+    optimizer = optax.adafactor(learning_rate_fn, weight_decay_rate=weight_decay or None)
+  else:
+    optimizer = optax.adamw(learning_rate_fn, weight_decay=weight_decay,
+                            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  if grad_clip_norm:
+    optimizer = optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
+  return optimizer, learning_rate_fn
+
+
+def check_finite(metrics: dict[str, Any], step: int) -> None:
+  """Raises NonFiniteLossError naming the step and the metrics that are NaN or infinite."""
+  values = jax.device_get(metrics)
+  bad = sorted(key for key, value in values.items() if not np.all(np.isfinite(value)))
+  if bad:
+    shown = ", ".join(f"{key}={values[key]}" for key in bad)
+    raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}")
+
+
+def _split_microbatches(batch: model.Batch, num_microbatches: int) -> model.Batch:
+  """[batch, ...] -> [num_microbatches, batch / num_microbatches, ...].
+
+  Microbatch i takes rows i, i + m, i + 2m, ...: each device's block of rows feeds every
+  microbatch, so a batch split over 'data' needs no reshuffling.
+  """
+  def split(feature):
+    strided = feature.reshape((-1, num_microbatches) + feature.shape[1:])
+    return jnp.swapaxes(strided, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+@gin.configurable
+class Trainer:
+  """Jitted, sharded train and eval steps for one network config, optimizer and mesh.
+
+  Steps compile once per batch shape. Use `shard_batch` on each host's batch, then
+  `train_step(state, batch, rng)` -> (state, metrics), `check_finite(metrics, step)` and
+  `model.summarize_metrics(metrics)`. `rng` is a base key; each step folds in its step
+  number, so a restarted run draws the same dropout masks.
+  """
+
+  def __init__(self, config: t5.T5Config, partitioner: partitioning.Partitioner,
+               optimizer: optax.GradientTransformation,
+               learning_rate_fn: Optional[optax.Schedule] = None, *,
+               num_microbatches: int = 1, z_loss: float = 1e-4,
+               loss_normalization: str = "per_example"):
+    if num_microbatches < 1:
+      raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    if loss_normalization not in model.LOSS_NORMALIZATIONS:
+      raise ValueError(f"unknown loss_normalization {loss_normalization!r}: expected one of "
+                       f"{model.LOSS_NORMALIZATIONS}")
+    self.config = config
+    self.partitioner = partitioner
+    self.optimizer = optimizer
+    self.learning_rate_fn = learning_rate_fn
+    self.num_microbatches = num_microbatches
+    self.z_loss = z_loss
+    self.loss_normalization = loss_normalization
+
+    param_shapes = t5.param_shapes(config)
+    self.param_shardings = partitioner.param_shardings(t5.param_partition_specs(config),
+                                                       param_shapes)
+    opt_state_shapes = jax.eval_shape(optimizer.init, param_shapes)
+    replicated = partitioner.sharding()
+    self.state_shardings = TrainState(
+        step=replicated, params=self.param_shardings,
+        opt_state=partitioner.opt_state_shardings(opt_state_shapes, param_shapes,
+                                                  self.param_shardings))
+    self._abstract_state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32), params=param_shapes,
+        opt_state=opt_state_shapes)
+
+    batch_sharding = partitioner.batch_sharding
+    self._jit_train_step = jax.jit(
+        self._train_step, in_shardings=(self.state_shardings, batch_sharding, replicated),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    self._jit_eval_step = jax.jit(
+        self._eval_step, in_shardings=(self.param_shardings, batch_sharding),
+        out_shardings=replicated)
+    self._jit_init_state = jax.jit(
+        lambda rng: self._state_from_params(t5.init_params(config, rng)),
+        in_shardings=replicated, out_shardings=self.state_shardings)
+    self._jit_state_from_params = jax.jit(
+        self._state_from_params, in_shardings=(self.param_shardings,),
+        out_shardings=self.state_shardings)
+
+  # ----------------------------------------------------------------------------
+  # Public, host-side API: every call traces under the mesh and the rules.
+  # ----------------------------------------------------------------------------
+  def _in_mesh(self, jitted: Callable, *args):
+    with jax.set_mesh(self.partitioner.mesh), nn.logical_axis_rules(self.partitioner.rules):
+      return jitted(*args)
+
+  def init_state(self, rng: jax.Array) -> TrainState:
+    """A fresh state, each parameter created directly in its shards."""
+    return self._in_mesh(self._jit_init_state, rng)
+
+  def state_from_params(self, params) -> TrainState:
+    """A step-0 state (fresh optimizer state) around given, e.g. pretrained, parameters.
+
+    Host arrays must hold the whole parameters, the same on every host.
+    """
+    params = jax.device_put(params, self.param_shardings)
+    return self._in_mesh(self._jit_state_from_params, params)
+
+  def abstract_state(self) -> TrainState:
+    """The state as ShapeDtypeStructs carrying their shardings (for checkpoint restores)."""
+    return jax.tree.map(lambda shape, sharding: jax.ShapeDtypeStruct(
+        shape.shape, shape.dtype, sharding=sharding), self._abstract_state,
+                        self.state_shardings)
+
+  def shard_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Global batch arrays from this host's rows; checks microbatches split evenly."""
+    sharded = self.partitioner.shard_batch(batch)
+    self.partitioner.check_batch_size(
+        next(iter(sharded.values())).shape[0], self.num_microbatches)
+    return sharded
+
+  def train_step(self, state: TrainState, batch: model.Batch,
+                 rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update. `state` is donated: use only the returned one afterwards.
+
+    metrics: the metric sums of model.loss_terms over the whole batch, plus grad_norm
+    (of the mean gradient) and learning_rate when the trainer has a schedule.
+    """
+    return self._in_mesh(self._jit_train_step, state, batch, rng)
+
+  def eval_step(self, params, batch: model.Batch) -> dict[str, jax.Array]:
+    """Metric sums of model.loss_terms without dropout."""
+    return self._in_mesh(self._jit_eval_step, params, batch)
+
+  # ----------------------------------------------------------------------------
+  # Traced functions.
+  # ----------------------------------------------------------------------------
+  def _state_from_params(self, params) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params))
+
+  def _loss_terms(self, params, batch, dropout_rng):
+    return model.loss_terms(params, batch, dropout_rng, self.config, z_loss=self.z_loss,
+                            loss_normalization=self.loss_normalization)
+
+  def _eval_step(self, params, batch):
+    return self._loss_terms(params, batch, None)[1]
+
+  def _summed_gradients(self, params, batch, dropout_rng):
+    """Gradients of the summed (unnormalized) loss in float32, and the metric sums."""
+    grad_fn = jax.grad(self._loss_terms, has_aux=True)
+    to_float32 = lambda tree: jax.tree.map(lambda g: g.astype(jnp.float32), tree)
+    if self.num_microbatches == 1:
+      grads, metrics = grad_fn(params, batch, dropout_rng)
+      return to_float32(grads), metrics
+
+    microbatches = _split_microbatches(batch, self.num_microbatches)
+
+    def accumulate(carry, indexed_microbatch):
+      index, microbatch = indexed_microbatch
+      microbatch = jax.lax.with_sharding_constraint(microbatch,
+                                                    self.partitioner.batch_sharding)
+      grads, metrics = grad_fn(params, microbatch, jax.random.fold_in(dropout_rng, index))
+      return jax.tree.map(jnp.add, carry, (to_float32(grads), metrics)), None
+
+    first = jax.tree.map(lambda feature: feature[0], microbatches)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32),
+                         jax.eval_shape(grad_fn, params, first, dropout_rng))
+    (grads, metrics), _ = jax.lax.scan(
+        accumulate, zeros, (jnp.arange(self.num_microbatches), microbatches))
+    return grads, metrics
+
+  def _train_step(self, state: TrainState, batch, rng):
+    self.partitioner.check_batch_size(batch["decoder_target_tokens"].shape[0],
+                                      self.num_microbatches)
+    dropout_rng = jax.random.fold_in(rng, state.step)
+    grads, metrics = self._summed_gradients(state.params, batch, dropout_rng)
+    normalizer = model.nonzero(metrics["loss_normalizer"])
+    grads = jax.tree.map(lambda g, p: (g / normalizer).astype(p.dtype), grads, state.params)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    if self.learning_rate_fn is not None:
+      metrics["learning_rate"] = jnp.asarray(self.learning_rate_fn(state.step), jnp.float32)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
