@@ -119,6 +119,13 @@ class TrainCheckpointer:
       raise CheckpointError(f"{path}: checkpoint is corrupt or incomplete ({error}){hint}") from error
     return restored.state, restored.input
 
+  def delete_after(self, step: int) -> list[int]:
+    """Deletes the checkpoints later than `step` (a run restarted from an earlier step)."""
+    later = [s for s in self.all_steps() if s > step]
+    for later_step in later:
+      self._manager.delete(later_step)
+    return later
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "train": "dsbs_jax.train",
     "eval": "dsbs_jax.infer",
     "predict": "dsbs_jax.infer",
+    "export": "dsbs_jax.export",
 }
 
 

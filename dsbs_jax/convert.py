@@ -131,6 +131,12 @@ def hf_name(our_name: str) -> str:
   raise KeyError(f"no Hugging Face name for parameter {our_name}")
 
 
+def hf_layout(our_name: str, array: np.ndarray) -> np.ndarray:
+  """`array` of parameter `our_name` in Hugging Face's layout, or back: 2-d kernels and the
+  relative-position tables are transposed, so this is its own inverse."""
+  return array.T if our_name.endswith(("kernel", "rel_embedding")) else array
+
+
 def config_from_hf(hf_config: dict[str, Any], source: pathlib.Path,
                    dtype: str = "float32") -> t5.T5Config:
   """Our config for a transformers T5Config dict (config.json)."""
@@ -226,8 +232,7 @@ def convert_hf(src_dir, dtype: str = "float32") -> tuple[dict[str, Any], t5.T5Co
     if name not in weights:
       return None
     used.add(name)
-    array = weights[name]
-    return array.T if our_name.endswith(("kernel", "rel_embedding")) else array
+    return hf_layout(our_name, weights[name])
 
   params = _fit_params(config, lookup, src_dir)
   unused = {n for n in weights if not HF_IGNORED_NAMES.fullmatch(n)}

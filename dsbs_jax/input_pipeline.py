@@ -22,28 +22,27 @@ def host_shard() -> seqio.ShardInfo:
   return seqio.ShardInfo(index=jax.process_index(), num_shards=jax.process_count())
 
 
-def host_batch_size(global_batch_size: int) -> int:
-  if global_batch_size % jax.process_count():
-    raise ValueError(f"BATCH_SIZE={global_batch_size} does not divide over "
-                     f"{jax.process_count()} hosts")
-  return global_batch_size // jax.process_count()
-
-
 def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                   global_batch_size: int, seed: int, skip_batches: int = 0,
-                  pack: bool = True) -> Iterator[dict]:
-  """Endless packed training batches of this host's shard, as numpy arrays.
+                  pack: bool = True, shard_info: Optional[seqio.ShardInfo] = None
+                  ) -> Iterator[dict]:
+  """Endless packed training batches of a data shard (default: this host's), as numpy.
 
-  `skip_batches` drops that many batches first: with the same seed the sequence is the
-  same, so a restored run continues where it stopped.
+  Each of the shard_info.num_shards shards gives global_batch_size / num_shards rows per
+  batch. `skip_batches` drops that many batches first: with the same seed the sequence is
+  the same, so a restored run continues where it stopped.
   """
+  shard_info = shard_info or host_shard()
+  if global_batch_size % shard_info.num_shards:
+    raise ValueError(f"BATCH_SIZE={global_batch_size} does not divide over "
+                     f"{shard_info.num_shards} data shards (hosts)")
   provider = seqio.get_mixture_or_task(mixture_or_task_name)
   dataset = provider.get_dataset(
       task_feature_lengths, split="train", shuffle=True, seed=seed, num_epochs=None,
-      shard_info=host_shard(), use_cached=False)
+      shard_info=shard_info, use_cached=False)
   converter = data.DistillationFeatureConverter(pack=pack)
   dataset = converter(dataset, task_feature_lengths)
-  dataset = dataset.batch(host_batch_size(global_batch_size), drop_remainder=True)
+  dataset = dataset.batch(global_batch_size // shard_info.num_shards, drop_remainder=True)
   dataset = dataset.skip(skip_batches).prefetch(tf.data.AUTOTUNE)
   return dataset.as_numpy_iterator()
 

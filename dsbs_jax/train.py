@@ -169,9 +169,13 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           batch_size: int = gin.REQUIRED, initial_checkpoint_path: Optional[str] = None,
           log_period: int = 100, checkpoint_period: int = 1000, eval_period: int = 1000,
           keep_checkpoints: int = 3, eval_batch_size: int = 64,
-          eval_max_examples: Optional[int] = None, eval_decode_length: int = 64,
+          eval_max_examples: Optional[int] = None,
+          final_eval_max_examples: Optional[int] = None, eval_decode_length: int = 64,
           seed: int = 0, restore_step: Optional[int] = None, print_fn=print_flushed) -> dict:
   """Trains, evaluates and returns {"validation": ..., "test": ..., "best_step": ...}.
+
+  Periodic validation decodes at most eval_max_examples examples; the final scoring of
+  the best checkpoint, whole splits unless final_eval_max_examples says otherwise.
 
   TRAIN_STEPS counts the updates of this fine-tuning run (a restored run continues to
   it), not the pretraining steps of INITIAL_CHECKPOINT_PATH.
@@ -208,6 +212,10 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
       raise ValueError(f"{checkpointer.directory / str(restore_from)} was written with input "
                        f"{saved_input_state}, this run reads {input_state}; use a new MODEL_DIR")
     print_fn(f"restored step {restore_from} from {checkpointer.directory}")
+    if restore_step is not None and jax.process_index() == 0:
+      dropped = checkpointer.delete_after(restore_step)
+      if dropped:
+        print_fn(f"deleted later checkpoints {dropped}: this run continues from step {restore_step}")
   elif initial_checkpoint_path:
     params, _ = checkpoints.load_model(initial_checkpoint_path)
     state = trainer.state_from_params(jax.device_put(params, trainer.param_shardings))
@@ -276,7 +284,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                                     f"{checkpointer.directory}; rerun the same command to resume")
     checkpointer.wait()
     return final_evaluation(model_dir, checkpointer, trainer, predictor, label_task, lengths,
-                            eval_max_examples, log, print_fn)
+                            final_eval_max_examples, log, print_fn)
   finally:
     checkpointer.close()
     log.close()

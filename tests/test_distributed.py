@@ -1,0 +1,45 @@
+"""Two processes on localhost with jax.distributed (CPU collectives) train like one process."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_worker(args, device_count, **kwargs):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={device_count}")
+  return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def result_of(output):
+  lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
+  assert lines, output[-3000:]
+  return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process():
+  address = f"127.0.0.1:{free_port()}"
+  workers = [run_worker([address, "2", str(i)], device_count=1) for i in range(2)]
+  outputs = [worker.communicate(timeout=300)[0] for worker in workers]
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  distributed = result_of(outputs[0])
+  assert (distributed["processes"], distributed["devices"]) == (2, 2)
+  reference_worker = run_worker(["reference", "2"], device_count=2)
+  reference = result_of(reference_worker.communicate(timeout=300)[0])
+  assert (reference["processes"], reference["devices"]) == (1, 2)
+  np.testing.assert_allclose(distributed["losses"], reference["losses"], rtol=1e-5)
+  np.testing.assert_allclose(distributed["checksum"], reference["checksum"], rtol=1e-5)

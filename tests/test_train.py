@@ -1,0 +1,147 @@
+"""End-to-end tests of `dsbs train`: a pulse, resume after SIGKILL, NaN stop, corrupt checkpoints.
+
+Runs use gin/quickstart.gin shrunk to a few steps of a very small model.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+
+from dsbs_jax import checkpoints
+from dsbs_jax import cli
+from dsbs_jax import infer
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_run_flags(model_dir, train_steps=6, checkpoint_period=2, extra=()):
+  return ["train", "--gin_file=quickstart.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.TRAIN_STEPS={train_steps}", "--gin.BATCH_SIZE=8",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
+          "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8",
+          "--gin.T5Config.dropout_rate=0.1", "--gin.train.log_period=1",
+          f"--gin.CHECKPOINT_PERIOD={checkpoint_period}", "--gin.EVAL_PERIOD=1000",
+          "--gin.train.eval_max_examples=8", "--gin.train.final_eval_max_examples=8",
+          "--gin.train.eval_batch_size=8", *extra]
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+def train_losses(model_dir):
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+
+
+def final_params(model_dir, step):
+  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  try:
+    state, _ = checkpointer.restore(step, None)
+  finally:
+    checkpointer.close()
+  return jax.tree.leaves(state["params"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+  assert cli.main(tiny_run_flags(model_dir)) == 0
+  gin.clear_config()
+  return model_dir
+
+
+def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
+  losses = train_losses(uninterrupted)
+  assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+  with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
+    first = json.loads(f.readline())
+  for key in ("label_loss", "rationale_loss", "learning_rate", "steps_per_sec", "tokens_per_sec",
+              "mfu"):
+    assert key in first, key
+  results = json.load(open(os.path.join(uninterrupted, "results.json")))
+  assert set(results["test"]) == {"accuracy"} and "majority_baseline_test" in results
+  predictions = [json.loads(line) for line in open(os.path.join(uninterrupted, "predictions.jsonl"))]
+  assert len(predictions) == 8 and set(predictions[0]) == {"id", "input", "gold", "prediction"}
+  for name in ("config.json", "run.json", "vocabulary.model"):
+    assert os.path.exists(os.path.join(uninterrupted, name))
+  assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
+
+
+def test_predict_labels_raw_inputs(uninterrupted, tmp_path):
+  inputs = tmp_path / "inputs.jsonl"
+  inputs.write_text('{"id": "a", "input": "Where do fish live?\\nAnswer Choices:\\n(a) sea"}\n')
+  output = tmp_path / "out.jsonl"
+  assert cli.main(["predict", "--checkpoint", uninterrupted, "--input", str(inputs),
+                   "--output", str(output), "--rationale", "--decode_length", "8"]) == 0
+  record = json.loads(output.read_text())
+  assert record["id"] == "a" and isinstance(record["prediction"], str) and "rationale" in record
+
+
+def run_in_subprocess(flags, **popen_kwargs):
+  return subprocess.Popen([sys.executable, "-m", "dsbs_jax.cli", *flags],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
+
+
+def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_path):
+  model_dir = str(tmp_path / "killed")
+  process = run_in_subprocess(tiny_run_flags(model_dir))
+  steps_dir = os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if os.path.isdir(os.path.join(steps_dir, "4")):
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.communicate()
+  assert os.path.isdir(os.path.join(steps_dir, "2")), "killed before the first checkpoint"
+  assert cli.main(tiny_run_flags(model_dir)) == 0
+  resumed, reference = train_losses(model_dir), train_losses(uninterrupted)
+  # Steps logged after the restore repeat the uninterrupted run's losses exactly.
+  for step, loss in resumed.items():
+    np.testing.assert_allclose(loss, reference[step], rtol=1e-5, err_msg=f"step {step}")
+  for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+  model_dir = str(tmp_path / "nan")
+  assert cli.main(tiny_run_flags(model_dir, train_steps=2)) == 0
+  gin.clear_config()
+  # A negative epsilon makes the RMS norms take square roots of negative numbers.
+  assert cli.main(tiny_run_flags(model_dir, train_steps=4,
+                                 extra=["--gin.T5Config.layer_norm_epsilon=-10.0"])) == 2
+  assert "non-finite training metrics at step 3" in capsys.readouterr().err
+  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  assert checkpointer.all_steps() == [2]
+  checkpointer.close()
+  assert all(np.all(np.isfinite(leaf)) for leaf in final_params(model_dir, 2))
+
+
+def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrupted, tmp_path, capsys):
+  model_dir = str(tmp_path / "corrupt")
+  shutil.copytree(uninterrupted, model_dir)
+  latest = os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR, "6")
+  for root, _, files in os.walk(os.path.join(latest, "state")):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"garbage")
+  assert cli.main(tiny_run_flags(model_dir, train_steps=8)) == 2
+  err = capsys.readouterr().err
+  assert f"{latest}: checkpoint is corrupt or incomplete" in err
+  assert "--gin.train.restore_step=4" in err
+  gin.clear_config()
+  assert cli.main(tiny_run_flags(model_dir, train_steps=8,
+                                 extra=["--gin.train.restore_step=4"])) == 0
+  assert max(train_losses(model_dir)) == 8
