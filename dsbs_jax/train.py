@@ -171,11 +171,13 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           keep_checkpoints: int = 3, eval_batch_size: int = 64,
           eval_max_examples: Optional[int] = None,
           final_eval_max_examples: Optional[int] = None, eval_decode_length: int = 64,
+          predict_rationales: bool = False,
           seed: int = 0, restore_step: Optional[int] = None, print_fn=print_flushed) -> dict:
   """Trains, evaluates and returns {"validation": ..., "test": ..., "best_step": ...}.
 
   Periodic validation decodes at most eval_max_examples examples; the final scoring of
-  the best checkpoint, whole splits unless final_eval_max_examples says otherwise.
+  the best checkpoint, whole splits unless final_eval_max_examples says otherwise, and
+  with predict_rationales the predictions files also hold each generated rationale.
 
   TRAIN_STEPS counts the updates of this fine-tuning run (a restored run continues to
   it), not the pretraining steps of INITIAL_CHECKPOINT_PATH.
@@ -284,26 +286,34 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                                     f"{checkpointer.directory}; rerun the same command to resume")
     checkpointer.wait()
     return final_evaluation(model_dir, checkpointer, trainer, predictor, label_task, lengths,
-                            final_eval_max_examples, log, print_fn)
+                            final_eval_max_examples, log, print_fn,
+                            options.rationale_prefix if predict_rationales else None)
   finally:
     checkpointer.close()
     log.close()
 
 
 def final_evaluation(model_dir, checkpointer, trainer, predictor, label_task, lengths,
-                     eval_max_examples, log, print_fn) -> dict:
+                     eval_max_examples, log, print_fn, rationale_prefix) -> dict:
   """Validation and test metrics of the checkpoint best on validation; writes results.json."""
   best_step = infer.best_step(model_dir) or checkpointer.latest_step()
   state, _ = checkpointer.restore(best_step, trainer.abstract_state())
-  results = {"best_step": best_step, "label_task": label_task}
+  options = data.TaskOptions()
+  results = {"best_step": best_step, "label_task": label_task,
+             "mixture_or_task_name": infer.RunSpec.load(model_dir).mixture_or_task_name,
+             "alpha": options.alpha, "train_fraction": options.train_fraction,
+             "subsample_seed": options.subsample_seed}
   for split in ("validation", "test"):
     path = os.path.join(model_dir, "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl")
     results[split] = infer.evaluate_split(predictor(state.params), label_task, split, lengths,
-                                          predictions_path=path, max_examples=eval_max_examples)
+                                          predictions_path=path, max_examples=eval_max_examples,
+                                          rationale_prefix=rationale_prefix)
     log.write(best_step, f"final_{split}", results[split])
   results["majority_baseline_test"] = majority_baseline(label_task, lengths)
   with open(os.path.join(model_dir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
+  with open(os.path.join(model_dir, "config.gin"), "w") as f:
+    f.write(gin.operative_config_str())
   print_fn(f"best step {best_step} (by validation): validation {json.dumps(results['validation'])}, "
            f"test {json.dumps(results['test'])}; majority-class baseline on test: "
            f"{json.dumps(results['majority_baseline_test'])}")

@@ -71,10 +71,11 @@ def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
               "mfu"):
     assert key in first, key
   results = json.load(open(os.path.join(uninterrupted, "results.json")))
+  assert (results["mixture_or_task_name"], results["train_fraction"]) == ("cqa_dsbs_teacher", 1.0)
   assert set(results["test"]) == {"accuracy"} and "majority_baseline_test" in results
   predictions = [json.loads(line) for line in open(os.path.join(uninterrupted, "predictions.jsonl"))]
   assert len(predictions) == 8 and set(predictions[0]) == {"id", "input", "gold", "prediction"}
-  for name in ("config.json", "run.json", "vocabulary.model"):
+  for name in ("config.json", "run.json", "vocabulary.model", "config.gin"):
     assert os.path.exists(os.path.join(uninterrupted, name))
   assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
 
@@ -145,3 +146,38 @@ def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrup
   assert cli.main(tiny_run_flags(model_dir, train_steps=8,
                                  extra=["--gin.train.restore_step=4"])) == 0
   assert max(train_losses(model_dir)) == 8
+
+
+def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_path):
+  model_dir = str(tmp_path / "half_written")
+  shutil.copytree(uninterrupted, model_dir)
+  steps_dir = os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR)
+  # What a kill during orbax's write of step 6 leaves: a temporary folder, not "6".
+  os.rename(os.path.join(steps_dir, "6"), os.path.join(steps_dir, "6.orbax-checkpoint-tmp-1"))
+  for root, _, files in os.walk(os.path.join(steps_dir, "6.orbax-checkpoint-tmp-1")):
+    for name in files[:1]:
+      open(os.path.join(root, name), "wb").close()
+  os.remove(os.path.join(model_dir, "metrics.jsonl"))
+  assert cli.main(tiny_run_flags(model_dir)) == 0
+  np.testing.assert_allclose(train_losses(model_dir)[6], train_losses(uninterrupted)[6], rtol=1e-5)
+  for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_initial_checkpoint_loads_parameters_with_a_fresh_optimizer(uninterrupted, tmp_path, capsys):
+  params, config, _ = infer.load_trained_params(uninterrupted, "latest")
+  pretrained = str(tmp_path / "pretrained")
+  checkpoints.save_model(pretrained, params, config)
+  model_dir = str(tmp_path / "finetuned")
+  flags = tiny_run_flags(model_dir, train_steps=2,
+                         extra=[f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'"])
+  assert cli.main(flags) == 0
+  assert f"initialized from {pretrained}" in capsys.readouterr().out
+  # Further training from the trained weights starts well below a fresh model's loss.
+  assert train_losses(model_dir)[1] < train_losses(uninterrupted)[1] - 0.1
+  gin.clear_config()
+  mismatched = tiny_run_flags(str(tmp_path / "mismatch"), train_steps=2,
+                              extra=[f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'",
+                                     "--gin.T5Config.num_decoder_layers=3"])
+  with pytest.raises(ValueError, match="num_decoder_layers: gin 3 vs checkpoint 2"):
+    cli.main(mismatched)
