@@ -6,11 +6,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+import gin
 import pytest
 
 from dsbs_jax.models import t5
 
 TINY_VOCAB_SIZE = 128
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+  """Every test starts and ends with an empty gin config."""
+  gin.clear_config()
+  yield
+  gin.clear_config()
 
 
 @pytest.fixture(scope="session")

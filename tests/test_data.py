@@ -18,12 +18,6 @@ NLI = ("esnli", "anli1")
 SMALL_TRAIN = 300
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
 
 def bind(**options):
   for key, value in options.items():

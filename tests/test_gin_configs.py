@@ -19,12 +19,6 @@ PAPER_REQUIRED = ["MODEL_DIR = '/tmp/m'", "INITIAL_CHECKPOINT_PATH = '/tmp/ckpt'
                   "VOCABULARY = '/tmp/spiece.model'"]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
 
 def train_binding(name):
   return gin.query_parameter(f"train.{name}")

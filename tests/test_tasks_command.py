@@ -1,16 +1,9 @@
 """Tests for `dsbs tasks`: the listing of every task and mixture and the example printout."""
-import gin
 import pytest
 
 from dsbs_jax import cli
 from dsbs_jax import data
 
-
-@pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
 
 
 def test_lists_every_task_and_mixture_with_counts(capsys):

@@ -33,12 +33,6 @@ def tiny_run_flags(model_dir, train_steps=6, checkpoint_period=2, extra=()):
           "--gin.train.eval_batch_size=8", *extra]
 
 
-@pytest.fixture(autouse=True)
-def clean_gin():
-  gin.clear_config()
-  yield
-  gin.clear_config()
-
 
 def train_losses(model_dir):
   with open(os.path.join(model_dir, "metrics.jsonl")) as f:
