@@ -18,6 +18,7 @@ import time
 from typing import Iterable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import seqio
 import tensorflow as tf
@@ -86,7 +87,7 @@ def load_trained_params(model_dir: str, step: Optional[str] = "best"):
       chosen = best_step(model_dir) or steps[-1]
     else:
       chosen = int(step)
-    state, _ = checkpointer.restore(chosen, None)
+    state, _ = checkpointer.restore_on_one_device(chosen)
   finally:
     checkpointer.close()
   params = state["params"] if isinstance(state, dict) else state.params
@@ -137,7 +138,8 @@ class Predictor:
     padded[:rows] = encoder_tokens
     ids = t5.predict_batch(self.params, self.config, padded, self.decode_length,
                            method=self.method, num_beams=self.num_beams)
-    return detokenize(self.vocabulary, jax.device_get(ids)[:rows])
+    # Gathered from every device and host, whatever sharding jit chose for the output.
+    return detokenize(self.vocabulary, multihost_utils.process_allgather(ids, tiled=True)[:rows])
 
   def predict(self, texts: list[str], prefix: str) -> list[str]:
     outputs = []
@@ -172,7 +174,7 @@ def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: di
   metrics = {}
   for metric_fn in task.metric_fns:
     metrics.update(metric_fn(targets, predictions))
-  if predictions_path:
+  if predictions_path and jax.process_index() == 0:
     if rationale_prefix is not None:
       label_prefix = data.TaskOptions().label_prefix
       raw_inputs = [r["input"][len(label_prefix):] for r in records]

@@ -2,8 +2,8 @@
 
 Training batches are packed, repeated and deterministic given a seed, and each host reads
 its own shard, so a restarted run resumes at exactly the next batch by skipping the
-batches it already consumed. Evaluation batches are unpacked, carry each example's id and
-text, and are padded to a full batch with masked-out filler rows.
+batches it already consumed. Evaluation batches are unpacked, the same on every host,
+carry each example's id and text, and are padded to a full batch with masked-out rows.
 
 This module must not know the model or the optimizer.
 """
@@ -59,10 +59,13 @@ class EvalBatch:
 
 def eval_batches(task_name: str, split: str, task_feature_lengths: Mapping[str, int],
                  batch_size: int, max_examples: Optional[int] = None) -> Iterator[EvalBatch]:
-  """Unpacked batches of every example of `split` (this host's shard), in file order."""
+  """Unpacked batches of every example of `split`, in file order.
+
+  Every host reads the whole split: decoding takes the same inputs on all hosts.
+  """
   task = seqio.get_mixture_or_task(task_name)
   dataset = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1,
-                             shard_info=host_shard(), use_cached=False)
+                             use_cached=False)
   if max_examples:
     dataset = dataset.take(max_examples)
   converter = seqio.EncDecFeatureConverter(pack=False)

@@ -73,13 +73,17 @@ def write_run_files(model_dir: str, config: t5.T5Config, spec: infer.RunSpec) ->
 
 
 class MetricsLog:
-  """Writes each summary to stdout, MODEL_DIR/metrics.jsonl and TensorBoard."""
+  """Writes each summary to MODEL_DIR/metrics.jsonl and TensorBoard (on process 0 only)."""
 
   def __init__(self, model_dir: str):
-    self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
-    self._writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
+    self._active = jax.process_index() == 0
+    if self._active:
+      self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard"))
 
   def write(self, step: int, kind: str, values: dict) -> None:
+    if not self._active:
+      return
     self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
     self._jsonl.flush()
     with self._writer.as_default(step=step):
@@ -89,8 +93,9 @@ class MetricsLog:
     self._writer.flush()
 
   def close(self) -> None:
-    self._jsonl.close()
-    self._writer.close()
+    if self._active:
+      self._jsonl.close()
+      self._writer.close()
 
 
 def format_duration(seconds: float) -> str:
@@ -285,7 +290,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           raise TrainingInterrupted(f"{stop.signal_name} at step {step}: checkpoint saved in "
                                     f"{checkpointer.directory}; rerun the same command to resume")
     checkpointer.wait()
-    return final_evaluation(model_dir, checkpointer, trainer, predictor, label_task, lengths,
+    return final_evaluation(model_dir, best["step"] or step, checkpointer, trainer, predictor,
+                            label_task, lengths,
                             final_eval_max_examples, log, print_fn,
                             options.rationale_prefix if predict_rationales else None)
   finally:
@@ -293,10 +299,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     log.close()
 
 
-def final_evaluation(model_dir, checkpointer, trainer, predictor, label_task, lengths,
+def final_evaluation(model_dir, best_step, checkpointer, trainer, predictor, label_task, lengths,
                      eval_max_examples, log, print_fn, rationale_prefix) -> dict:
   """Validation and test metrics of the checkpoint best on validation; writes results.json."""
-  best_step = infer.best_step(model_dir) or checkpointer.latest_step()
   state, _ = checkpointer.restore(best_step, trainer.abstract_state())
   options = data.TaskOptions()
   results = {"best_step": best_step, "label_task": label_task,
@@ -310,10 +315,11 @@ def final_evaluation(model_dir, checkpointer, trainer, predictor, label_task, le
                                           rationale_prefix=rationale_prefix)
     log.write(best_step, f"final_{split}", results[split])
   results["majority_baseline_test"] = majority_baseline(label_task, lengths)
-  with open(os.path.join(model_dir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  with open(os.path.join(model_dir, "config.gin"), "w") as f:
-    f.write(gin.operative_config_str())
+  if jax.process_index() == 0:
+    with open(os.path.join(model_dir, "results.json"), "w") as f:
+      json.dump(results, f, indent=2)
+    with open(os.path.join(model_dir, "config.gin"), "w") as f:
+      f.write(gin.operative_config_str())
   print_fn(f"best step {best_step} (by validation): validation {json.dumps(results['validation'])}, "
            f"test {json.dumps(results['test'])}; majority-class baseline on test: "
            f"{json.dumps(results['majority_baseline_test'])}")
@@ -334,8 +340,8 @@ def add_parser(subparsers) -> None:
 
 def initialize_distributed(args) -> None:
   if args.coordinator_address:
-    if jax.default_backend() == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only the CPU backend reads this; it lets CPU-only hosts (and tests) run collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
 

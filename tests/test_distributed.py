@@ -43,3 +43,28 @@ def test_two_processes_match_one_process():
   assert (reference["processes"], reference["devices"]) == (1, 2)
   np.testing.assert_allclose(distributed["losses"], reference["losses"], rtol=1e-5)
   np.testing.assert_allclose(distributed["checksum"], reference["checksum"], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_dsbs_train_runs_as_two_processes(tmp_path):
+  """The whole loop (input shards, checkpoints, evaluation, outputs) under jax.distributed."""
+  address = f"127.0.0.1:{free_port()}"
+  model_dir = tmp_path / "two_hosts"
+  flags = ["--gin_file=quickstart.gin", f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4",
+           "--gin.BATCH_SIZE=8", "--gin.CHECKPOINT_PERIOD=2", "--gin.EVAL_PERIOD=2",
+           "--gin.train.eval_max_examples=8", "--gin.train.final_eval_max_examples=8",
+           "--gin.train.eval_batch_size=8", "--gin.T5Config.emb_dim=32",
+           "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  processes = [subprocess.Popen(
+      [sys.executable, "-m", "dsbs_jax.cli", "train", f"--coordinator_address={address}",
+       "--num_processes=2", f"--process_id={i}", *flags], env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [process.communicate(timeout=600)[0] for process in processes]
+  for process, output in zip(processes, outputs):
+    assert process.returncode == 0, output[-3000:]
+  assert "on 2 device(s), mesh {'data': 2, 'model': 1}" in outputs[0]
+  assert sorted(os.listdir(model_dir / "checkpoints")) == ["2", "4"]
+  results = json.loads((model_dir / "results.json").read_text())
+  assert "accuracy" in results["test"]
+  assert len((model_dir / "predictions.jsonl").read_text().splitlines()) == 8
