@@ -259,16 +259,13 @@ class RecordDataSource(seqio.FunctionDataSource):
     return len(records_for(self._spec, split, TaskOptions()))
 
 
-@seqio.map_over_dataset
-def add_label_prefix(example):
-  return {"id": example["id"], "inputs": TaskOptions().label_prefix + example["input"],
-          "targets": example["target"]}
-
-
-@seqio.map_over_dataset
-def add_rationale_prefix(example):
-  return {"id": example["id"], "inputs": TaskOptions().rationale_prefix + example["input"],
-          "targets": example["target"]}
+def add_prefix(prefix_field: str):
+  """A preprocessor that prepends TaskOptions' `prefix_field` (read when the dataset is built)."""
+  @seqio.map_over_dataset
+  def prefix(example):
+    return {"id": example["id"], "inputs": getattr(TaskOptions(), prefix_field) + example["input"],
+            "targets": example["target"]}
+  return prefix
 
 
 def encode_with_separators(vocabulary: seqio.Vocabulary, text: tf.Tensor) -> tf.Tensor:
@@ -427,7 +424,7 @@ def register_dataset(spec: DatasetSpec) -> list[str]:
     seqio.TaskRegistry.add(
         name,
         source=RecordDataSource(spec, kind),
-        preprocessors=[add_rationale_prefix if is_rationale else add_label_prefix,
+        preprocessors=[add_prefix("rationale_prefix" if is_rationale else "label_prefix"),
                        tokenize, seqio.preprocessors.append_eos_after_trim,
                        add_task_ids(TASK_IDS["rationale" if is_rationale else "label"])],
         output_features=output_features(),
