@@ -9,6 +9,7 @@ Importers of other formats live in convert.py; this module must not know them.
 import pathlib
 from typing import Any, Optional, Union
 
+import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
@@ -125,6 +126,22 @@ class TrainCheckpointer:
     for later_step in later:
       self._manager.delete(later_step)
     return later
+
+  def restore_on_one_device(self, step: int) -> tuple[Any, dict]:
+    """(state, input_state) of `step` on this host's first device, whatever mesh wrote it.
+
+    Restoring with the saved shardings needs the devices that saved them; this serves
+    prediction and export on any machine.
+    """
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        metadata = reader.metadata(self.directory / str(step) / "state").item_metadata
+    except Exception:  # pylint: disable=broad-except
+      metadata = None  # unreadable or missing: `restore` says which, naming the step
+    abstract_state = jax.tree.map(
+        lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=device), metadata)
+    return self.restore(step, abstract_state)
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

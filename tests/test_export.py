@@ -1,0 +1,262 @@
+"""Tests for dsbs_jax.export: tiny students trained a few steps, exported as a Hugging Face
+directory and as a TF SavedModel, loaded back, and proven to answer as `dsbs predict`
+does on shipped CQA test and e-SNLI validation inputs; and clear errors."""
+import gzip
+import itertools
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import gin
+import jax
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from dsbs_jax import cli
+from dsbs_jax import export
+from dsbs_jax.models import t5
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_TRAINING = [
+    "--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=4",
+    "--gin.CHECKPOINT_PERIOD=4", "--gin.BATCH_SIZE=8", "--gin.train.eval_max_examples=16",
+    "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}"]
+
+
+def train_tiny(model_dir: pathlib.Path, *bindings: str) -> pathlib.Path:
+  try:
+    assert cli.main(["train", *TINY_TRAINING, f"--gin.MODEL_DIR='{model_dir}'", *bindings]) == 0
+  finally:
+    gin.clear_config()  # or later T5Config() calls, in any test, take this run's bindings
+  return model_dir
+
+
+@pytest.fixture(scope="session")
+def v1_1_student(tmp_path_factory) -> pathlib.Path:
+  """T5 v1.1 (gated GELU, own output layer), its parameters sharded (FSDP on 4 x 2)."""
+  return train_tiny(tmp_path_factory.mktemp("v1_1") / "model",
+                    "--gin.MESH_SHAPE=(4, 2)", "--gin.PARALLELISM='fsdp'")
+
+
+@pytest.fixture(scope="session")
+def v1_0_student(tmp_path_factory) -> pathlib.Path:
+  """Original T5: ReLU, output through the scaled embedding."""
+  return train_tiny(tmp_path_factory.mktemp("v1_0") / "model",
+                    "--gin.T5Config.mlp_activations=('relu',)",
+                    "--gin.T5Config.logits_via_embedding=True")
+
+
+def read_inputs(path: pathlib.Path, count: int) -> list[str]:
+  opener = gzip.open if path.suffix == ".gz" else open
+  with opener(path, "rt", encoding="utf-8") as f:
+    return [json.loads(line)["input"] for line in itertools.islice(f, count)]
+
+
+# 16 CQA questions and 2 e-SNLI pairs whose premise and hypothesis are joined by "</s>".
+INPUTS = (read_inputs(REPO / "rationales/cqa/test.jsonl.gz", 16)
+          + read_inputs(REPO / "rationales/esnli/valid.jsonl.gz", 2))
+
+
+def dsbs_predict(model_dir: pathlib.Path, tmp_path: pathlib.Path, *flags: str) -> list[dict]:
+  inputs, outputs = tmp_path / "inputs.jsonl", tmp_path / "predictions.jsonl"
+  inputs.write_text("".join(json.dumps({"input": text}) + "\n" for text in INPUTS))
+  assert cli.main(["predict", "--checkpoint", str(model_dir), "--input", str(inputs),
+                   "--output", str(outputs), *flags]) == 0
+  return [json.loads(line) for line in outputs.read_text().splitlines()]
+
+
+def dsbs_export(*argv) -> int:
+  return cli.main(["export", *map(str, argv)])
+
+
+def hf_generate(directory: pathlib.Path, texts: list[str]) -> list[str]:
+  """Greedy outputs of transformers on the export, as a user would run it."""
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+  model = transformers.T5ForConditionalGeneration.from_pretrained(directory,
+                                                                  local_files_only=True)
+  prefix = json.loads((directory / export.MANIFEST_FILE).read_text())["task_prefixes"]["label"]
+  encoded = tokenizer([prefix + text for text in texts], return_tensors="pt", padding=True,
+                      truncation=True)
+  return tokenizer.batch_decode(model.generate(**encoded), skip_special_tokens=True)
+
+
+def serve(directory: pathlib.Path, texts: list[str]) -> dict[str, list[str]]:
+  signature = tf.saved_model.load(str(directory)).signatures[export.SIGNATURE_NAME]
+  outputs = signature(inputs=tf.constant(texts))
+  return {name: [text.decode("utf-8") for text in values.numpy()]
+          for name, values in outputs.items()}
+
+
+# ------------------------------------------------------------------------------
+# Hugging Face.
+# ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hf_export_of_sharded_v1_1_generates_as_dsbs_predict(v1_1_student, tmp_path):
+  out = tmp_path / "hf"
+  assert dsbs_export("--checkpoint", v1_1_student, "--format", "hf", "--out", out) == 0
+  assert {p.name for p in out.iterdir()} == {
+      "config.json", "model.safetensors", "generation_config.json", "spiece.model",
+      "tokenizer_config.json", export.MANIFEST_FILE}
+  manifest = json.loads((out / export.MANIFEST_FILE).read_text())
+  assert manifest["source"] == {"checkpoint": str(v1_1_student), "step": 4,
+                                "mixture_or_task_name": "cqa_dsbs_teacher"}
+  assert manifest["task_prefixes"] == {"label": "[label] ", "rationale": "[rationale] "}
+  assert manifest["vocabulary"] == {"file": "spiece.model", "extra_ids": 0}
+  assert manifest["feature_lengths"] == {"inputs": 64, "targets": 32}
+  assert manifest["decoding"]["method"] == "greedy"
+  expected = [record["prediction"] for record in dsbs_predict(v1_1_student, tmp_path)]
+  assert hf_generate(out, INPUTS) == expected
+
+
+@pytest.mark.slow
+def test_hf_export_of_original_t5_generates_as_dsbs_predict(v1_0_student, tmp_path):
+  out = tmp_path / "hf"
+  assert dsbs_export("--checkpoint", v1_0_student, "--format", "hf", "--out", out) == 0
+  hf_config = json.loads((out / "config.json").read_text())
+  assert hf_config["feed_forward_proj"] == "relu" and hf_config["tie_word_embeddings"]
+  expected = [record["prediction"] for record in dsbs_predict(v1_0_student, tmp_path)]
+  assert hf_generate(out, INPUTS) == expected
+
+
+@pytest.mark.slow
+def test_sharded_checkpoint_exports_on_one_device(v1_1_student, tmp_path):
+  # Trained on 8 devices (4 x 2 mesh); a fresh process sees one.
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-m", "dsbs_jax.cli", "export", "--checkpoint", str(v1_1_student),
+       "--format", "hf", "--out", str(tmp_path / "hf")],
+      env=env, cwd=REPO, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("activations,feed_forward", [
+    (("gelu", "linear"), "gated-gelu"), (("relu",), "relu"), (("silu", "linear"), "gated-silu"),
+    (("gelu",), "gelu_new")])
+def test_hf_config_imports_back_to_the_same_config(tiny_config, activations, feed_forward):
+  config = t5.T5Config.from_dict({**tiny_config.to_dict(), "mlp_activations": activations})
+  assert export.hf_config(config)["feed_forward_proj"] == feed_forward
+
+
+def test_hf_config_rejects_what_transformers_cannot_express(tiny_config):
+  config = t5.T5Config.from_dict({**tiny_config.to_dict(), "mlp_activations": ("gelu", "relu")})
+  with pytest.raises(export.ExportError, match="mlp_activations"):
+    export.hf_config(config)
+
+
+# ------------------------------------------------------------------------------
+# TF SavedModel.
+# ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_saved_model_answers_and_explains_as_dsbs_predict(v1_1_student, tmp_path):
+  out = tmp_path / "saved_model"
+  assert dsbs_export("--checkpoint", v1_1_student, "--format", "saved_model", "--out", out,
+                     "--with_rationales") == 0
+  manifest = json.loads((out / export.MANIFEST_FILE).read_text())
+  assert manifest["signature"]["outputs"] == {"prediction": "[batch] string",
+                                              "rationale": "[batch] string"}
+  expected = dsbs_predict(v1_1_student, tmp_path, "--rationale")
+  served = serve(out, INPUTS)
+  assert served["prediction"] == [record["prediction"] for record in expected]
+  assert served["rationale"] == [record["rationale"] for record in expected]
+  # Any batch size: the batch dimension is polymorphic.
+  assert serve(out, INPUTS[-3:])["prediction"] == served["prediction"][-3:]
+
+
+@pytest.mark.slow
+def test_saved_model_beam_search_answers_as_dsbs_predict(v1_0_student, tmp_path):
+  out = tmp_path / "saved_model"
+  assert dsbs_export("--checkpoint", v1_0_student, "--format", "saved_model", "--out", out,
+                     "--decode", "beam", "--num_beams", "4") == 0
+  expected = dsbs_predict(v1_0_student, tmp_path, "--method", "beam")
+  served = serve(out, INPUTS[:6] + INPUTS[-2:])
+  assert served == {"prediction": [r["prediction"] for r in expected[:6] + expected[-2:]]}
+
+
+def test_top_k_by_sort_equals_lax_top_k_with_ties():
+  values = jax.numpy.array([[3.0, 1.0, 3.0, -np.inf, 2.0, 3.0], [0.0, 0.0, 5.0, 1.0, 1.0, 0.0]])
+  expected = jax.lax.top_k(values, 4)
+  actual = export._top_k_by_sort(values, k=4, axis=1)  # pylint: disable=protected-access
+  for got, want in zip(actual, expected):
+    np.testing.assert_array_equal(got, want)
+
+
+# ------------------------------------------------------------------------------
+# Errors: one line naming the path or flag, and nothing left behind.
+# ------------------------------------------------------------------------------
+def assert_one_line_error(capsys, *fragments: str):
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err and err[-1].startswith("dsbs export: error:"), err
+  for fragment in fragments:
+    assert fragment in err[-1]
+
+
+def test_missing_checkpoint_is_named(tmp_path, capsys):
+  out = tmp_path / "out"
+  assert dsbs_export("--checkpoint", tmp_path / "nothing", "--format", "hf", "--out", out) == 2
+  assert_one_line_error(capsys, str(tmp_path / "nothing"))
+  assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_format_is_named(tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    dsbs_export("--checkpoint", tmp_path, "--format", "onnx", "--out", tmp_path / "out")
+  assert exit_info.value.code == 2
+  assert "--format" in capsys.readouterr().err
+  with pytest.raises(export.ExportError, match="--format 'onnx'"):
+    export.export(tmp_path, tmp_path / "out", "onnx")
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+  out = tmp_path / "out"
+  out.mkdir()
+  (out / "keep.txt").write_text("mine")
+  assert dsbs_export("--checkpoint", tmp_path / "nothing", "--format", "hf", "--out", out) == 2
+  assert_one_line_error(capsys, str(out), "--overwrite")
+  assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+# orbax's failed restore of a corrupt checkpoint leaves a closed event loop to the collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_corrupt_checkpoint_is_named_and_overwrite_keeps_the_old_export(v1_1_student, tmp_path,
+                                                                        capsys):
+  out = tmp_path / "out"
+  assert dsbs_export("--checkpoint", v1_1_student, "--format", "hf", "--out", out) == 0
+  corrupt = tmp_path / "corrupt"
+  shutil.copytree(v1_1_student, corrupt)
+  for data_file in (corrupt / "checkpoints" / "4" / "state").rglob("d/*"):
+    data_file.write_bytes(b"not an array")
+  assert dsbs_export("--checkpoint", corrupt, "--format", "hf", "--out", out,
+                     "--overwrite") == 2
+  assert_one_line_error(capsys, str(corrupt / "checkpoints" / "4"))
+  # The earlier export is untouched and no temporary directory is left beside it.
+  assert json.loads((out / export.MANIFEST_FILE).read_text())["source"]["checkpoint"] == str(
+      v1_1_student)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "out"]
+  # --overwrite replaces a complete export.
+  assert dsbs_export("--checkpoint", v1_1_student, "--format", "hf", "--out", out, "--step",
+                     "latest", "--overwrite") == 0
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt", "out"]
+
+
+def test_saved_model_options_are_refused_for_hf(tmp_path, capsys):
+  assert dsbs_export("--checkpoint", tmp_path, "--format", "hf", "--out", tmp_path / "out",
+                     "--with_rationales") == 2
+  assert_one_line_error(capsys, "--with_rationales")
+  assert not (tmp_path / "out").exists()
+
+
+def test_bad_step_is_named(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    dsbs_export("--checkpoint", tmp_path, "--format", "hf", "--out", tmp_path / "o",
+                "--step", "last")
+  assert "--step" in capsys.readouterr().err
