@@ -29,7 +29,9 @@ SUBCOMMANDS = {
 
 def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
   """(parser, user error types) for `command`, or for every subcommand when unknown."""
-  parser = argparse.ArgumentParser(prog="dsbs", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog="dsbs", description="Distilling step-by-step (Hsieh et al., ACL 2023) in JAX/Flax.",
+      epilog="Gin bindings go anywhere after the subcommand as --gin.NAME=VALUE.")
   subparsers = parser.add_subparsers(dest="command", required=True)
   module_names = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
   user_errors = BASE_USER_ERRORS

@@ -17,7 +17,8 @@ FEATURE_LENGTHS = {"inputs": 512, "targets": 256}
 
 
 def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser("tasks", help=__doc__.splitlines()[0])
+  parser = subparsers.add_parser(
+      "tasks", help="list every SeqIO task and mixture with its examples per split")
   gin_utils.add_gin_arguments(parser)
   parser.add_argument("--examples", type=int, default=0, metavar="N",
                       help="print N preprocessed examples of each mixture")

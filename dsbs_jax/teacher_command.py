@@ -19,7 +19,7 @@ EXIT_INTERRUPTED = 130
 
 
 def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser("rationales", help=__doc__.splitlines()[0],
+  parser = subparsers.add_parser("rationales", help="ask a teacher LLM for rationales, or summarize record files",
                                  description=__doc__.splitlines()[0])
   actions = parser.add_subparsers(dest="action", required=True)
 
