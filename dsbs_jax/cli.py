@@ -5,11 +5,7 @@ registers the subcommand with a `func(args) -> int` default. Nothing here does w
 """
 import argparse
 import importlib
-import os
 import sys
-
-# TensorFlow (the input pipeline's) prints C++ info lines at import; keep warnings and errors.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
