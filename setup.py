@@ -27,6 +27,7 @@ setuptools.setup(
         "safetensors>=0.4,<1",
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",  # tools/plot.py
     ],
     extras_require={
         # torch==2.13.0 is the CPU wheel this project's machines carry; a looser
