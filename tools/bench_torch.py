@@ -1,0 +1,132 @@
+"""The paper's PyTorch trainer, rebuilt for measurement only (google-research's
+distilling-step-by-step, model_utils.py and train_utils.py, on transformers' T5):
+
+- TaskPrefixDataCollator: the label-task (`predict: `) and rationale-task (`explain: `)
+  features of a batch each padded by DataCollatorForSeq2Seq (to the longest in the batch,
+  labels padded with -100, decoder inputs made from the labels);
+- TaskPrefixTrainer's step: two forward passes, loss = alpha * label loss +
+  (1 - alpha) * rationale loss, then what Hugging Face Trainer does with its defaults:
+  gradient norm clipped at 1, AdamW at 5e-5 decaying linearly to 0, autocast for bf16;
+- greedy `generate` for the label task.
+
+The network is transformers' T5ForConditionalGeneration carrying a dsbs_jax model's weights,
+so both sides start from the same parameters. This module serves tools/bench.py: it must
+not train for real (no checkpoints, evaluation or data reading of its own).
+"""
+import contextlib
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import transformers
+
+from dsbs_jax import data
+from dsbs_jax import export
+from dsbs_jax.models import t5
+
+# (input ids, target ids) of one example of one task, EOS included, no padding.
+Segment = tuple[np.ndarray, np.ndarray]
+
+
+def hf_model(config: t5.T5Config, params) -> transformers.T5ForConditionalGeneration:
+  """transformers' T5 with `params` (a dsbs_jax parameter tree)."""
+  hf_config = transformers.T5Config(**export.hf_config(config))
+  model = transformers.T5ForConditionalGeneration(hf_config)
+  if not config.logits_via_embedding:
+    # transformers >= 5 ties lm_head to the embedding whatever the config says; T5 v1.1
+    # has its own output layer.
+    model.lm_head = torch.nn.Linear(config.emb_dim, config.vocab_size, bias=False)
+  weights = {name: torch.from_numpy(array.copy())
+             for name, array in export.hf_weights(params).items()}
+  missing, unexpected = model.load_state_dict(weights, strict=False)
+  untied_copies = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+  if set(missing) - untied_copies or unexpected:
+    raise ValueError(f"weights do not fit transformers' T5: missing {missing}, "
+                     f"unexpected {unexpected}")
+  return model
+
+
+def autocast(dtype: str):
+  """What Hugging Face Trainer's `bf16=True` does on a CPU: bf16 autocast."""
+  if dtype == "bfloat16":
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+class TaskPrefixCollator:
+  """The paper's TaskPrefixDataCollator over already tokenized segments."""
+
+  def __init__(self, model: transformers.T5ForConditionalGeneration):
+    # The tokenizer only pads here (pad id 0, as the vocabulary's); ids come tokenized.
+    tokenizer = transformers.T5Tokenizer(vocab_file=data.DEFAULT_VOCABULARY)
+    self._collate = transformers.DataCollatorForSeq2Seq(tokenizer=tokenizer, model=model)
+
+  def __call__(self, label_segments: Sequence[Segment],
+               rationale_segments: Sequence[Segment]) -> dict:
+    """{'pred': label-task tensors, 'expl': rationale-task tensors}; a task without
+    segments in this batch is left out."""
+    batch = {}
+    for key, segments in (("pred", label_segments), ("expl", rationale_segments)):
+      if segments:
+        batch[key] = self._collate([{"input_ids": inputs.tolist(), "labels": targets.tolist()}
+                                    for inputs, targets in segments])
+    return batch
+
+
+class TaskPrefixStep:
+  """One update of the paper's trainer: weighted two-task loss, backward, clip, AdamW."""
+
+  def __init__(self, model: transformers.T5ForConditionalGeneration, alpha: float,
+               total_steps: int, dtype: str, learning_rate: float = 5e-5):
+    self.model, self.alpha, self.dtype = model.train(), alpha, dtype
+    self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
+    self.schedule = torch.optim.lr_scheduler.LambdaLR(
+        self.optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+
+  def __call__(self, batch: dict) -> float:
+    weights = {"pred": self.alpha, "expl": 1.0 - self.alpha}
+    with autocast(self.dtype):
+      loss = sum(weights[key] * self.model(**features).loss for key, features in batch.items())
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+    self.optimizer.step()
+    self.schedule.step()
+    self.optimizer.zero_grad()
+    return float(loss.detach())
+
+
+def pad_inputs(segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]:
+  """(input_ids, attention_mask) padded to the longest input, as the collator pads."""
+  length = max(len(inputs) for inputs, _ in segments)
+  input_ids = torch.zeros((len(segments), length), dtype=torch.long)
+  for row, (inputs, _) in enumerate(segments):
+    input_ids[row, :len(inputs)] = torch.from_numpy(inputs.astype(np.int64))
+  return input_ids, (input_ids != 0).long()
+
+
+def generate(model: transformers.T5ForConditionalGeneration, segments: Sequence[Segment],
+             max_decode_length: int, dtype: str) -> np.ndarray:
+  """Greedy ids [batch, max_decode_length] without the start token, 0 after EOS."""
+  input_ids, attention_mask = pad_inputs(segments)
+  model.eval()
+  with torch.inference_mode(), autocast(dtype):
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                            max_new_tokens=max_decode_length, min_new_tokens=0,
+                            do_sample=False, num_beams=1)
+  ids = np.zeros((len(segments), max_decode_length), np.int32)
+  generated = output[:, 1:].numpy()
+  ids[:, :generated.shape[1]] = generated
+  return ids
+
+
+def matmul_peak(size: int, repeats: int) -> float:
+  """FLOP/s of a float32 [size, size] matmul through torch, best of `repeats`."""
+  x = torch.ones((size, size), dtype=torch.float32)
+  x @ x
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    x @ x
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
