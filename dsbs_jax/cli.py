@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "eval": "dsbs_jax.infer",
     "predict": "dsbs_jax.infer",
     "export": "dsbs_jax.export",
+    "plot": "dsbs_jax.plots",
 }
 
 

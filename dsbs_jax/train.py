@@ -11,6 +11,7 @@ import collections
 import dataclasses
 import json
 import os
+import pathlib
 import shutil
 import signal
 import sys
@@ -31,6 +32,7 @@ from dsbs_jax import infer
 from dsbs_jax import input_pipeline
 from dsbs_jax import model
 from dsbs_jax import partitioning
+from dsbs_jax import plots
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
@@ -318,13 +320,16 @@ def final_evaluation(model_dir, best_step, checkpointer, trainer, predictor, lab
   if jax.process_index() == 0:
     with open(os.path.join(model_dir, "results.json"), "w") as f:
       json.dump(results, f, indent=2)
+    plots.plot_learning_curves(os.path.basename(os.path.normpath(model_dir)),
+                               plots.read_metrics(pathlib.Path(model_dir) / "metrics.jsonl"),
+                               pathlib.Path(model_dir) / "learning_curves.png")
     with open(os.path.join(model_dir, "config.gin"), "w") as f:
       f.write(gin.operative_config_str())
   print_fn(f"best step {best_step} (by validation): validation {json.dumps(results['validation'])}, "
            f"test {json.dumps(results['test'])}; majority-class baseline on test: "
            f"{json.dumps(results['majority_baseline_test'])}")
   print_fn(f"outputs in {model_dir}: checkpoints/, predictions.jsonl (test), metrics.jsonl, "
-           "tensorboard/, results.json")
+           "learning_curves.png, tensorboard/, results.json")
   return results
 
 

@@ -1,12 +1,10 @@
-"""tools/plot.py: the data-efficiency and learning-curve PNGs from a fake folder of runs."""
+"""dsbs_jax.plots (`dsbs plot`): the data-efficiency and learning-curve PNGs from fake runs."""
 import json
 import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-plot = pytest.importorskip("plot")
+from dsbs_jax import plots as plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

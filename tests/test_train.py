@@ -69,7 +69,7 @@ def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
   assert set(results["test"]) == {"accuracy"} and "majority_baseline_test" in results
   predictions = [json.loads(line) for line in open(os.path.join(uninterrupted, "predictions.jsonl"))]
   assert len(predictions) == 8 and set(predictions[0]) == {"id", "input", "gold", "prediction"}
-  for name in ("config.json", "run.json", "vocabulary.model", "config.gin"):
+  for name in ("config.json", "run.json", "vocabulary.model", "config.gin", "learning_curves.png"):
     assert os.path.exists(os.path.join(uninterrupted, name))
   assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
 

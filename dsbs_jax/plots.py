@@ -1,6 +1,6 @@
-"""The paper's figures from a folder of training runs, as PNG files:
+"""The paper's figures from a folder of training runs, as PNG files (`dsbs plot`):
 
-    python tools/plot.py RUNS_DIR --out DIR
+    dsbs plot RUNS_DIR --out DIR
 
 - data_efficiency_<dataset>.png: test accuracy against the fraction of training data used,
   one line per method (standard finetuning, standard distillation, distilling step-by-step
@@ -12,13 +12,12 @@
 A run is any folder under RUNS_DIR holding what `dsbs train` writes: metrics.jsonl, and
 once finished results.json, whose mixture_or_task_name and train_fraction place the run
 (run.json's mixture_or_task_name and train_fraction fields are read when results.json
-lacks them). This tool only reads those files: it must not train, evaluate or change runs.
+lacks them). `dsbs train` also draws its own run's learning curves into MODEL_DIR/learning_curves.png.
+This module only reads those files: it must not train, evaluate or change runs.
 """
-import argparse
 import collections
 import json
 import pathlib
-import sys
 from typing import Optional
 
 import matplotlib
@@ -175,15 +174,14 @@ def plot_runs(runs_dir, out_dir) -> list[pathlib.Path]:
   return written
 
 
-def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description="The paper's figures from training runs.")
+def add_parser(subparsers) -> None:
+  parser = subparsers.add_parser("plot", help="the paper's figures (PNG) from a folder of runs")
   parser.add_argument("runs_dir", help="folder of MODEL_DIRs written by dsbs train")
   parser.add_argument("--out", required=True, help="folder for the PNG files")
-  args = parser.parse_args(argv)
+  parser.set_defaults(func=run)
+
+
+def run(args) -> int:
   for path in plot_runs(args.runs_dir, args.out):
     print(path)
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())
