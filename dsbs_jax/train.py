@@ -259,7 +259,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
         latest = {key: metrics.pop(key) for key in NOT_SUMMED_METRICS if key in metrics}
         sums = metrics if sums is None else jax.tree.map(np.add, sums, metrics)
         is_last = step == train_steps
-        save_now = step % checkpoint_period == 0 or is_last or stop.signal_name
+        # Read once: a signal arriving later in this step is acted on after the next one.
+        stopping = stop.signal_name is not None
+        save_now = step % checkpoint_period == 0 or is_last or stopping
         eval_now = step % eval_period == 0 or is_last
         if not (step % log_period == 0 or save_now or eval_now):
           continue
@@ -287,7 +289,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
             checkpointer.wait()
             with open(os.path.join(model_dir, infer.BEST_FILE), "w") as f:
               json.dump(best, f)
-        if stop.signal_name:
+        if stopping:
           checkpointer.wait()
           raise TrainingInterrupted(f"{stop.signal_name} at step {step}: checkpoint saved in "
                                     f"{checkpointer.directory}; rerun the same command to resume")

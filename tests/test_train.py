@@ -175,3 +175,21 @@ def test_initial_checkpoint_loads_parameters_with_a_fresh_optimizer(uninterrupte
                                      "--gin.T5Config.num_decoder_layers=3"])
   with pytest.raises(ValueError, match="num_decoder_layers: gin 3 vs checkpoint 2"):
     cli.main(mismatched)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
+  model_dir = str(tmp_path / "terminated")
+  process = run_in_subprocess(tiny_run_flags(model_dir, train_steps=200, checkpoint_period=100))
+  first_log = os.path.join(model_dir, "metrics.jsonl")
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None and not (
+      os.path.exists(first_log) and os.path.getsize(first_log)):
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=240)[0]
+  assert process.returncode == 3, output[-2000:]
+  stopped_at = int(output.split("SIGTERM at step ")[1].split(":")[0])
+  assert 1 <= stopped_at < 200
+  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  assert checkpointer.latest_step() == stopped_at
+  checkpointer.close()
