@@ -11,6 +11,7 @@ convention). It also holds the devices' peak FLOP/s, to turn FLOPs into utilizat
 This module must not run the model.
 """
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,17 +81,23 @@ KNOWN_PEAK_FLOPS = {
 }
 
 
-def measured_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
-  """FLOP/s of a float32 [size, size] matmul on the default device, best of `repeats`."""
-  x = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
-  matmul(x).block_until_ready()
+def best_matmul_flops(run_matmul: Callable[[], object], size: int, repeats: int) -> float:
+  """FLOP/s of `run_matmul()`, one finished [size, size] @ [size, size] product, best of
+  `repeats` after a warm-up call (any library: numpy, torch, jax)."""
+  run_matmul()
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
-    matmul(x).block_until_ready()
+    run_matmul()
     best = min(best, time.perf_counter() - start)
   return 2 * size ** 3 / best
+
+
+def measured_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
+  """FLOP/s of a float32 [size, size] matmul through jax on the default device."""
+  x = jnp.ones((size, size), jnp.float32)
+  matmul = jax.jit(lambda a: a @ a)
+  return best_matmul_flops(lambda: matmul(x).block_until_ready(), size, repeats)
 
 
 def peak_flops_per_device() -> tuple[float, str]:

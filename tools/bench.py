@@ -250,13 +250,7 @@ def decode_dsbs_jax(config: t5.T5Config, params, input_length: int, decode_lengt
 def numpy_matmul_peak(size: int, repeats: int) -> float:
   """FLOP/s of a float32 [size, size] matmul through numpy, best of `repeats`."""
   x = np.ones((size, size), np.float32)
-  x @ x
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    x @ x
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return flops.best_matmul_flops(lambda: x @ x, size, repeats)
 
 
 def comparison(measurement: str, setup: dict, results: dict[str, dict]) -> dict:

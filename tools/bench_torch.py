@@ -14,7 +14,6 @@ so both sides start from the same parameters. This module serves tools/bench.py:
 not train for real (no checkpoints, evaluation or data reading of its own).
 """
 import contextlib
-import time
 from typing import Sequence
 
 import numpy as np
@@ -23,6 +22,7 @@ import transformers
 
 from dsbs_jax import data
 from dsbs_jax import export
+from dsbs_jax import flops
 from dsbs_jax.models import t5
 
 # (input ids, target ids) of one example of one task, EOS included, no padding.
@@ -123,10 +123,4 @@ def generate(model: transformers.T5ForConditionalGeneration, segments: Sequence[
 def matmul_peak(size: int, repeats: int) -> float:
   """FLOP/s of a float32 [size, size] matmul through torch, best of `repeats`."""
   x = torch.ones((size, size), dtype=torch.float32)
-  x @ x
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    x @ x
-    best = min(best, time.perf_counter() - start)
-  return 2 * size ** 3 / best
+  return flops.best_matmul_flops(lambda: x @ x, size, repeats)
