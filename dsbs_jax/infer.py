@@ -90,16 +90,21 @@ def load_trained_params(model_dir: str, step: Optional[str] = "best"):
     state, _ = checkpointer.restore_on_one_device(chosen)
   finally:
     checkpointer.close()
-  params = state["params"] if isinstance(state, dict) else state.params
-  return params, config, chosen
+  return state["params"], config, chosen
 
 
 BEST_FILE = "best_step.json"
 
 
-def best_step(model_dir: str) -> Optional[int]:
+def read_best(model_dir: str) -> Optional[dict]:
+  """The best validation result so far ({"step": N, "validation_accuracy": x}), if any."""
   path = pathlib.Path(model_dir) / BEST_FILE
-  return json.loads(path.read_text())["step"] if path.is_file() else None
+  return json.loads(path.read_text()) if path.is_file() else None
+
+
+def best_step(model_dir: str) -> Optional[int]:
+  best = read_best(model_dir)
+  return best["step"] if best else None
 
 
 def tokenize_inputs(vocabulary: seqio.Vocabulary, texts: list[str], length: int) -> np.ndarray:

@@ -242,7 +242,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
            f"device(s), mesh {dict(partitioner.mesh.shape)}; MFU against {peak_flops:.3g} FLOP/s "
            f"({peak_source})")
   rng = jax.random.key(seed + 1)
-  best = {"step": infer.best_step(model_dir), metric_name: None}
+  # A restarted run keeps the best result it had, so a worse later one cannot replace it.
+  best = infer.read_best(model_dir) or {"step": None, metric_name: None}
   sums, window_start, window_steps, window_input_tokens = None, time.time(), 0, 0
   run_start, start_step = time.time(), step
   predictor = lambda params: infer.Predictor(params, config, vocabulary, lengths["inputs"],
@@ -294,24 +295,23 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           raise TrainingInterrupted(f"{stop.signal_name} at step {step}: checkpoint saved in "
                                     f"{checkpointer.directory}; rerun the same command to resume")
     checkpointer.wait()
-    return final_evaluation(model_dir, best["step"] or step, checkpointer, trainer, predictor,
-                            label_task, lengths,
-                            final_eval_max_examples, log, print_fn,
-                            options.rationale_prefix if predict_rationales else None)
+    run_options = {"mixture_or_task_name": mixture_or_task_name, "alpha": options.alpha,
+                   "train_fraction": options.train_fraction,
+                   "subsample_seed": options.subsample_seed}
+    return final_evaluation(model_dir, best["step"] or step, run_options, checkpointer, trainer,
+                            predictor, label_task, lengths, final_eval_max_examples, log,
+                            print_fn, options.rationale_prefix if predict_rationales else None)
   finally:
     checkpointer.close()
     log.close()
 
 
-def final_evaluation(model_dir, best_step, checkpointer, trainer, predictor, label_task, lengths,
-                     eval_max_examples, log, print_fn, rationale_prefix) -> dict:
+def final_evaluation(model_dir, best_step, run_options, checkpointer, trainer, predictor,
+                     label_task, lengths, eval_max_examples, log, print_fn,
+                     rationale_prefix) -> dict:
   """Validation and test metrics of the checkpoint best on validation; writes results.json."""
   state, _ = checkpointer.restore(best_step, trainer.abstract_state())
-  options = data.TaskOptions()
-  results = {"best_step": best_step, "label_task": label_task,
-             "mixture_or_task_name": infer.RunSpec.load(model_dir).mixture_or_task_name,
-             "alpha": options.alpha, "train_fraction": options.train_fraction,
-             "subsample_seed": options.subsample_seed}
+  results = {"best_step": best_step, "label_task": label_task, **run_options}
   for split in ("validation", "test"):
     path = os.path.join(model_dir, "predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl")
     results[split] = infer.evaluate_split(predictor(state.params), label_task, split, lengths,
