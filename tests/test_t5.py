@@ -118,6 +118,21 @@ def test_parameter_names_follow_t5x(tiny_config):
   assert not any("logits_dense" in name for name in names)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_projection_gradients_equal_a_plain_matmuls(dtype):
+  # layers.project has a hand-written backward pass; jnp.dot's is the reference.
+  x = jax.random.normal(jax.random.key(0), (3, 5, 8)).astype(dtype)
+  kernel = jax.random.normal(jax.random.key(1), (8, 4)).astype(dtype)
+  weights = jax.random.normal(jax.random.key(2), (3, 5, 4))
+  loss = lambda matmul: jax.jit(jax.grad(
+      lambda x, k: jnp.sum(jnp.sin(matmul(x, k).astype(jnp.float32)) * weights), (0, 1)))
+  got, want = loss(layers.project)(x, kernel), loss(jnp.dot)(x, kernel)
+  for g, w in zip(got, want):
+    assert g.dtype == w.dtype == dtype and g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5)
+
+
 def test_dropout_only_when_enabled():
   config = t5.T5Config(vocab_size=64, emb_dim=16, num_heads=2, num_encoder_layers=1,
                        num_decoder_layers=1, head_dim=8, mlp_dim=32, dropout_rate=0.3)

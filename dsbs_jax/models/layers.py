@@ -48,7 +48,34 @@ class Dense(nn.Module):
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
         (inputs.shape[-1], self.features), self.param_dtype)
-    return jnp.dot(inputs.astype(self.dtype), kernel.astype(self.dtype))
+    return project(inputs.astype(self.dtype), kernel.astype(self.dtype))
+
+
+@jax.custom_vjp
+def project(x: Array, kernel: Array) -> Array:
+  """x [..., in] @ kernel [in, out], with a backward pass that XLA:CPU runs fast.
+
+  The gradient is materialized (an optimization barrier) before the two backward
+  matmuls. Without it XLA fuses the elementwise backward of the next layer (GELU,
+  dropout) with the transpose the weight gradient needs into a strided loop, which cost
+  about a fifth of the T5 v1.1-small CPU train step; with it the transpose is a plain copy.
+  """
+  return jnp.dot(x, kernel)
+
+
+def _project_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _project_bwd(residuals, grad):
+  x, kernel = residuals
+  grad = jax.lax.optimization_barrier(grad)
+  x_rows = x.reshape(-1, x.shape[-1])
+  grad_rows = grad.reshape(-1, grad.shape[-1])
+  return jnp.dot(grad, kernel.T), jnp.dot(x_rows.T, grad_rows)
+
+
+project.defvjp(_project_fwd, _project_bwd)
 
 
 class Embed(nn.Module):
