@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from dsbs_jax import gin_utils
+from dsbs_jax import host_allocator
 from dsbs_jax import rationales
 
 # Errors that mean bad input rather than a bug: printed as one line naming the file, line
@@ -44,6 +45,8 @@ def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
 
 
 def main(argv=None) -> int:
+  if argv is None:  # a real command line, which can be run again under tuned settings
+    host_allocator.reexec_with_tuned_allocator()
   argv, gin_bindings = gin_utils.split_gin_bindings(sys.argv[1:] if argv is None else list(argv))
   parser, user_errors = build_parser(argv[0] if argv else None)
   args = parser.parse_args(argv)

@@ -26,6 +26,11 @@ Every measurement is one JSON line (--out) with both sides and their ratios
 (dsbs_jax / paper_torch); a table goes to stdout. This tool must not define model, loss,
 data-loading or FLOP code of its own: it drives dsbs_jax's modules and bench_torch.
 """
+from dsbs_jax import host_allocator
+
+if __name__ == "__main__":  # before the heavy imports below: both sides run tuned
+  host_allocator.reexec_with_tuned_allocator()
+
 import argparse
 import dataclasses
 import json
