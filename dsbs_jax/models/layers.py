@@ -227,6 +227,10 @@ class MultiHeadAttention(nn.Module):
     project_key_value = lambda: (split_heads(projection(name="key")(inputs_kv)),
                                  split_heads(projection(name="value")(inputs_kv)))
 
+    # The cache holds keys and values heads-major, [batch, heads, kv_len, head_dim], the
+    # layout the attention products read: stored length-major, every decoding step
+    # would transpose the whole cache (XLA puts the batch dimensions of a product first).
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2)
     has_cache = self.has_variable("cache", "cached_key")
     if decode and self.is_cross_attention:
       # The encoder output is fixed while decoding: project it once, then reuse.
@@ -234,25 +238,27 @@ class MultiHeadAttention(nn.Module):
         key = self.get_variable("cache", "cached_key")
         value = self.get_variable("cache", "cached_value")
       else:
-        key, value = project_key_value()
+        key, value = map(heads_major, project_key_value())
         self.put_variable("cache", "cached_key", key)
         self.put_variable("cache", "cached_value", value)
     else:
       key, value = project_key_value()
       if decode:
+        key, value = heads_major(key), heads_major(value)
         cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape,
                                      value.dtype)
         if has_cache:
-          start = (0, decode_position, 0, 0)
+          start = (0, 0, decode_position, 0)
           key = jax.lax.dynamic_update_slice(cached_key.value, key, start)
           value = jax.lax.dynamic_update_slice(cached_value.value, value, start)
           cached_key.value, cached_value.value = key, value
           # The one query sees the positions written so far, itself included.
-          mask = (jnp.arange(key.shape[1]) <= decode_position)[None, None, None, :]
+          mask = (jnp.arange(key.shape[2]) <= decode_position)[None, None, None, :]
+    kv = "bhkd" if decode else "bkhd"
 
     # [batch, heads, q_len, kv_len], float32 even for bfloat16 activations.
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+    logits = jnp.einsum(f"bqhd,{kv}->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
       logits = logits + bias
     if mask is not None:
@@ -260,7 +266,7 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=deterministic)
-    attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value.astype(self.dtype))
+    attended = jnp.einsum(f"bhqk,{kv}->bqhd", weights, value.astype(self.dtype))
     attended = attended.reshape(attended.shape[:2] + (self.num_heads * self.head_dim,))
     return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=self.dtype,
                  param_dtype=self.param_dtype, name="out")(attended)
