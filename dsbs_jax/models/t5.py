@@ -199,8 +199,8 @@ class Decoder(nn.Module):
     if cfg.logits_via_embedding:
       logits = self.token_embedder.attend(y) / np.sqrt(cfg.emb_dim)
     else:
-      logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=jnp.float32,
-                            param_dtype=jnp.dtype(cfg.param_dtype), name="logits_dense")(y)
+      logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), output_dtype=jnp.float32,
+                            name="logits_dense", **_dtypes(cfg))(y)
     # [batch, length, vocab]
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
