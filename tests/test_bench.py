@@ -99,3 +99,14 @@ def test_quick_mode_writes_consistent_json_lines(tmp_path, capsys):
   data_record = by_name["data"]
   assert data_record["dsbs_jax_input_pipeline"]["examples_per_sec"] > 0
   assert data_record["paper_torch_collator"]["examples_per_sec"] > 0
+
+
+def test_cpu_description_names_the_model_and_the_matmul_instruction_sets(tmp_path):
+  cpuinfo = tmp_path / "cpuinfo"
+  processor = ("processor\t: {}\nmodel name\t: AMD EPYC 9B14\n"
+               "flags\t\t: fpu sse avx avx2 avx512f avx512_bf16 avx512vl\n\n")
+  cpuinfo.write_text(processor.format(0) + processor.format(1))
+  description = bench.cpu_description(str(cpuinfo))
+  assert description.startswith("AMD EPYC 9B14 x")
+  assert description.endswith("(avx2, avx512f, avx512_bf16)")
+  assert "(" not in bench.cpu_description(str(tmp_path / "missing"))

@@ -322,8 +322,31 @@ def benchmark(args: argparse.Namespace) -> list[dict]:
   ]
 
 
+# Instruction sets that decide which matmul kernels run (bfloat16 arithmetic above all).
+MATMUL_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_description(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+  """'AMD EPYC x2 (avx2, avx512f, avx512_bf16)': the CPU model, count and matmul ISA."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open(cpuinfo_path, encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          model = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+  except OSError:  # not Linux: the model from `platform` alone
+    pass
+  isa = ", ".join(flag for flag in MATMUL_ISA_FLAGS if flag in flags)
+  return f"{model} x{os.cpu_count()}" + (f" ({isa})" if isa else "")
+
+
 def machine() -> str:
-  return f"{platform.machine()} CPU x{os.cpu_count()}, {jax.devices()[0].platform}"
+  device = jax.devices()[0]
+  accelerator = "" if device.platform == "cpu" else f", {device.device_kind}"
+  return f"{cpu_description()}, {device.platform}{accelerator}"
 
 
 def table(records: Sequence[dict]) -> str:
