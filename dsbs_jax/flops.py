@@ -93,10 +93,14 @@ def best_matmul_flops(run_matmul: Callable[[], object], size: int, repeats: int)
   return 2 * size ** 3 / best
 
 
-def measured_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
-  """FLOP/s of a float32 [size, size] matmul through jax on the default device."""
-  x = jnp.ones((size, size), jnp.float32)
-  matmul = jax.jit(lambda a: a @ a)
+def measured_matmul_peak(size: int = 1024, repeats: int = 10,
+                         dtype: jnp.dtype = jnp.float32) -> float:
+  """FLOP/s of a [size, size] matmul through jax on the default device.
+
+  Operands of `dtype`, accumulated in float32, as the model's projections run.
+  """
+  x = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
   return best_matmul_flops(lambda: matmul(x).block_until_ready(), size, repeats)
 
 

@@ -68,8 +68,9 @@ def test_quick_mode_writes_consistent_json_lines(tmp_path, capsys):
   assert set(by_name) == {"matmul_peak", "train", "decode", "data"}
 
   peaks = by_name["matmul_peak"]["flops_per_sec"]
-  assert set(peaks) == {"numpy", "torch", "jax"} and min(peaks.values()) > 0
-  peak = max(peaks.values())
+  assert list(peaks) == ["float32"] and by_name["matmul_peak"]["mfu_reference"] == "max float32"
+  assert set(peaks["float32"]) == {"numpy", "torch", "jax"} and min(peaks["float32"].values()) > 0
+  peak = max(peaks["float32"].values())
 
   train = by_name["train"]
   assert train["config"] == "tiny" and train["steps"] == 2
@@ -110,3 +111,9 @@ def test_cpu_description_names_the_model_and_the_matmul_instruction_sets(tmp_pat
   assert description.startswith("AMD EPYC 9B14 x")
   assert description.endswith("(avx2, avx512f, avx512_bf16)")
   assert "(" not in bench.cpu_description(str(tmp_path / "missing"))
+
+
+def test_bfloat16_runs_also_measure_bfloat16_matmul_peaks():
+  peaks = bench.matmul_peaks("bfloat16", size=64, repeats=1)
+  assert set(peaks) == {"float32", "bfloat16"}
+  assert set(peaks["bfloat16"]) == {"torch", "jax"} and min(peaks["bfloat16"].values()) > 0

@@ -120,7 +120,7 @@ def generate(model: transformers.T5ForConditionalGeneration, segments: Sequence[
   return ids
 
 
-def matmul_peak(size: int, repeats: int) -> float:
-  """FLOP/s of a float32 [size, size] matmul through torch, best of `repeats`."""
-  x = torch.ones((size, size), dtype=torch.float32)
+def matmul_peak(size: int, repeats: int, dtype: str = "float32") -> float:
+  """FLOP/s of a [size, size] matmul of `dtype` through torch, best of `repeats`."""
+  x = torch.ones((size, size), dtype=getattr(torch, dtype))
   return flops.best_matmul_flops(lambda: x @ x, size, repeats)
