@@ -142,6 +142,21 @@ def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrup
   assert max(train_losses(model_dir)) == 8
 
 
+def test_a_resumed_run_keeps_the_best_validation_result_it_had(uninterrupted, tmp_path):
+  model_dir = str(tmp_path / "resumed")
+  shutil.copytree(uninterrupted, model_dir)
+  best_file = os.path.join(model_dir, infer.BEST_FILE)
+  # Step 6 (validated at the end of the first run) as unbeatable: a resumed run that forgot
+  # it would take its own first validation, at step 8, as the best.
+  unbeatable = {"step": 6, "validation_accuracy": 1.0}
+  with open(best_file, "w") as f:
+    json.dump(unbeatable, f)
+  assert cli.main(tiny_run_flags(model_dir, train_steps=8)) == 0
+  gin.clear_config()
+  assert json.load(open(best_file)) == unbeatable
+  assert json.load(open(os.path.join(model_dir, "results.json")))["best_step"] == 6
+
+
 def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "half_written")
   shutil.copytree(uninterrupted, model_dir)
