@@ -237,7 +237,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
 
   log = MetricsLog(model_dir)
   step_flops = flops.train_step_flops(config, batch_size, lengths["inputs"], lengths["targets"])
-  peak_flops, peak_source = flops.peak_flops_per_device()
+  peak_flops, peak_source = flops.peak_flops_per_device(config.dtype)
   print_fn(f"training {mixture_or_task_name} to step {train_steps} on {jax.device_count()} "
            f"device(s), mesh {dict(partitioner.mesh.shape)}; MFU against {peak_flops:.3g} FLOP/s "
            f"({peak_source})")

@@ -43,3 +43,9 @@ def test_forward_flops_match_xla_cost_analysis(name):
 def test_training_step_is_three_forward_passes():
   config = CONFIGS["v1_1"]
   assert flops.train_step_flops(config, 4, 32, 16) == 3 * flops.forward_flops(config, 4, 32, 16)
+
+
+def test_unknown_devices_measure_the_peak_of_the_model_dtype():
+  for dtype in (jnp.float32, jnp.bfloat16):
+    peak, source = flops.peak_flops_per_device(dtype)
+    assert peak > 0 and source.startswith(f"measured {jnp.dtype(dtype).name} matmul on ")
