@@ -31,11 +31,13 @@ def save_model(directory: PathLike, params: Any, config: t5.T5Config) -> None:
 
 
 def load_config(directory: PathLike) -> t5.T5Config:
+  """The network of `directory`, set to run as suits this machine: how the run that wrote
+  it ran (scanned layers, rematerialization, attention kernel) is not replayed."""
   config_path = pathlib.Path(directory).absolute() / CONFIG_FILE
   if not config_path.is_file():
     raise FileNotFoundError(f"no model config at {config_path}")
   try:
-    return t5.T5Config.from_json(config_path.read_text())
+    return t5.T5Config.from_json(config_path.read_text()).with_default_execution()
   except ValueError as error:
     raise ValueError(f"{config_path}: {error}") from error
 

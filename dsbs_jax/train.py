@@ -37,7 +37,7 @@ from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
 # T5Config fields a run may change on a pretrained checkpoint; the rest is architecture.
-RUN_TIME_CONFIG_FIELDS = ("dropout_rate", "dtype")
+RUN_TIME_CONFIG_FIELDS = ("dropout_rate", "dtype") + t5.EXECUTION_FIELDS
 NOT_SUMMED_METRICS = ("grad_norm", "learning_rate")
 
 

@@ -1,5 +1,7 @@
 """Tests for dsbs_jax.decoding and t5.predict_batch: exact toy cases, cache equals full
-recomputation, and identical outputs to transformers' generate on random tiny models."""
+recomputation, and identical outputs to transformers' generate on random tiny models,
+with the layers unrolled or scanned."""
+import dataclasses
 import functools
 import itertools
 
@@ -150,8 +152,10 @@ def hf_generate(hf_model, encoder_tokens, **kwargs):
   return np.pad(output, ((0, 0), (0, MAX_LENGTH - output.shape[1])))
 
 
-def test_greedy_matches_transformers_generate(hf_and_ours):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_greedy_matches_transformers_generate(hf_and_ours, scan_layers):
   hf_model, params, config = hf_and_ours
+  config = dataclasses.replace(config, scan_layers=scan_layers)
   tokens = padded_inputs()
   expected = hf_generate(hf_model, tokens, num_beams=1)
   ended_early = [(row == 1).any() and row[-1] == 0 for row in expected]
@@ -159,8 +163,11 @@ def test_greedy_matches_transformers_generate(hf_and_ours):
   np.testing.assert_array_equal(t5.predict_batch(params, config, tokens, MAX_LENGTH), expected)
 
 
-def test_beam_search_matches_transformers_generate(hf_and_ours):
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["unrolled", "scanned"])
+def test_beam_search_matches_transformers_generate(hf_and_ours, scan_layers):
+  # Beam search reorders the cache's rows; scanned layers keep theirs on axis 0 too.
   hf_model, params, config = hf_and_ours
+  config = dataclasses.replace(config, scan_layers=scan_layers)
   tokens = padded_inputs(seed=1)
   # transformers divides by length ** length_penalty, T5X by ((5 + length) / 6) ** alpha:
   # they agree when both are 0.

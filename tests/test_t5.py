@@ -1,8 +1,10 @@
 """Tests for dsbs_jax.models (layers.py, t5.py): configs, shipped gin files, relative
-position buckets, packing, logical axes, dropout and dtypes."""
+position buckets, packing, logical axes, dropout, dtypes, and how the network runs
+(scanned or unrolled layers, rematerialization, attention and dense kernels)."""
 import dataclasses
 import pathlib
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,8 +12,10 @@ import pytest
 from flax import traverse_util
 
 from dsbs_jax import convert
+from dsbs_jax import model
 from dsbs_jax.models import layers
 from dsbs_jax.models import t5
+from test_model import pack_examples, random_example
 
 GIN_MODEL_FILES = sorted(pathlib.Path(convert.GIN_MODELS_DIR).glob("*.gin"))
 LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
@@ -166,3 +170,94 @@ def test_bfloat16_activations_give_float32_logits_close_to_float32(tiny_config):
   low = run(dataclasses.replace(tiny_config, dtype="bfloat16"))
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low[0, :4], run(tiny_config)[0, :4], atol=0.5, rtol=0.1)
+
+
+# ------------------------------------------------------------------------------
+# How the network runs: scanned or unrolled layers, rematerialization, attention and
+# dense-layer kernels change neither the parameters nor the results.
+# ------------------------------------------------------------------------------
+def packed_batch(config, seed=0):
+  """Two packed rows of a label and a rationale example each, as the trainer sees them."""
+  rng = np.random.default_rng(seed)
+  example = lambda task, targets_length: random_example(
+      rng, config.vocab_size, task, int(rng.integers(3, 7)), targets_length)
+  return pack_examples([[example(model.LABEL_TASK_ID, 3), example(model.RATIONALE_TASK_ID, 9)]
+                        for _ in range(2)])
+
+
+def loss_and_gradients(config, params, batch):
+  loss = lambda p: model.loss_terms(p, batch, None, config)[0]
+  return jax.jit(jax.value_and_grad(loss))(params)
+
+
+@pytest.mark.parametrize("execution", [
+    {"scan_layers": True},
+    {"scan_layers": True, "remat_policy": "full"},
+    {"scan_layers": True, "remat_policy": "dots_no_batch"},
+    {"scan_layers": False, "remat_policy": "dots"},
+    {"attention_implementation": "xla"},
+    {"dense_backward": "xla"},
+    {"scan_layers": True, "attention_implementation": "xla", "dense_backward": "xla"}],
+    ids=lambda execution: ",".join(f"{k}={v}" for k, v in execution.items()))
+def test_execution_choices_give_the_same_loss_and_gradients(tiny_config, execution):
+  unrolled = dataclasses.replace(tiny_config, scan_layers=False)
+  params = t5.init_params(tiny_config, jax.random.key(0))
+  batch = packed_batch(tiny_config)
+  expected_loss, expected_grads = loss_and_gradients(unrolled, params, batch)
+  loss, grads = loss_and_gradients(dataclasses.replace(unrolled, **execution), params, batch)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
+  jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6),
+               grads, expected_grads)
+
+
+def test_layers_stack_and_unstack_exactly(tiny_config):
+  params = t5.init_params(tiny_config, jax.random.key(0))
+  stacked = t5.stack_layers(params["encoder"], tiny_config.num_encoder_layers)
+  assert "layers_0" not in stacked and stacked["relpos_bias"] is params["encoder"]["relpos_bias"]
+  kernel = stacked["layers"]["mlp"]["wo"]["kernel"]
+  assert kernel.shape == (tiny_config.num_encoder_layers, tiny_config.mlp_dim,
+                          tiny_config.emb_dim)
+  np.testing.assert_array_equal(kernel[1], params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"])
+  unstacked = t5.unstack_layers(stacked, tiny_config.num_encoder_layers)
+  jax.tree.map(np.testing.assert_array_equal, unstacked, params["encoder"])
+  assert t5.stack_layers(stacked, tiny_config.num_encoder_layers) is stacked
+
+
+def test_a_scanned_network_initializes_per_layer_parameters(tiny_config):
+  # Scanning is invisible outside the network: initializing it directly gives the
+  # parameter tree, the values and the logical axes of t5.init_params.
+  scanned = dataclasses.replace(tiny_config, scan_layers=True)
+  tokens = jnp.ones((1, 1), jnp.int32)
+  boxed = t5.Transformer(scanned).init(jax.random.key(0), tokens, tokens, tokens,
+                                       enable_dropout=False)["params"]
+  jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(boxed),
+               t5.init_params(tiny_config, jax.random.key(0)))
+  assert nn.get_partition_spec(boxed) == t5.param_partition_specs(tiny_config)
+
+
+def test_init_params_do_not_depend_on_how_the_network_runs(tiny_config):
+  reference = t5.init_params(tiny_config, jax.random.key(3))
+  for execution in ({"scan_layers": False}, {"scan_layers": True, "remat_policy": "full"}):
+    jax.tree.map(np.testing.assert_array_equal, reference, t5.init_params(
+        dataclasses.replace(tiny_config, **execution), jax.random.key(3)))
+
+
+def test_fused_attention_refuses_attention_dropout(tiny_config):
+  config = dataclasses.replace(tiny_config, attention_implementation="xla", dropout_rate=0.1)
+  params = t5.init_params(config, jax.random.key(0))
+  tokens = jnp.array([[3, 4, 1]])
+  with pytest.raises(ValueError, match="no dropout on the attention weights"):
+    t5.Transformer(config).apply({"params": params}, tokens, tokens, tokens,
+                                 enable_dropout=True, rngs={"dropout": jax.random.key(0)})
+
+
+def test_execution_fields_are_validated_and_not_part_of_a_saved_network(tiny_config):
+  with pytest.raises(ValueError, match="remat_policy='some'"):
+    dataclasses.replace(tiny_config, remat_policy="some")
+  with pytest.raises(ValueError, match="attention_implementation='flash'"):
+    dataclasses.replace(tiny_config, attention_implementation="flash")
+  ran = dataclasses.replace(tiny_config, scan_layers=True, remat_policy="full",
+                            attention_implementation="cudnn", dense_backward="xla",
+                            dtype="bfloat16")
+  assert ran.with_default_execution() == dataclasses.replace(tiny_config, dtype="bfloat16")

@@ -226,3 +226,17 @@ def test_sharded_training_equals_one_device(config, one_device_runs, optimizer_n
   optimizer = factored_adafactor() if optimizer_name == "adafactor" else damped_adamw()
   actual = train(config, optimizer, parallelism, mesh_shape, batches)
   assert_same_training(actual, expected[optimizer_name])
+
+
+@pytest.mark.parametrize("parallelism, mesh_shape", [
+    ("fsdp", (2, 2)), pytest.param("tensor", (4, 2), marks=pytest.mark.slow)])
+def test_scanned_layers_train_as_unrolled_ones(tiny_config, parallelism, mesh_shape):
+  # The optimizer and the checkpoints see per-layer parameters either way; the scanned
+  # network stacks them inside the step, under the mesh's shardings.
+  unrolled = dataclasses.replace(tiny_config, scan_layers=False)
+  batches = random_batches(unrolled, 2, seed=3)
+  expected = train(unrolled, factored_adafactor(), "data", (1, 1), batches, jax.devices()[:1])
+  devices = jax.devices()[:np.prod(mesh_shape)]
+  actual = train(dataclasses.replace(unrolled, scan_layers=True), factored_adafactor(),
+                 parallelism, mesh_shape, batches, devices)
+  assert_same_training(actual, expected)

@@ -30,6 +30,34 @@ ACTIVATIONS = {
 
 default_kernel_init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
 
+# What a layer's backward pass keeps from its forward pass (T5Config.remat_policy):
+# everything ('none', no rematerialization), nothing ('full': the layer runs twice), or
+# the products' outputs ('dots'; 'dots_no_batch' keeps only those without batch
+# dimensions, i.e. the projections but not the attention scores).
+NO_REMAT = object()
+REMAT_POLICIES = {
+    "none": NO_REMAT,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+# How attention is computed (T5Config.attention_implementation): 'einsum', this module's
+# products; 'xla' and 'cudnn', jax.nn.dot_product_attention's implementations (cuDNN's
+# fused flash attention on NVIDIA GPUs). The last two have no dropout on the weights.
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+# The backward pass of the dense layers (T5Config.dense_backward): 'materialized', the
+# hand-written one of `project` (fast on XLA:CPU); 'xla', XLA's own differentiation of
+# the product; 'auto', 'materialized' on CPUs and 'xla' elsewhere.
+DENSE_BACKWARDS = ("auto", "materialized", "xla")
+
+
+def uses_materialized_backward(backward: str) -> bool:
+  if backward not in DENSE_BACKWARDS:
+    raise ValueError(f"dense backward {backward!r}: expected one of {DENSE_BACKWARDS}")
+  return backward == "materialized" or (backward == "auto" and jax.default_backend() == "cpu")
+
 
 def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:
   return nn.with_logical_constraint(x, tuple(axes))
@@ -39,7 +67,7 @@ class Dense(nn.Module):
   """A bias-free linear map over the last axis, kernel [in, out].
 
   `dtype` is the dtype of the product's operands and, unless `output_dtype` says
-  otherwise, of its result.
+  otherwise, of its result; `backward` one of DENSE_BACKWARDS.
   """
   features: int
   kernel_axes: tuple[str, str]
@@ -47,13 +75,15 @@ class Dense(nn.Module):
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   output_dtype: Optional[jnp.dtype] = None
+  backward: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     kernel = self.param(
         "kernel", nn.with_logical_partitioning(self.kernel_init, self.kernel_axes),
         (inputs.shape[-1], self.features), self.param_dtype)
-    return project(inputs.astype(self.dtype), kernel.astype(self.dtype),
+    product = project if uses_materialized_backward(self.backward) else _accumulated_dot
+    return product(inputs.astype(self.dtype), kernel.astype(self.dtype),
                    jnp.dtype(self.output_dtype or self.dtype))
 
 
@@ -144,10 +174,12 @@ class MlpBlock(nn.Module):
   dropout_rate: float = 0.0
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  backward: str = "auto"
 
   @nn.compact
   def __call__(self, inputs: Array, *, deterministic: bool) -> Array:
-    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              backward=self.backward)
     hidden = None
     for index, activation in enumerate(self.activations):
       name = "wi" if len(self.activations) == 1 else f"wi_{index}"
@@ -218,14 +250,17 @@ class MultiHeadAttention(nn.Module):
   With `decode=True` the module keeps its keys and values in the 'cache' collection.
   The first such call (no cache yet) creates it: zeros of the full length for
   self-attention, the projected encoder output for cross-attention. Later calls feed
-  one query position (`decode_position`) and read the cache.
+  one query position (`decode_position`) and read the cache. Decoding always uses the
+  'einsum' implementation: one query per step leaves nothing for a fused kernel to win.
   """
   num_heads: int
   head_dim: int
   is_cross_attention: bool = False
   dropout_rate: float = 0.0
+  implementation: str = "einsum"
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  backward: str = "auto"
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Optional[Array] = None,
@@ -233,9 +268,9 @@ class MultiHeadAttention(nn.Module):
                decode_position: Optional[Array] = None) -> Array:
     """inputs_q [batch, q_len, embed], inputs_kv [batch, kv_len, embed], boolean mask
     broadcastable to [batch, heads, q_len, kv_len], bias likewise; returns [batch, q_len, embed]."""
-    projection = functools.partial(
-        Dense, self.num_heads * self.head_dim, ("embed", "joined_kv"), dtype=self.dtype,
-        param_dtype=self.param_dtype)
+    dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype,
+                              backward=self.backward)
+    projection = functools.partial(dense, self.num_heads * self.head_dim, ("embed", "joined_kv"))
     # [batch, length, heads * head_dim] -> [batch, length, heads, head_dim]
     split_heads = lambda x: constrain(
         x.reshape(x.shape[:-1] + (self.num_heads, self.head_dim)),
@@ -273,8 +308,25 @@ class MultiHeadAttention(nn.Module):
           cached_key.value, cached_value.value = key, value
           # The one query sees the positions written so far, itself included.
           mask = (jnp.arange(key.shape[2]) <= decode_position)[None, None, None, :]
-    kv = "bhkd" if decode else "bkhd"
 
+    if decode or self.implementation == "einsum":
+      attended = self._einsum_attention(query, key, value, mask, bias, deterministic,
+                                        kv="bhkd" if decode else "bkhd")
+    else:
+      if self.dropout_rate and not deterministic:
+        raise ValueError(f"attention implementation {self.implementation!r} has no dropout "
+                         f"on the attention weights (dropout_rate={self.dropout_rate}); use "
+                         "'einsum' or train with dropout_rate=0")
+      # [batch, q_len, heads, head_dim]; T5's logits are not scaled.
+      attended = jax.nn.dot_product_attention(
+          query, key, value.astype(self.dtype),
+          None if bias is None else bias.astype(self.dtype), mask, scale=1.0,
+          implementation=self.implementation)
+    attended = attended.reshape(attended.shape[:2] + (self.num_heads * self.head_dim,))
+    return dense(inputs_q.shape[-1], ("joined_kv", "embed"), name="out")(attended)
+
+  def _einsum_attention(self, query, key, value, mask, bias, deterministic, kv):
+    """[batch, q_len, heads, head_dim] from keys and values laid out as `kv` says."""
     # [batch, heads, q_len, kv_len], float32 even for bfloat16 activations.
     logits = jnp.einsum(f"bqhd,{kv}->bhqk", query, key, preferred_element_type=jnp.float32)
     if bias is not None:
@@ -284,10 +336,7 @@ class MultiHeadAttention(nn.Module):
     weights = jax.nn.softmax(logits).astype(self.dtype)
     weights = nn.Dropout(self.dropout_rate, broadcast_dims=(-2,))(
         weights, deterministic=deterministic)
-    attended = jnp.einsum(f"bhqk,{kv}->bqhd", weights, value.astype(self.dtype))
-    attended = attended.reshape(attended.shape[:2] + (self.num_heads * self.head_dim,))
-    return Dense(inputs_q.shape[-1], ("joined_kv", "embed"), dtype=self.dtype,
-                 param_dtype=self.param_dtype, name="out")(attended)
+    return jnp.einsum(f"bhqk,{kv}->bqhd", weights, value.astype(self.dtype))
 
 
 def make_attention_mask(query_input: Array, key_input: Array,
