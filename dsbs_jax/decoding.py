@@ -8,12 +8,27 @@ with the beams, scalar leaves (a cache index) are shared. Every loop stops early
 `lax.while_loop`, once all sequences have ended. Outputs exclude the start token and
 hold 0 after EOS.
 
-Nothing here knows about a model, parameters or vocabularies.
+`trim_padding` shapes the encoder inputs of a decoding batch. Nothing here knows about a
+model, parameters or vocabularies.
 """
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+LENGTH_BUCKET = 32
+
+
+def trim_padding(encoder_tokens: np.ndarray, bucket: int = LENGTH_BUCKET) -> np.ndarray:
+  """Drops padding columns past the longest row, keeping a multiple of `bucket` columns.
+
+  Decoding then pays for the batch's longest input rather than the run's input length, and
+  the bucketing bounds how many shapes get compiled.
+  """
+  longest = int(np.max(np.sum(encoder_tokens > 0, axis=1), initial=1))
+  return encoder_tokens[:, :min(encoder_tokens.shape[1], -(-longest // bucket) * bucket)]
+
 
 TokensToLogits = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 

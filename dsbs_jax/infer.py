@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from dsbs_jax import checkpoints
 from dsbs_jax import data
+from dsbs_jax import decoding
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
@@ -126,19 +127,6 @@ def detokenize(vocabulary: seqio.Vocabulary, ids: np.ndarray) -> list[str]:
   return texts
 
 
-LENGTH_BUCKET = 32
-
-
-def trim_padding(encoder_tokens: np.ndarray, bucket: int = LENGTH_BUCKET) -> np.ndarray:
-  """Drops padding columns past the longest row, keeping a multiple of `bucket` columns.
-
-  Decoding then pays for the batch's longest input rather than the run's input length, and
-  the bucketing bounds how many shapes get compiled.
-  """
-  longest = int(np.max(np.sum(encoder_tokens > 0, axis=1), initial=1))
-  return encoder_tokens[:, :min(encoder_tokens.shape[1], -(-longest // bucket) * bucket)]
-
-
 class Predictor:
   """Batched decoding of raw texts with fixed shapes (one compilation per setting)."""
 
@@ -152,7 +140,7 @@ class Predictor:
   def decode_tokens(self, encoder_tokens: np.ndarray) -> list[str]:
     """Texts for [rows <= batch_size, input_length] ids (padded to the batch inside)."""
     rows = encoder_tokens.shape[0]
-    encoder_tokens = trim_padding(encoder_tokens)
+    encoder_tokens = decoding.trim_padding(encoder_tokens)
     padded = np.zeros((self.batch_size, encoder_tokens.shape[1]), np.int32)
     padded[:rows] = encoder_tokens
     ids = t5.predict_batch(self.params, self.config, padded, self.decode_length,

@@ -1,6 +1,6 @@
 """Tests for dsbs_jax.decoding and t5.predict_batch: exact toy cases, cache equals full
-recomputation, and identical outputs to transformers' generate on random tiny models,
-with the layers unrolled or scanned."""
+recomputation, identical outputs to transformers' generate on random tiny models with the
+layers unrolled or scanned, and padding trimmed from decoding inputs."""
 import dataclasses
 import functools
 import itertools
@@ -189,3 +189,24 @@ def test_predict_batch_sampling_is_reproducible(tiny_config):
   assert not np.array_equal(sample(0), sample(1))
   with pytest.raises(ValueError, match="needs rng"):
     t5.predict_batch(params, tiny_config, tokens, MAX_LENGTH, method="sample")
+
+
+def test_trim_padding_keeps_every_token_in_a_bucket():
+  tokens = np.zeros((3, 256), np.int32)
+  tokens[0, :40] = 5
+  tokens[1, :70] = 5
+  trimmed = decoding.trim_padding(tokens)
+  assert trimmed.shape == (3, 96)
+  np.testing.assert_array_equal(trimmed, tokens[:, :96])
+  assert decoding.trim_padding(np.zeros((2, 256), np.int32)).shape == (2, 32)
+
+
+def test_decoding_does_not_depend_on_trailing_padding(tiny_config):
+  params = t5.init_params(tiny_config, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  tokens = np.zeros((4, 128), np.int32)
+  for row, length in enumerate((5, 17, 30, 9)):
+    tokens[row, :length] = rng.integers(2, tiny_config.vocab_size, length)
+  full = t5.predict_batch(params, tiny_config, tokens, 12)
+  trimmed = t5.predict_batch(params, tiny_config, decoding.trim_padding(tokens), 12)
+  np.testing.assert_array_equal(np.asarray(full), np.asarray(trimmed))
