@@ -100,6 +100,14 @@ class MetricsLog:
       self._writer.close()
 
 
+def startup_times(build_start: float, state_seconds: float, first_metrics) -> dict:
+  """Seconds from building the trainer to the end of the first step (which compiles it)."""
+  jax.block_until_ready(first_metrics)
+  seconds = time.time() - build_start
+  return {"seconds": seconds, "state_seconds": state_seconds,
+          "first_step_seconds": seconds - state_seconds}
+
+
 def format_duration(seconds: float) -> str:
   minutes, seconds = divmod(int(seconds), 60)
   hours, minutes = divmod(minutes, 60)
@@ -208,6 +216,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
 
   partitioner = partitioning.make_partitioner()
   optimizer, learning_rate_fn = trainer_lib.make_optimizer(total_steps=train_steps)
+  build_start = time.time()
   trainer = trainer_lib.Trainer(config, partitioner, optimizer, learning_rate_fn)
   metric_name = "validation_accuracy"
   checkpointer = checkpoints.TrainCheckpointer(model_dir, keep=keep_checkpoints,
@@ -232,6 +241,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
   else:
     state = trainer.init_state(jax.random.key(seed))
   step = int(jax.device_get(state.step))
+  state_seconds = time.time() - build_start
   batches = input_pipeline.train_batches(mixture_or_task_name, lengths, batch_size, seed,
                                          skip_batches=step)
 
@@ -255,6 +265,13 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
         batch = next(batches)
         state, metrics = trainer.train_step(state, trainer.shard_batch(batch), rng)
         step += 1
+        if step == start_step + 1:
+          startup = startup_times(build_start, state_seconds, metrics)
+          print_fn(f"first step done {startup['seconds']:.1f}s after building the trainer "
+                   f"(state {startup['state_seconds']:.1f}s, compiling and running the step "
+                   f"{startup['first_step_seconds']:.1f}s; layers "
+                   f"{'scanned' if t5.scans_layers(config) else 'unrolled'})")
+          log.write(step, "startup", startup)
         window_steps += 1
         window_input_tokens += int(np.count_nonzero(batch["encoder_input_tokens"]))
         latest = {key: metrics.pop(key) for key in NOT_SUMMED_METRICS if key in metrics}
