@@ -21,9 +21,8 @@ from flax import serialization
 from flax import traverse_util
 
 from dsbs_jax import checkpoints
+from dsbs_jax import resources
 from dsbs_jax.models import t5
-
-GIN_MODELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin" / "models"
 
 
 class ConversionError(ValueError):
@@ -361,7 +360,7 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--out", required=True, help="output model directory")
   model = parser.add_mutually_exclusive_group()
   model.add_argument("--gin_file", help="T5X only: gin file binding the T5Config")
-  model.add_argument("--config", help=f"T5X only: a model name from {GIN_MODELS_DIR}, "
+  model.add_argument("--config", help=f"T5X only: a model name from {resources.GIN_MODELS_DIR}, "
                      "e.g. t5_1_1_base")
   parser.add_argument("--dtype", help="activation dtype to record in the config, e.g. "
                       "bfloat16 (default: float32 for hf, the gin file's for t5x)")
@@ -378,7 +377,7 @@ def run(args: argparse.Namespace) -> int:
     else:
       if not (args.gin_file or args.config):
         raise ConversionError("--from t5x needs the model config: --gin_file or --config")
-      gin_file = args.gin_file or GIN_MODELS_DIR / f"{args.config}.gin"
+      gin_file = args.gin_file or resources.GIN_MODELS_DIR / f"{args.config}.gin"
       config = config_from_gin(gin_file)
       if args.dtype:
         config = t5.T5Config.from_dict({**config.to_dict(), "dtype": args.dtype})

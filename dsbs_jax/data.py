@@ -23,10 +23,10 @@ import tensorflow as tf
 
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
+from dsbs_jax import resources
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_RATIONALES_DIR = os.path.join(REPO_ROOT, "rationales")
-DEFAULT_VOCABULARY = os.path.join(DEFAULT_RATIONALES_DIR, "vocab", "dsbs_spm_8k.model")
+DEFAULT_RATIONALES_DIR = str(resources.RATIONALES_DIR)
+DEFAULT_VOCABULARY = str(resources.VOCABULARY_FILE)
 # The shipped from-scratch vocabulary, for gin files: VOCABULARY = %DSBS_VOCABULARY.
 gin.constant("DSBS_VOCABULARY", DEFAULT_VOCABULARY)
 SPLITS = ("train", "validation", "test")

@@ -14,6 +14,7 @@ from conftest import make_hf_t5
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import convert
+from dsbs_jax import resources
 from dsbs_jax.models import t5
 
 torch = pytest.importorskip("torch")
@@ -162,7 +163,7 @@ def test_t5x_orbax_checkpoint_with_flaxformer_kernels_imports_same_params(tmp_pa
   state = {"target": traverse_util.unflatten_dict(flat, sep="/"), "state": {"step": 7}}
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "checkpoint_7" / "state", state)
-  gin_file = pathlib.Path(convert.GIN_MODELS_DIR) / "t5_1_1_tiny.gin"
+  gin_file = resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin"
   assert run_convert("--from", "t5x", tmp_path / "checkpoint_7", "--gin_file", gin_file,
                      "--out", tmp_path / "ours") == 0
   imported, _ = checkpoints.load_model(tmp_path / "ours")
@@ -218,7 +219,7 @@ def test_t5x_config_mismatch_names_parameter(tmp_path, tiny_config, capsys):
   error = capsys.readouterr().err
   assert str(tmp_path / "checkpoint_1") in error and "decoder/decoder_norm/scale" in error
   fewer_layers = tmp_path / "two_layer.gin"
-  fewer_layers.write_text((pathlib.Path(convert.GIN_MODELS_DIR) / "t5_1_1_tiny.gin")
+  fewer_layers.write_text((resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
                           .read_text() + "T5Config.num_decoder_layers = 1\n")
   with pytest.raises(convert.ConversionError, match="no place for.*decoder/layers_1"):
     convert.convert_t5x(tmp_path / "checkpoint_1", convert.config_from_gin(fewer_layers))

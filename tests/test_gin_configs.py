@@ -10,10 +10,12 @@ import seqio
 import tasks
 from dsbs_jax import data
 from dsbs_jax import gin_utils
+from dsbs_jax import resources
 from dsbs_jax import train
 from dsbs_jax.models import t5
 
-GIN_DIR = gin_utils.REPO_GIN_DIR
+GIN_DIR = str(resources.GIN_DIR)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_FILES = sorted(glob.glob(os.path.join(GIN_DIR, "paper", "*.gin")))
 PAPER_REQUIRED = ["MODEL_DIR = '/tmp/m'", "INITIAL_CHECKPOINT_PATH = '/tmp/ckpt'",
                   "VOCABULARY = '/tmp/spiece.model'"]
@@ -81,11 +83,10 @@ def test_gin_typo_names_the_binding():
 
 
 def test_readme_opens_with_the_main_job_and_the_test_command_that_ci_runs():
-  root = os.path.dirname(GIN_DIR)
-  readme = open(os.path.join(root, "README.md")).read()
+  readme = open(os.path.join(REPO, "README.md")).read()
   commands = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
   main_job, test_suite = commands[0], commands[1]
   assert "dsbs train --gin_file=quickstart.gin" in main_job
   assert test_suite.endswith("pytest")
-  ci = open(os.path.join(root, ".ci", "run")).read()
+  ci = open(os.path.join(REPO, ".ci", "run")).read()
   assert test_suite in ci.splitlines()

@@ -1,7 +1,6 @@
 """Tests for dsbs_jax.models (layers.py, t5.py): configs, shipped gin files, relative
 position buckets, packing, logical axes, dropout and dtypes."""
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,10 +9,11 @@ import pytest
 from flax import traverse_util
 
 from dsbs_jax import convert
+from dsbs_jax import resources
 from dsbs_jax.models import layers
 from dsbs_jax.models import t5
 
-GIN_MODEL_FILES = sorted(pathlib.Path(convert.GIN_MODELS_DIR).glob("*.gin"))
+GIN_MODEL_FILES = sorted(resources.GIN_MODELS_DIR.glob("*.gin"))
 LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
 
 
@@ -36,14 +36,14 @@ def test_every_gin_model_file_builds_a_config(gin_file):
 
 def test_gin_model_sizes_match_the_public_checkpoints():
   # Parameter counts of google/t5-v1_1-base and t5-base on the Hugging Face hub.
-  assert count_params(convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_1_1_base.gin")) \
+  assert count_params(convert.config_from_gin(resources.GIN_MODELS_DIR / "t5_1_1_base.gin")) \
       == 247_577_856
-  assert count_params(convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_base.gin")) \
+  assert count_params(convert.config_from_gin(resources.GIN_MODELS_DIR / "t5_base.gin")) \
       == 222_903_552
 
 
 def test_tiny_gin_file_matches_the_test_fixture(tiny_config):
-  config = convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
+  config = convert.config_from_gin(resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
   assert config == dataclasses.replace(tiny_config, dropout_rate=config.dropout_rate)
 
 
