@@ -142,41 +142,27 @@ MODEL = @t5x.EncoderDecoderModel()
 t5x.EncoderDecoderModel.input_vocabulary = %VOCABULARY
 t5x.EncoderDecoderModel.output_vocabulary = %VOCABULARY
 """
-STANDIN_RUNS = {
-    "train": """
+
+
+def standin_run_file(entry: str, lengths: str, split: str, use_cached: str, scope: str = "") -> str:
+  return f"""
 MIXTURE_OR_TASK_NAME = %gin.REQUIRED
-TASK_FEATURE_LENGTHS = %gin.REQUIRED
+TASK_FEATURE_LENGTHS = {lengths}
 USE_CACHED_TASKS = True
-RUN = @t5x.train()
-t5x.train.model = %MODEL
-t5x.train.dataset_cfg = @train/t5x.DatasetConfig()
-train/t5x.DatasetConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME
-train/t5x.DatasetConfig.task_feature_lengths = %TASK_FEATURE_LENGTHS
-train/t5x.DatasetConfig.split = 'train'
-train/t5x.DatasetConfig.use_cached = %USE_CACHED_TASKS
-""",
-    "eval": """
-MIXTURE_OR_TASK_NAME = %gin.REQUIRED
-TASK_FEATURE_LENGTHS = None
-RUN = @t5x.evaluate()
-t5x.evaluate.model = %MODEL
-t5x.evaluate.dataset_cfg = @t5x.DatasetConfig()
-t5x.DatasetConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME
-t5x.DatasetConfig.task_feature_lengths = %TASK_FEATURE_LENGTHS
-t5x.DatasetConfig.split = 'test'
-t5x.DatasetConfig.use_cached = False
-""",
-    "infer": """
-MIXTURE_OR_TASK_NAME = %gin.REQUIRED
-TASK_FEATURE_LENGTHS = %gin.REQUIRED
-RUN = @t5x.infer()
-t5x.infer.model = %MODEL
-t5x.infer.dataset_cfg = @t5x.DatasetConfig()
-t5x.DatasetConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME
-t5x.DatasetConfig.task_feature_lengths = %TASK_FEATURE_LENGTHS
-t5x.DatasetConfig.split = 'test'
-t5x.DatasetConfig.use_cached = False
-"""}
+RUN = @t5x.{entry}()
+t5x.{entry}.model = %MODEL
+t5x.{entry}.dataset_cfg = @{scope}t5x.DatasetConfig()
+{scope}t5x.DatasetConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME
+{scope}t5x.DatasetConfig.task_feature_lengths = %TASK_FEATURE_LENGTHS
+{scope}t5x.DatasetConfig.split = '{split}'
+{scope}t5x.DatasetConfig.use_cached = {use_cached}
+"""
+
+
+STANDIN_RUNS = {
+    "train": standin_run_file("train", "%gin.REQUIRED", "train", "%USE_CACHED_TASKS", "train/"),
+    "eval": standin_run_file("evaluate", "None", "test", "False"),  # lengths from the data
+    "infer": standin_run_file("infer", "%gin.REQUIRED", "test", "False")}
 T5X_MIXTURES = [data.task_name(spec.name, suffix) for spec in tasks.DATASETS for suffix in data.MIXTURES]
 
 
