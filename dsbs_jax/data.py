@@ -310,7 +310,8 @@ class DistillationFeatureConverter(seqio.EncDecFeatureConverter):
   """EncDecFeatureConverter that also packs TASK_ID_FEATURE into "decoder_task_ids".
 
   decoder_task_ids is 0 on padding, TASK_IDS["label"] on label-task target tokens and
-  TASK_IDS["rationale"] on rationale-task ones, aligned with decoder_target_tokens.
+  TASK_IDS["rationale"] on rationale-task ones, aligned with decoder_target_tokens. A
+  mixture's dataset carries TASK_ID_FEATURE only when asked for it as a passthrough feature.
   """
   TASK_FEATURES = dict(seqio.EncDecFeatureConverter.TASK_FEATURES,
                        **{TASK_ID_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)})

@@ -215,10 +215,11 @@ tags:
 # A distilling step-by-step student
 
 A T5 ({config.num_encoder_layers} + {config.num_decoder_layers} layers, d_model {config.emb_dim},
-{num_params / 1e6:.1f}M parameters) trained with dsbs-jax {values["dsbs_jax_version"]} to answer
-and to explain, as in *Distilling step-by-step* (Hsieh et al., ACL 2023), on the SeqIO mixture
-`{source["mixture_or_task_name"]}`{f" ({run})" if run else ""}. Exported from step
-{source["step"]} of `{source["checkpoint"]}`; `{MANIFEST_FILE}` records the details.
+{num_params / 1e6:.1f}M parameters) trained with dsbs-jax to answer and to explain, as in
+*Distilling step-by-step* (Hsieh et al., ACL 2023), on the SeqIO mixture
+`{source["mixture_or_task_name"]}`{f" ({run})" if run else ""}. Exported by dsbs-jax
+{values["dsbs_jax_version"]} from step {source["step"]} of `{source["checkpoint"]}`;
+`{MANIFEST_FILE}` records the details.
 
 ## Use
 
