@@ -126,9 +126,11 @@ def standin_run(model: EncoderDecoderModel, dataset_cfg: DatasetConfig):
   return model, dataset_cfg
 
 
+# Gin keeps what a file registers for the whole process: the entry points are named so
+# that no selector of this project's (`train.model_dir`) can also match them.
 STANDIN = types.ModuleType("t5x_standin")
 STANDIN.DatasetConfig, STANDIN.EncoderDecoderModel = DatasetConfig, EncoderDecoderModel
-STANDIN.train = STANDIN.evaluate = STANDIN.infer = standin_run
+STANDIN.run_train = STANDIN.run_evaluate = STANDIN.run_infer = standin_run
 
 # What T5X's T5 v1.1 model files and its finetune/eval/infer run files bind that matters
 # here, restated for the stand-ins.
@@ -160,9 +162,9 @@ t5x.{entry}.dataset_cfg = @{scope}t5x.DatasetConfig()
 
 
 STANDIN_RUNS = {
-    "train": standin_run_file("train", "%gin.REQUIRED", "train", "%USE_CACHED_TASKS", "train/"),
-    "eval": standin_run_file("evaluate", "None", "test", "False"),  # lengths from the data
-    "infer": standin_run_file("infer", "%gin.REQUIRED", "test", "False")}
+    "train": standin_run_file("run_train", "%gin.REQUIRED", "train", "%USE_CACHED_TASKS", "train/"),
+    "eval": standin_run_file("run_evaluate", "None", "test", "False"),  # lengths from the data
+    "infer": standin_run_file("run_infer", "%gin.REQUIRED", "test", "False")}
 T5X_MIXTURES = [data.task_name(spec.name, suffix) for spec in tasks.DATASETS for suffix in data.MIXTURES]
 
 
