@@ -1,6 +1,9 @@
 """Installs dsbs-jax: distilling step-by-step on JAX/Flax with SeqIO tasks and gin configs."""
 import setuptools
 
+# Package of the wheel -> folder of the repository it is made of.
+SHIPPED_FOLDERS = {"dsbs_jax.shipped.gin": "gin", "dsbs_jax.shipped.rationales": "rationales"}
+
 setuptools.setup(
     name="dsbs-jax",
     version="0.1.0",
@@ -9,7 +12,14 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["dsbs_jax", "dsbs_jax.*", "tasks", "tasks.*"]),
+    packages=[*setuptools.find_packages(include=["dsbs_jax", "dsbs_jax.*", "tasks", "tasks.*"]),
+              *SHIPPED_FOLDERS],
+    # The repository's gin/ and rationales/ go into the wheel as dsbs_jax/shipped/, where
+    # dsbs_jax.resources finds them.
+    package_dir=SHIPPED_FOLDERS,
+    package_data={"dsbs_jax.shipped.gin": ["**/*.gin"],
+                  "dsbs_jax.shipped.rationales": [
+                      "**/*.jsonl", "**/*.jsonl.gz", "**/*.json", "**/*.md", "vocab/*.model"]},
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12,<0.13",
@@ -32,7 +42,8 @@ setuptools.setup(
     extras_require={
         # torch==2.13.0 is the CPU wheel this project's machines carry; a looser
         # range would pull several GB of CUDA wheels.
-        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5,<6"],
+        # setuptools builds the wheel that tests/test_resources.py installs.
+        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5,<6", "setuptools>=70.1"],
     },
     entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},
 )

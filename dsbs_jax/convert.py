@@ -2,12 +2,13 @@
 format, and the `dsbs convert` subcommand.
 
     dsbs convert --from hf  SRC_DIR --out DIR
-    dsbs convert --from t5x SRC     --out DIR (--gin_file FILE | --config NAME)
+    dsbs convert --from t5x SRC     --out DIR (--gin_file FILE [--gin_search_path DIR] | --config NAME)
 
 Only reading foreign formats and renaming/reshaping their arrays belongs here; the network
 lives in models/t5.py and our own checkpoint format in checkpoints.py.
 """
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,14 +17,14 @@ import sys
 from typing import Any, Callable, Optional
 
 import gin
+from gin import config_parser
 import numpy as np
 from flax import serialization
 from flax import traverse_util
 
 from dsbs_jax import checkpoints
+from dsbs_jax import resources
 from dsbs_jax.models import t5
-
-GIN_MODELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "gin" / "models"
 
 
 class ConversionError(ValueError):
@@ -336,17 +337,107 @@ def convert_t5x(path, config: t5.T5Config) -> tuple[dict[str, Any], t5.T5Config]
   return params, config
 
 
-def config_from_gin(gin_file) -> t5.T5Config:
-  """The T5Config bound by a gin file. Clears gin's global config before and after."""
-  gin_file = pathlib.Path(gin_file)
-  if not gin_file.is_file():
-    raise FileNotFoundError(f"no gin file at {gin_file.absolute()}")
-  gin.clear_config()
+# ------------------------------------------------------------------------------
+# The model config a gin file binds: this project's `T5Config.*`, or T5X's
+# `network.T5Config.*` (t5x/examples/t5), read without importing T5X.
+# ------------------------------------------------------------------------------
+# T5X's T5Config has this project's fields, meanings and defaults, plus this one, which
+# holds no parameter: this network computes attention logits in float32 either way.
+_T5X_ONLY_FIELDS = ("float32_attention_logits",)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Macro:
+  name: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reference:
+  name: str
+
+
+class _UnresolvedValues(config_parser.ParserDelegate):
+  """Keeps %macros and @references as names: resolving a reference would import its
+  configurable (T5X's, for T5X files)."""
+
+  def configurable_reference(self, scoped_configurable_name, evaluate):
+    del evaluate
+    return _Reference(scoped_configurable_name)
+
+  def macro(self, macro_name):
+    return _Macro(macro_name)
+
+
+def _find_gin_file(name: str, search_paths: list, included_at: str) -> pathlib.Path:
+  for folder in ("", *search_paths):  # as given (absolute, or from the working dir) first
+    candidate = pathlib.Path(folder) / name
+    if candidate.is_file():
+      return candidate
+  raise FileNotFoundError(f"{included_at}gin file {name!r} not found in the working directory "
+                          f"or {[str(p) for p in search_paths]}; add its folder with "
+                          "--gin_search_path")
+
+
+def _read_gin_bindings(gin_file: pathlib.Path, search_paths: list, config_values: dict,
+                       macros: dict) -> None:
+  """Adds the file's (and its includes') T5Config bindings and macros, the last one winning."""
   try:
-    gin.parse_config_file(str(gin_file))
-    return t5.T5Config()
-  finally:
-    gin.clear_config()
+    with open(gin_file, encoding="utf-8") as f:
+      statements = list(config_parser.ConfigParser(f, _UnresolvedValues()))
+  except SyntaxError as error:
+    raise ConversionError(f"{gin_file}: {error}") from None
+  for statement in statements:
+    where = f"{gin_file}:{statement.location.line_num}"
+    if isinstance(statement, config_parser.IncludeStatement):
+      included = _find_gin_file(statement.filename, search_paths, f"{where}: ")
+      _read_gin_bindings(included, search_paths, config_values, macros)
+    elif isinstance(statement, config_parser.BindingStatement) and not statement.scope:
+      if statement.selector.split(".")[-1] == "T5Config" and statement.arg_name:
+        config_values[statement.arg_name] = (statement.value, where)
+      elif not statement.arg_name:
+        macros[statement.selector] = statement.value
+
+
+def _resolve(value, macros: dict, where: str, seen: tuple = ()):
+  if isinstance(value, _Macro):
+    if value.name == "gin.REQUIRED":
+      return gin.REQUIRED
+    if value.name not in macros or value.name in seen:
+      raise ConversionError(f"{where}: macro %{value.name} is not bound to a value")
+    return _resolve(macros[value.name], macros, where, (*seen, value.name))
+  if isinstance(value, _Reference):
+    raise ConversionError(f"{where}: T5Config fields must be plain values, not @{value.name}")
+  if isinstance(value, (list, tuple)):
+    return type(value)(_resolve(item, macros, where, seen) for item in value)
+  return value
+
+
+def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
+  """The T5Config that a gin file (with its includes) binds: this project's model files, or
+  T5X's, e.g. t5x/examples/t5/t5_1_1/base.gin or a T5X run's operative config.gin.
+
+  Only T5Config bindings and the macros they use are read; nothing is imported and gin's
+  global config is untouched. The file and its includes are looked up as given, then in
+  `search_paths` (T5X's repository for its files), then in this project's gin/. A field
+  bound to %gin.REQUIRED (T5X's DROPOUT_RATE) keeps its default: dropout and dtype are set
+  by the training run.
+  """
+  search_paths = [*map(pathlib.Path, search_paths), resources.GIN_DIR]
+  gin_file = _find_gin_file(str(gin_file), search_paths, "")
+  bindings, macros = {}, {}
+  _read_gin_bindings(gin_file, search_paths, bindings, macros)
+  if "vocab_size" not in bindings:
+    raise ConversionError(f"{gin_file}: binds no T5Config.vocab_size (network.T5Config.vocab_size "
+                          "in T5X); is it a model gin file?")
+  values = {}
+  for field, (value, where) in bindings.items():
+    value = _resolve(value, macros, where)
+    if value is not gin.REQUIRED and field not in _T5X_ONLY_FIELDS:
+      values[field] = value
+  try:
+    return t5.T5Config.from_dict(values)
+  except (TypeError, ValueError) as error:
+    raise ConversionError(f"{gin_file}: {error}") from None
 
 
 # ------------------------------------------------------------------------------
@@ -360,9 +451,14 @@ def add_parser(subparsers) -> None:
   parser.add_argument("source", help="Hugging Face directory, or T5X checkpoint directory")
   parser.add_argument("--out", required=True, help="output model directory")
   model = parser.add_mutually_exclusive_group()
-  model.add_argument("--gin_file", help="T5X only: gin file binding the T5Config")
-  model.add_argument("--config", help=f"T5X only: a model name from {GIN_MODELS_DIR}, "
+  model.add_argument("--gin_file", help="T5X only: gin file binding the model config: T5X's "
+                     "(network.T5Config, e.g. t5x/examples/t5/t5_1_1/base.gin or the run's "
+                     "config.gin) or one of this project's gin/models files")
+  model.add_argument("--config", help=f"T5X only: a model name from {resources.GIN_MODELS_DIR}, "
                      "e.g. t5_1_1_base")
+  parser.add_argument("--gin_search_path", action="append", default=[],
+                      help="folder in which to look for the gin file's includes (repeatable), "
+                      "e.g. the T5X repository for T5X's model files")
   parser.add_argument("--dtype", help="activation dtype to record in the config, e.g. "
                       "bfloat16 (default: float32 for hf, the gin file's for t5x)")
   parser.set_defaults(func=run)
@@ -378,8 +474,8 @@ def run(args: argparse.Namespace) -> int:
     else:
       if not (args.gin_file or args.config):
         raise ConversionError("--from t5x needs the model config: --gin_file or --config")
-      gin_file = args.gin_file or GIN_MODELS_DIR / f"{args.config}.gin"
-      config = config_from_gin(gin_file)
+      gin_file = args.gin_file or resources.GIN_MODELS_DIR / f"{args.config}.gin"
+      config = config_from_gin(gin_file, args.gin_search_path)
       if args.dtype:
         config = t5.T5Config.from_dict({**config.to_dict(), "dtype": args.dtype})
       params, config = convert_t5x(args.source, config)

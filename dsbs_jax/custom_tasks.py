@@ -4,11 +4,15 @@
 <layout_dir>/<name>/{train,valid,test}.jsonl (layout_dir defaults to the record file's
 folder), carving validation from train as the paper carves CQA's, and registers the
 dataset's three tasks and four mixtures as the shipped benchmarks have
-(<name>_dsbs_teacher and so on). `register_custom_datasets` is the gin-configurable form,
-called when `tasks` is imported:
+(<name>_dsbs_teacher and so on). `register_custom_datasets` is the gin-configurable form:
 
     register_custom_datasets.datasets = [
         {"name": "mydata", "rationales_file": "/data/mydata.jsonl", "metric": "exact_match"}]
+
+It runs when `tasks` is imported (`dsbs` imports it after parsing gin) and again when gin
+is finalized, which T5X does after its files and --gin.* flags are parsed: a gin file's
+`import tasks` comes before the bindings that follow it. A dataset already registered
+with the same arguments is left as it is.
 
 This module must not define the benchmarks' tasks (tasks/ does) or talk to a teacher.
 """
@@ -25,6 +29,8 @@ from dsbs_jax import rationales
 
 METRICS = {"exact_match": metrics.exact_match_accuracy, "equation": metrics.equation_accuracy}
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
+# Dataset name -> (the arguments it was registered with, its task and mixture names).
+_REGISTERED: dict[str, tuple[dict, list[str]]] = {}
 
 
 def _read_labelled(path: str) -> list:
@@ -65,8 +71,22 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
 
 @gin.configurable
 def register_custom_datasets(datasets: Sequence[Mapping] = ()) -> list[str]:
-  """Registers each dataset, given as the keyword arguments of `register_custom_dataset`."""
+  """Registers each dataset, given as the keyword arguments of `register_custom_dataset`,
+  unless it is registered with those arguments already; returns all their names."""
   names = []
   for kwargs in datasets:
-    names.extend(register_custom_dataset(**kwargs))
+    kwargs = dict(kwargs)
+    registered = _REGISTERED.get(kwargs.get("name"))
+    if registered and registered[0] == kwargs:
+      names.extend(registered[1])
+      continue
+    dataset_names = register_custom_dataset(**kwargs)
+    _REGISTERED[kwargs["name"]] = (kwargs, dataset_names)
+    names.extend(dataset_names)
   return names
+
+
+@gin.config.register_finalize_hook
+def _register_when_gin_is_final(config) -> None:
+  del config  # the bindings are read by calling the configurable
+  register_custom_datasets()

@@ -23,10 +23,10 @@ import tensorflow as tf
 
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
+from dsbs_jax import resources
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_RATIONALES_DIR = os.path.join(REPO_ROOT, "rationales")
-DEFAULT_VOCABULARY = os.path.join(DEFAULT_RATIONALES_DIR, "vocab", "dsbs_spm_8k.model")
+DEFAULT_RATIONALES_DIR = str(resources.RATIONALES_DIR)
+DEFAULT_VOCABULARY = str(resources.VOCABULARY_FILE)
 # The shipped from-scratch vocabulary, for gin files: VOCABULARY = %DSBS_VOCABULARY.
 gin.constant("DSBS_VOCABULARY", DEFAULT_VOCABULARY)
 SPLITS = ("train", "validation", "test")
@@ -292,95 +292,89 @@ def tokenize(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Featu
 
 
 TASK_IDS = {"label": 1, "rationale": 2}  # 0 is padding
+# The feature `add_task_ids` writes. It is not one of the tasks' output features, so the
+# tasks work with seqio's and T5X's plain EncDecFeatureConverter, which never see it (a
+# mixture drops it unless asked to pass it through, as input_pipeline does).
+TASK_ID_FEATURE = "targets_task"
 
 
 def add_task_ids(task_id: int):
   """A preprocessor marking every target token with its task, so losses can be split."""
   @seqio.map_over_dataset
   def mark(example):
-    return dict(example, targets_task=tf.fill(tf.shape(example["targets"]), task_id))
+    return dict(example, **{TASK_ID_FEATURE: tf.fill(tf.shape(example["targets"]), task_id)})
   return mark
 
 
 class DistillationFeatureConverter(seqio.EncDecFeatureConverter):
-  """EncDecFeatureConverter that also packs "targets_task" into "decoder_task_ids".
+  """EncDecFeatureConverter that also packs TASK_ID_FEATURE into "decoder_task_ids".
 
   decoder_task_ids is 0 on padding, TASK_IDS["label"] on label-task target tokens and
-  TASK_IDS["rationale"] on rationale-task ones, aligned with decoder_target_tokens.
+  TASK_IDS["rationale"] on rationale-task ones, aligned with decoder_target_tokens. A
+  mixture's dataset carries TASK_ID_FEATURE only when asked for it as a passthrough feature.
   """
   TASK_FEATURES = dict(seqio.EncDecFeatureConverter.TASK_FEATURES,
-                       targets_task=seqio.FeatureConverter.FeatureSpec(dtype=tf.int32))
+                       **{TASK_ID_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)})
   MODEL_FEATURES = dict(seqio.EncDecFeatureConverter.MODEL_FEATURES,
                         decoder_task_ids=seqio.FeatureConverter.FeatureSpec(dtype=tf.int32))
 
   def __call__(self, ds, task_feature_lengths):
-    lengths = dict(task_feature_lengths, targets_task=task_feature_lengths["targets"])
+    lengths = dict(task_feature_lengths, **{TASK_ID_FEATURE: task_feature_lengths["targets"]})
     return super().__call__(ds, lengths)
 
   def _convert_example(self, features):
-    return dict(super()._convert_example(features), decoder_task_ids=features["targets_task"])
+    return dict(super()._convert_example(features), decoder_task_ids=features[TASK_ID_FEATURE])
 
   def get_model_feature_lengths(self, task_feature_lengths):
     lengths = super().get_model_feature_lengths(task_feature_lengths)
     return dict(lengths, decoder_task_ids=task_feature_lengths["targets"])
 
 
-class OptionsVocabulary(seqio.Vocabulary):
+class OptionsVocabulary(seqio.SentencePieceVocabulary):
   """The SentencePiece vocabulary that `TaskOptions` names when it is used.
 
-  Tasks are registered at import, before gin is parsed; this defers the choice of model.
+  Tasks are registered at import, before gin is parsed; this defers the choice of model
+  (every use reads TaskOptions.vocabulary_path and .vocabulary_extra_ids). It equals any
+  seqio.SentencePieceVocabulary that tokenizes as the one it resolves to: the same model
+  with the same extra ids. So T5X, which checks that a task's vocabulary equals its
+  model's, accepts a model whose VOCABULARY is a plain SentencePieceVocabulary of that file.
   """
 
   def __init__(self):
-    super().__init__(extra_ids=0)
+    super().__init__(sentencepiece_model_file="")  # never read: see _model_context
 
   @property
-  def _resolved(self) -> seqio.SentencePieceVocabulary:
+  def resolved(self) -> seqio.SentencePieceVocabulary:
     options = TaskOptions()
     return _sentencepiece_vocabulary(options.vocabulary_path, options.vocabulary_extra_ids)
 
-  @property
-  def eos_id(self):
-    return self._resolved.eos_id
+  def _model_context(self):
+    return self.resolved._model_context()  # pylint: disable=protected-access
 
   @property
-  def unk_id(self):
-    return self._resolved.unk_id
+  def sentencepiece_model_file(self) -> str:
+    return self.resolved.sentencepiece_model_file
 
   @property
-  def pad_id(self):
-    return self._resolved.pad_id
-
-  @property
-  def vocab_size(self):
-    return self._resolved.vocab_size
-
-  @property
-  def _base_vocab_size(self):
-    return self._resolved.vocab_size
-
-  def _encode(self, s):
-    return self._resolved.encode(s)
-
-  def _decode(self, ids):
-    return self._resolved.decode(ids)
-
-  def _encode_tf(self, s):
-    return self._resolved.encode_tf(s)
-
-  def _decode_tf(self, ids):
-    return self._resolved.decode_tf(ids)
+  def extra_ids(self) -> int:
+    return self.resolved.extra_ids
 
   def __eq__(self, other):
-    return isinstance(other, OptionsVocabulary)
+    # As a subclass, this is also what `SentencePieceVocabulary(...) == self` calls.
+    if isinstance(other, OptionsVocabulary):
+      return True
+    return isinstance(other, seqio.SentencePieceVocabulary) and other.sp_model == self.sp_model
 
   def __hash__(self):
     return hash(OptionsVocabulary)
 
+  def __str__(self) -> str:
+    return f"OptionsVocabulary({self.resolved})"
+
 
 @functools.lru_cache(maxsize=8)
 def _sentencepiece_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
-  if not os.path.exists(path):
+  if not tf.io.gfile.exists(path):  # a local path, or a URL such as gs://... that TF reads
     raise FileNotFoundError(f"{path}: SentencePiece model not found (TaskOptions.vocabulary_path)")
   return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
@@ -388,9 +382,7 @@ def _sentencepiece_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceV
 def output_features() -> dict:
   vocabulary = OptionsVocabulary()
   return {"inputs": seqio.Feature(vocabulary, add_eos=True),
-          "targets": seqio.Feature(vocabulary, add_eos=True),
-          "targets_task": seqio.Feature(seqio.PassThroughVocabulary(len(TASK_IDS) + 1),
-                                        add_eos=False, required=False)}
+          "targets": seqio.Feature(vocabulary, add_eos=True)}
 
 
 def task_name(dataset: str, kind: str) -> str:

@@ -5,12 +5,16 @@
         [--decode greedy|beam --num_beams 4 --alpha 0.6] [--with_rationales]
 
 `hf` writes a Hugging Face directory (config.json, model.safetensors, generation_config.json,
-spiece.model and tokenizer_config.json) that transformers' T5ForConditionalGeneration and
-AutoTokenizer load offline; callers prepend the task prefix recorded in the manifest.
-`saved_model` writes a TensorFlow SavedModel made with jax2tf whose serving signature maps
-a batch of raw input strings (any batch size) to decoded strings, with the task prefix,
-tokenization and decoding inside the graph. Both write the manifest dsbs_export.json and
-appear at --out only once complete.
+spiece.model, tokenizer_config.json and a model card, README.md) that transformers'
+T5ForConditionalGeneration and AutoTokenizer load offline; callers prepend the task prefix
+recorded in the manifest and the card.
+`saved_model` writes TensorFlow SavedModels made with jax2tf. At --out, the text one: its
+serving signature maps a batch of raw input strings (any batch size) to decoded strings,
+with the task prefix, tokenization and decoding inside the graph; its tokenizer is
+tensorflow-text's, which must be imported to load it. In --out/token_ids, the token-ids
+one: token ids in, generated ids out, loadable with TensorFlow alone (stock TensorFlow
+Serving). Both formats write the manifest dsbs_export.json, which says what each part
+needs, and appear at --out only once complete.
 
 This module only reads trained students and writes foreign formats; training, prediction
 and the network live elsewhere (train.py, infer.py, models/t5.py).
@@ -42,13 +46,20 @@ from dsbs_jax import checkpoints
 from dsbs_jax import convert
 from dsbs_jax import data
 from dsbs_jax import infer
+from dsbs_jax import rationales
 from dsbs_jax.models import t5
 
 MANIFEST_FILE = "dsbs_export.json"
+MODEL_CARD_FILE = "README.md"  # of a Hugging Face export
 # The vocabulary's name in each format's directory (transformers looks for spiece.model).
 VOCABULARY_FILES = {"hf": "spiece.model", "saved_model": infer.VOCABULARY_FILE}
 FORMATS = tuple(VOCABULARY_FILES)
 SIGNATURE_NAME = "serving_default"
+# The token-ids SavedModel's folder inside a saved_model export, and its signature's names
+# (also a second signature of the text SavedModel).
+TOKEN_IDS_DIR = "token_ids"
+TOKEN_IDS_SIGNATURE = "token_ids"
+TOKEN_IDS_INPUT, TOKEN_IDS_OUTPUT = "input_ids", "output_ids"
 
 
 class ExportError(ValueError):
@@ -63,6 +74,7 @@ class Student:
   params: Any
   config: t5.T5Config
   spec: infer.RunSpec
+  results: Optional[dict[str, Any]]  # MODEL_DIR/results.json; None if the run did not finish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,21 +98,32 @@ def load_student(model_dir, step: str = "best") -> Student:
     params, config, chosen = infer.load_trained_params(model_dir, step)
   except ValueError as error:  # a malformed run.json or config.json, named in the message
     raise ExportError(str(error)) from error
+  results_path = model_dir / infer.RESULTS_FILE
+  try:
+    results = json.loads(results_path.read_text()) if results_path.is_file() else None
+  except json.JSONDecodeError as error:
+    raise ExportError(f"{results_path}: {error}") from error
   # Checkpoints trained sharded are restored as global arrays; gather every one.
-  return Student(model_dir, chosen, jax.device_get(params), config, spec)
+  return Student(model_dir, chosen, jax.device_get(params), config, spec, results)
 
 
 def manifest(student: Student, export_format: str, decode: DecodeOptions,
              format_entries: dict[str, Any]) -> dict[str, Any]:
   """The contents of dsbs_export.json: where the export came from and how to use it."""
-  spec = student.spec
+  spec, results = student.spec, student.results or {}
   decoding = dataclasses.asdict(decode)
   if decode.method == "greedy":
     del decoding["num_beams"], decoding["alpha"]
+  metrics = {"step": results.get("best_step"), "label_task": results.get("label_task"),
+             **{key: results.get(key) for key in ("validation", "test", "majority_baseline_test")}}
   return {
       "format": export_format,
       "source": {"checkpoint": str(student.model_dir), "step": student.step,
-                 "mixture_or_task_name": spec.mixture_or_task_name},
+                 "mixture_or_task_name": spec.mixture_or_task_name,
+                 **{key: results[key] for key in ("alpha", "train_fraction", "subsample_seed")
+                    if key in results}},
+      # The run's final scoring, of the checkpoint best on validation (None if unfinished).
+      "metrics": metrics if results else None,
       "task_prefixes": {"label": spec.label_prefix, "rationale": spec.rationale_prefix},
       "vocabulary": {"file": VOCABULARY_FILES[export_format],
                      "extra_ids": spec.vocabulary_extra_ids},
@@ -151,6 +174,77 @@ def hf_weights(params: Any) -> dict[str, np.ndarray]:
   """{Hugging Face name: float32 array} of our parameter tree."""
   return {convert.hf_name(name): np.ascontiguousarray(convert.hf_layout(name, array), np.float32)
           for name, array in traverse_util.flatten_dict(params, sep="/").items()}
+
+
+def _format_metrics(values: Optional[dict[str, Any]]) -> str:
+  return ", ".join(f"{name} {value:.2%}" if name == "accuracy" and isinstance(value, float)
+                   else f"{name} {value}" for name, value in (values or {}).items()) or "-"
+
+
+def model_card(values: dict[str, Any], config: t5.T5Config) -> str:
+  """README.md of a Hugging Face export, written from its manifest `values`."""
+  source, prefixes, metrics = values["source"], values["task_prefixes"], values["metrics"]
+  decoding, lengths = values["decoding"], values["feature_lengths"]
+  num_params = sum(int(np.prod(shape.shape)) for shape in jax.tree.leaves(t5.param_shapes(config)))
+  run = (f"alpha {source['alpha']}, training-data fraction {source['train_fraction']}, "
+         f"subsample seed {source['subsample_seed']}" if "alpha" in source else "")
+  if metrics is None:
+    evaluation = ("The run that trained it wrote no final results (it had not finished), so "
+                  "there are no metrics to report.")
+  else:
+    chosen = ("this export" if metrics["step"] == source["step"]
+              else f"step {metrics['step']}; this export is step {source['step']}")
+    baseline = metrics["majority_baseline_test"] or {}
+    evaluation = "\n".join([
+        f"Label task `{metrics['label_task']}`, scored by `dsbs train` on the checkpoint best "
+        f"on validation ({chosen}), greedy decoding:", "",
+        "| split | metrics |", "| --- | --- |",
+        f"| validation | {_format_metrics(metrics['validation'])} |",
+        f"| test | {_format_metrics(metrics['test'])} |",
+        f"| test, majority-class baseline (`{baseline.get('prediction', '')}`) | "
+        f"{_format_metrics({'accuracy': baseline.get('accuracy')})} |"])
+  return f"""---
+library_name: transformers
+pipeline_tag: text2text-generation
+tags:
+- t5
+- distilling-step-by-step
+- dsbs-jax
+---
+
+# A distilling step-by-step student
+
+A T5 ({config.num_encoder_layers} + {config.num_decoder_layers} layers, d_model {config.emb_dim},
+{num_params / 1e6:.1f}M parameters) trained with dsbs-jax to answer and to explain, as in
+*Distilling step-by-step* (Hsieh et al., ACL 2023), on the SeqIO mixture
+`{source["mixture_or_task_name"]}`{f" ({run})" if run else ""}. Exported by dsbs-jax
+{values["dsbs_jax_version"]} from step {source["step"]} of `{source["checkpoint"]}`;
+`{MANIFEST_FILE}` records the details.
+
+## Use
+
+Every input starts with its task prefix: `{prefixes["label"]}` for the answer,
+`{prefixes["rationale"]}` for the rationale. Inputs longer than {lengths["inputs"]} tokens are
+cut as in training (the tokenizer's `model_max_length`). NLI inputs join premise and
+hypothesis with `{rationales.NLI_SEPARATOR}`.
+
+```python
+from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+model = T5ForConditionalGeneration.from_pretrained("PATH")
+inputs = tokenizer([{prefixes["label"]!r} + text for text in texts], return_tensors="pt",
+                   padding=True, truncation=True)
+answers = tokenizer.batch_decode(model.generate(**inputs), skip_special_tokens=True)
+```
+
+`generation_config.json` sets what `dsbs predict` does: {decoding["method"]} decoding of at
+most {decoding["decode_length"]} new tokens.
+
+## Evaluation
+
+{evaluation}
+"""
 
 
 def write_hf(student: Student, directory: pathlib.Path, decode: DecodeOptions) -> dict[str, Any]:
@@ -230,6 +324,9 @@ def tokenize_tf(vocabulary: seqio.Vocabulary, texts: tf.Tensor, length: int) -> 
 
 def write_saved_model(student: Student, directory: pathlib.Path,
                       decode: DecodeOptions) -> dict[str, Any]:
+  """Two SavedModels: the text one at `directory` (SentencePiece ops from tensorflow-text
+  inside the graph) and, in TOKEN_IDS_DIR, the token-ids one, which TensorFlow alone loads
+  (stock TensorFlow Serving has no tensorflow-text ops)."""
   spec, config = student.spec, student.config
   vocabulary = _ServingVocabulary(str(student.model_dir / infer.VOCABULARY_FILE),
                                   extra_ids=spec.vocabulary_extra_ids)
@@ -242,29 +339,51 @@ def write_saved_model(student: Student, directory: pathlib.Path,
     return t5.predict_batch(params, config, encoder_input_tokens, decode.decode_length,
                             method=decode.method, num_beams=decode.num_beams, alpha=decode.alpha)
 
-  module = tf.Module()
-  module.params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False),
-                                        student.params)
-  module.tokenizer = vocabulary.tf_tokenizer
+  params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), student.params)
   generate_tf = jax2tf.convert(generate, polymorphic_shapes=[None, "(b, ...)"],
                                with_gradient=False, native_serialization_platforms=[platform])
 
+  @tf.function(input_signature=[tf.TensorSpec([None, spec.input_length], tf.int32,
+                                               name=TOKEN_IDS_INPUT)], autograph=False)
+  def serve_token_ids(input_ids):
+    return {TOKEN_IDS_OUTPUT: generate_tf(params, input_ids)}
+
   @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")],
                autograph=False)
-  def serve(inputs):
+  def serve_text(inputs):
     # Every prefix's inputs in one batch: [len(prefixes) * batch] strings.
     texts = tf.concat([prefix + inputs for prefix in prefixes.values()], axis=0)
-    ids = generate_tf(module.params, tokenize_tf(vocabulary, texts, spec.input_length))
+    ids = generate_tf(params, tokenize_tf(vocabulary, texts, spec.input_length))
     outputs = tf.split(vocabulary.decode_tf(ids), len(prefixes))
     return dict(zip(prefixes, outputs))
 
-  module.serve = serve
+  text_model, token_ids_model = tf.Module(), tf.Module()
+  text_model.params = token_ids_model.params = params
+  text_model.tokenizer = vocabulary.tf_tokenizer
+  text_model.serve, text_model.serve_token_ids = serve_text, serve_token_ids
+  token_ids_model.serve = serve_token_ids
   with _top_k_lowered_as_sort(platform):
-    tf.saved_model.save(module, str(directory), signatures={SIGNATURE_NAME: serve})
+    tf.saved_model.save(text_model, str(directory), signatures={
+        SIGNATURE_NAME: serve_text, TOKEN_IDS_SIGNATURE: serve_token_ids})
+    tf.saved_model.save(token_ids_model, str(directory / TOKEN_IDS_DIR),
+                        signatures={SIGNATURE_NAME: serve_token_ids})
   shutil.copyfile(student.model_dir / infer.VOCABULARY_FILE,
                   directory / VOCABULARY_FILES["saved_model"])
-  return {"signature": {"name": SIGNATURE_NAME, "inputs": {"inputs": "[batch] string"},
-                        "outputs": {name: "[batch] string" for name in prefixes}},
+  token_ids = {
+      "inputs": {TOKEN_IDS_INPUT: (
+          f"[batch, {spec.input_length}] int32: the task prefix and input tokenized with the "
+          f"vocabulary file (the NLI separator {rationales.NLI_SEPARATOR!r} as the EOS id), "
+          "cut to leave room for the EOS id that ends it, 0-padded")},
+      "outputs": {TOKEN_IDS_OUTPUT: f"[batch, {decode.decode_length}] int32: generated ids, "
+                                    "EOS-terminated, 0 after EOS"}}
+  text = {"inputs": {"inputs": "[batch] string"},
+          "outputs": {name: "[batch] string" for name in prefixes}}
+  return {"saved_models": {
+      ".": {"needs": "TensorFlow and tensorflow-text (the text signature's SentencePiece ops; "
+                     "import tensorflow_text before loading)",
+            "signatures": {SIGNATURE_NAME: text, TOKEN_IDS_SIGNATURE: token_ids}},
+      TOKEN_IDS_DIR: {"needs": "TensorFlow only (stock TensorFlow Serving loads it)",
+                      "signatures": {SIGNATURE_NAME: token_ids}}},
           "platforms": [platform]}
 
 
@@ -313,7 +432,10 @@ def export(model_dir, out, export_format: str, step: str = "best",
   staging = _new_sibling_dir(out, "tmp")
   try:
     format_entries = WRITERS[export_format](student, staging, decode)
-    _write_json(staging / MANIFEST_FILE, manifest(student, export_format, decode, format_entries))
+    values = manifest(student, export_format, decode, format_entries)
+    _write_json(staging / MANIFEST_FILE, values)
+    if export_format == "hf":
+      (staging / MODEL_CARD_FILE).write_text(model_card(values, student.config), encoding="utf-8")
     _check_out(out, overwrite)  # again: another export may have finished meanwhile
     if out.exists():
       replaced = _new_sibling_dir(out, "old")

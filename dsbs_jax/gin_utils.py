@@ -8,7 +8,7 @@ import os
 
 import gin
 
-REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+from dsbs_jax import resources
 
 
 class GinConfigError(ValueError):
@@ -38,7 +38,7 @@ def split_gin_bindings(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_gin(gin_files: list[str], bindings: list[str], search_paths: list[str] = ()) -> None:
   """Parses files then bindings into gin's global config, wrapping errors with their origin."""
-  for path in [*search_paths, REPO_GIN_DIR, os.getcwd()]:
+  for path in [*search_paths, str(resources.GIN_DIR), os.getcwd()]:
     gin.add_config_file_search_path(path)
   for gin_file in gin_files:
     try:

@@ -95,6 +95,7 @@ def load_trained_params(model_dir: str, step: Optional[str] = "best"):
 
 
 BEST_FILE = "best_step.json"
+RESULTS_FILE = "results.json"  # a finished run's validation and test metrics (train.py)
 
 
 def read_best(model_dir: str) -> Optional[dict]:

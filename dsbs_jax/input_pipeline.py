@@ -37,9 +37,12 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
     raise ValueError(f"BATCH_SIZE={global_batch_size} does not divide over "
                      f"{shard_info.num_shards} data shards (hosts)")
   provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  # A mixture keeps only its output features unless told otherwise; a task keeps all.
+  task_ids = ({"passthrough_features": [data.TASK_ID_FEATURE]}
+              if isinstance(provider, seqio.Mixture) else {})
   dataset = provider.get_dataset(
       task_feature_lengths, split="train", shuffle=True, seed=seed, num_epochs=None,
-      shard_info=shard_info, use_cached=False)
+      shard_info=shard_info, use_cached=False, **task_ids)
   converter = data.DistillationFeatureConverter(pack=pack)
   dataset = converter(dataset, task_feature_lengths)
   dataset = dataset.batch(global_batch_size // shard_info.num_shards, drop_remainder=True)

@@ -22,10 +22,9 @@ import tqdm
 
 from dsbs_jax import metrics
 from dsbs_jax import rationales
+from dsbs_jax import resources
 from dsbs_jax import teacher_client
 
-PROMPTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "rationales", "prompts")
 # The teacher-label metric for each parser; parsers not named here use exact match.
 METRIC_FOR_PARSER = {"svamp": metrics.equation_accuracy}
 
@@ -127,7 +126,7 @@ class PromptTemplate:
 
 
 def default_prompt_path(dataset: str) -> str:
-  return os.path.join(PROMPTS_DIR, f"{dataset}.json")
+  return str(resources.PROMPTS_DIR / f"{dataset}.json")
 
 
 def read_examples(path: str) -> list[Example]:

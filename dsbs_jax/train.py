@@ -337,7 +337,7 @@ def final_evaluation(model_dir, best_step, run_options, checkpointer, trainer, p
     log.write(best_step, f"final_{split}", results[split])
   results["majority_baseline_test"] = majority_baseline(label_task, lengths)
   if jax.process_index() == 0:
-    with open(os.path.join(model_dir, "results.json"), "w") as f:
+    with open(os.path.join(model_dir, infer.RESULTS_FILE), "w") as f:
       json.dump(results, f, indent=2)
     plots.plot_learning_curves(os.path.basename(os.path.normpath(model_dir)),
                                plots.read_metrics(pathlib.Path(model_dir) / "metrics.jsonl"),

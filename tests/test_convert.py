@@ -14,6 +14,7 @@ from conftest import make_hf_t5
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import convert
+from dsbs_jax import resources
 from dsbs_jax.models import t5
 
 torch = pytest.importorskip("torch")
@@ -162,11 +163,87 @@ def test_t5x_orbax_checkpoint_with_flaxformer_kernels_imports_same_params(tmp_pa
   state = {"target": traverse_util.unflatten_dict(flat, sep="/"), "state": {"step": 7}}
   with ocp.PyTreeCheckpointer() as checkpointer:
     checkpointer.save(tmp_path / "checkpoint_7" / "state", state)
-  gin_file = pathlib.Path(convert.GIN_MODELS_DIR) / "t5_1_1_tiny.gin"
+  gin_file = resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin"
   assert run_convert("--from", "t5x", tmp_path / "checkpoint_7", "--gin_file", gin_file,
                      "--out", tmp_path / "ours") == 0
   imported, _ = checkpoints.load_model(tmp_path / "ours")
   jax.tree.map(np.testing.assert_array_equal, imported, params)
+
+
+# A T5X-style model gin tree, written for this test: dynamic registration, imports of T5X
+# modules (absent here), a block binding of network.T5Config with a macro left REQUIRED, and
+# a run file that includes it and overrides fields, as a T5X user's own file would.
+T5X_STYLE_BASE = """
+from __gin__ import dynamic_registration
+from t5x import models
+from t5x.examples.t5 import network
+
+DROPOUT_RATE = %gin.REQUIRED
+MODEL = @models.EncoderDecoderModel()
+models.EncoderDecoderModel.module = @network.Transformer()
+network.Transformer.config = @network.T5Config()
+network.T5Config:
+  vocab_size = 128
+  dtype = 'bfloat16'
+  emb_dim = 64
+  num_heads = 4
+  num_encoder_layers = 2
+  num_decoder_layers = 2
+  head_dim = 8
+  mlp_dim = 64
+  mlp_activations = ('gelu', 'linear')
+  dropout_rate = %DROPOUT_RATE
+  logits_via_embedding = False
+"""
+T5X_STYLE_RUN = """
+from __gin__ import dynamic_registration
+from t5x.examples.t5 import network
+from t5x import utils
+include 'models/base_like.gin'
+
+EMBED = 32
+network.T5Config.emb_dim = %EMBED
+network.T5Config.float32_attention_logits = True
+utils.SaveCheckpointConfig.period = 100
+"""
+
+
+def write_t5x_style_gin(root: pathlib.Path) -> pathlib.Path:
+  (root / "models").mkdir(parents=True)
+  (root / "models" / "base_like.gin").write_text(T5X_STYLE_BASE)
+  (root / "run.gin").write_text(T5X_STYLE_RUN)
+  return root / "run.gin"
+
+
+def test_t5x_gin_binding_network_t5config_gives_the_config(tmp_path, tiny_config):
+  write_t5x_style_gin(tmp_path / "t5x_root")
+  config = convert.config_from_gin("run.gin", [tmp_path / "t5x_root"])
+  assert config == t5.T5Config.from_dict({**tiny_config.to_dict(), "dtype": "bfloat16",
+                                          "dropout_rate": 0.1})
+
+
+def test_t5x_checkpoint_converts_with_the_t5x_gin_that_trained_it(tmp_path, tiny_config):
+  write_t5x_style_gin(tmp_path / "t5x_root")
+  params = t5.init_params(tiny_config, jax.random.key(8))
+  write_t5x_msgpack_checkpoint(params, tmp_path / "model" / "checkpoint_100")
+  assert run_convert("--from", "t5x", tmp_path / "model", "--gin_file", "run.gin",
+                     "--gin_search_path", tmp_path / "t5x_root", "--out", tmp_path / "ours") == 0
+  imported, config = checkpoints.load_model(tmp_path / "ours")
+  assert config.emb_dim == 32 and config.dtype == "bfloat16"
+  jax.tree.map(np.testing.assert_array_equal, imported, params)
+
+
+@pytest.mark.parametrize("line,error", [
+    ("network.T5Config.mlp_dim = %UNSET", r"run.gin:\d+: macro %UNSET is not bound"),
+    ("network.T5Config.mlp_dim = @network.Dense()", r"run.gin:\d+: .* not @network.Dense"),
+    ("network.T5Config.mlp_dimm = 3", r"run.gin: unknown T5Config fields: \['mlp_dimm'\]"),
+    ("include 'nowhere.gin'", r"run.gin:\d+: gin file 'nowhere.gin' not found"),
+])
+def test_gin_that_gives_no_config_is_named(tmp_path, line, error):
+  run = write_t5x_style_gin(tmp_path)
+  run.write_text(run.read_text() + line + "\n")
+  with pytest.raises((convert.ConversionError, FileNotFoundError), match=error):
+    convert.config_from_gin(run, [tmp_path])
 
 
 def test_save_load_round_trip(tmp_path, tiny_config):
@@ -218,7 +295,7 @@ def test_t5x_config_mismatch_names_parameter(tmp_path, tiny_config, capsys):
   error = capsys.readouterr().err
   assert str(tmp_path / "checkpoint_1") in error and "decoder/decoder_norm/scale" in error
   fewer_layers = tmp_path / "two_layer.gin"
-  fewer_layers.write_text((pathlib.Path(convert.GIN_MODELS_DIR) / "t5_1_1_tiny.gin")
+  fewer_layers.write_text((resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
                           .read_text() + "T5Config.num_decoder_layers = 1\n")
   with pytest.raises(convert.ConversionError, match="no place for.*decoder/layers_1"):
     convert.convert_t5x(tmp_path / "checkpoint_1", convert.config_from_gin(fewer_layers))

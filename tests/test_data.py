@@ -11,6 +11,7 @@ import seqio
 
 import tasks
 from dsbs_jax import data
+from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
 
 LENGTHS = {"inputs": 256, "targets": 128}
@@ -80,19 +81,46 @@ def test_every_task_and_mixture_yields_packed_batches(name, small_nli_dir):
   assert (batch["decoder_loss_weights"] > 0).sum() > 0
 
 
-@pytest.mark.parametrize("mixture", ["cqa_dsbs_teacher", "svamp_dsbs_gold"])
-def test_distillation_converter_marks_each_target_token_with_its_task(mixture):
-  dataset = seqio.get_mixture_or_task(mixture).get_dataset(
-      LENGTHS, split="train", shuffle=True, seed=0, use_cached=False)
-  converter = data.DistillationFeatureConverter(pack=True)
-  batch = next(converter(dataset, LENGTHS).batch(8).as_numpy_iterator())
+@pytest.mark.parametrize("name,expected_ids", [
+    ("cqa_dsbs_teacher", {0, data.TASK_IDS["label"], data.TASK_IDS["rationale"]}),
+    ("svamp_dsbs_gold", {0, data.TASK_IDS["label"], data.TASK_IDS["rationale"]}),
+    ("svamp_rationale", {0, data.TASK_IDS["rationale"]}),
+    ("svamp_distill", {0, data.TASK_IDS["label"]})])
+def test_training_batches_mark_each_target_token_with_its_task(name, expected_ids):
+  batch = next(input_pipeline.train_batches(name, LENGTHS, 8, seed=0))
   task_ids = batch["decoder_task_ids"]
   np.testing.assert_array_equal(task_ids > 0, batch["decoder_loss_weights"] > 0)
-  assert set(np.unique(task_ids)) == {0, data.TASK_IDS["label"], data.TASK_IDS["rationale"]}
+  assert set(np.unique(task_ids)) == expected_ids
   # One task per packed example: the id is constant within each decoder segment.
   for row_ids, row_segments in zip(task_ids, batch["decoder_segment_ids"]):
     for segment in set(row_segments[row_segments > 0]):
       assert len(set(row_ids[row_segments == segment])) == 1
+
+
+def test_tasks_work_with_the_plain_converter_and_lengths_inferred_from_the_data():
+  # What T5X's evaluation does with TASK_FEATURE_LENGTHS = None: the task-id feature is
+  # not an output feature, so it neither gets a length nor upsets EncDecFeatureConverter.
+  evaluator = seqio.Evaluator("svamp_dsbs_teacher", seqio.EncDecFeatureConverter(pack=False),
+                              eval_split="validation", sequence_length=None, logger_cls=())
+  assert [task.name for task in evaluator.eval_tasks] == ["svamp_label_teacher"]
+  assert set(evaluator.model_feature_shapes) == set(seqio.EncDecFeatureConverter.MODEL_FEATURES)
+  assert set(seqio.get_mixture_or_task("svamp_dsbs_teacher").output_features) == {"inputs", "targets"}
+
+
+def test_options_vocabulary_equals_the_sentencepiece_vocabulary_it_resolves_to(tmp_path):
+  options_vocabulary = seqio.get_mixture_or_task("cqa_label_teacher").output_features["inputs"].vocabulary
+  shipped = seqio.SentencePieceVocabulary(data.DEFAULT_VOCABULARY)
+  copy = tmp_path / "copy.model"
+  shutil.copy(data.DEFAULT_VOCABULARY, copy)
+  assert options_vocabulary == shipped and shipped == options_vocabulary
+  assert not options_vocabulary != shipped  # T5X's check: task vocabulary != model vocabulary
+  assert options_vocabulary == seqio.SentencePieceVocabulary(str(copy))  # same model, other path
+  assert options_vocabulary != seqio.SentencePieceVocabulary(data.DEFAULT_VOCABULARY, extra_ids=100)
+  assert options_vocabulary != seqio.ByteVocabulary()
+  bind(vocabulary_path=str(copy), vocabulary_extra_ids=100)
+  assert options_vocabulary == seqio.SentencePieceVocabulary(data.DEFAULT_VOCABULARY, extra_ids=100)
+  assert options_vocabulary.extra_ids == 100 and options_vocabulary.vocab_size == shipped.vocab_size + 100
+  assert options_vocabulary.encode("[label] a cat") == shipped.encode("[label] a cat")
 
 
 def test_mixture_rates_follow_alpha():

@@ -14,10 +14,12 @@ import gin
 import jax
 import numpy as np
 import pytest
+import seqio
 import tensorflow as tf
 
 from dsbs_jax import cli
 from dsbs_jax import export
+from dsbs_jax import infer
 from dsbs_jax.models import t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -104,16 +106,30 @@ def test_hf_export_of_sharded_v1_1_generates_as_dsbs_predict(v1_1_student, tmp_p
   assert dsbs_export("--checkpoint", v1_1_student, "--format", "hf", "--out", out) == 0
   assert {p.name for p in out.iterdir()} == {
       "config.json", "model.safetensors", "generation_config.json", "spiece.model",
-      "tokenizer_config.json", export.MANIFEST_FILE}
+      "tokenizer_config.json", export.MANIFEST_FILE, export.MODEL_CARD_FILE}
   manifest = json.loads((out / export.MANIFEST_FILE).read_text())
   assert manifest["source"] == {"checkpoint": str(v1_1_student), "step": 4,
-                                "mixture_or_task_name": "cqa_dsbs_teacher"}
+                                "mixture_or_task_name": "cqa_dsbs_teacher", "alpha": 0.5,
+                                "train_fraction": 1.0, "subsample_seed": 0}
+  results = json.loads((v1_1_student / "results.json").read_text())
+  assert manifest["metrics"] == {"step": 4, "label_task": "cqa_label_teacher",
+                                 "validation": results["validation"], "test": results["test"],
+                                 "majority_baseline_test": results["majority_baseline_test"]}
   assert manifest["task_prefixes"] == {"label": "[label] ", "rationale": "[rationale] "}
   assert manifest["vocabulary"] == {"file": "spiece.model", "extra_ids": 0}
   assert manifest["feature_lengths"] == {"inputs": 64, "targets": 32}
-  assert manifest["decoding"]["method"] == "greedy"
+  assert manifest["decoding"] == {"method": "greedy", "decode_length": 32, "with_rationales": False}
   expected = [record["prediction"] for record in dsbs_predict(v1_1_student, tmp_path)]
   assert hf_generate(out, INPUTS) == expected
+  # The model card says what the manifest says; the generation config is what predict does.
+  card = (out / export.MODEL_CARD_FILE).read_text()
+  for fact in ("`cqa_dsbs_teacher` (alpha 0.5, training-data fraction 1.0", "`[label] `",
+               "`[rationale] `", f"| test | accuracy {results['test']['accuracy']:.2%} |",
+               f"| validation | accuracy {results['validation']['accuracy']:.2%} |",
+               "greedy decoding of at\nmost 32 new tokens", "on validation (this export)"):
+    assert fact in card, fact
+  generation = pytest.importorskip("transformers").GenerationConfig.from_pretrained(out)
+  assert (generation.max_new_tokens, generation.num_beams, generation.do_sample) == (32, 1, False)
 
 
 @pytest.mark.slow
@@ -155,20 +171,64 @@ def test_hf_config_rejects_what_transformers_cannot_express(tiny_config):
 # ------------------------------------------------------------------------------
 # TF SavedModel.
 # ------------------------------------------------------------------------------
+# Run in a process of its own that imports TensorFlow and nothing else: the token-ids
+# SavedModel loads and answers; the text one cannot load without tensorflow-text's ops.
+PLAIN_TENSORFLOW_CLIENT = """
+import json, sys
+import numpy as np
+import tensorflow as tf
+export_dir, ids_file = sys.argv[1:]
+model = tf.saved_model.load(export_dir + "/token_ids")
+output = model.signatures["serving_default"](input_ids=tf.constant(np.load(ids_file)))
+result = {"output_ids": output["output_ids"].numpy().tolist(),
+          "tensorflow_text_imported": "tensorflow_text" in sys.modules}
+try:
+  tf.saved_model.load(export_dir)
+  result["text_model_error"] = None
+except Exception as error:  # pylint: disable=broad-except
+  result["text_model_error"] = str(error)
+print(json.dumps(result))
+"""
+
+
 @pytest.mark.slow
 def test_saved_model_answers_and_explains_as_dsbs_predict(v1_1_student, tmp_path):
   out = tmp_path / "saved_model"
   assert dsbs_export("--checkpoint", v1_1_student, "--format", "saved_model", "--out", out,
                      "--with_rationales") == 0
   manifest = json.loads((out / export.MANIFEST_FILE).read_text())
-  assert manifest["signature"]["outputs"] == {"prediction": "[batch] string",
-                                              "rationale": "[batch] string"}
+  text_model, token_ids_model = manifest["saved_models"]["."], manifest["saved_models"]["token_ids"]
+  assert text_model["signatures"][export.SIGNATURE_NAME]["outputs"] == {
+      "prediction": "[batch] string", "rationale": "[batch] string"}
+  assert "tensorflow-text" in text_model["needs"] and "TensorFlow only" in token_ids_model["needs"]
   expected = dsbs_predict(v1_1_student, tmp_path, "--rationale")
   served = serve(out, INPUTS)
   assert served["prediction"] == [record["prediction"] for record in expected]
   assert served["rationale"] == [record["rationale"] for record in expected]
   # Any batch size: the batch dimension is polymorphic.
   assert serve(out, INPUTS[-3:])["prediction"] == served["prediction"][-3:]
+
+  # Token ids in, ids out, with TensorFlow alone: the client tokenizes with the prefixes
+  # and the vocabulary file the manifest names.
+  vocabulary = seqio.SentencePieceVocabulary(str(out / manifest["vocabulary"]["file"]),
+                                             extra_ids=manifest["vocabulary"]["extra_ids"])
+  prefixes = manifest["task_prefixes"]
+  texts = [prefixes["label"] + text for text in INPUTS] + [prefixes["rationale"] + text for text in INPUTS]
+  input_ids = infer.tokenize_inputs(vocabulary, texts, manifest["feature_lengths"]["inputs"])
+  np.save(tmp_path / "input_ids.npy", input_ids)
+  result = subprocess.run(
+      [sys.executable, "-c", PLAIN_TENSORFLOW_CLIENT, str(out), str(tmp_path / "input_ids.npy")],
+      cwd=tmp_path, capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  client = json.loads(result.stdout.strip().splitlines()[-1])
+  assert not client["tensorflow_text_imported"]
+  assert "Op type not registered 'Sentencepiece" in client["text_model_error"]
+  decoded = [vocabulary.decode(ids) for ids in client["output_ids"]]
+  assert decoded == served["prediction"] + served["rationale"]
+  # The text SavedModel carries the same token-ids signature.
+  signature = tf.saved_model.load(str(out)).signatures[export.TOKEN_IDS_SIGNATURE]
+  np.testing.assert_array_equal(signature(input_ids=tf.constant(input_ids))["output_ids"].numpy(),
+                                client["output_ids"])
 
 
 @pytest.mark.slow

@@ -10,7 +10,8 @@ import pytest
 from dsbs_jax import data
 from dsbs_jax import rationales
 
-RELEASE = os.path.join(data.REPO_ROOT, os.pardir, "shared", "data", "dsbs-release")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(REPO, os.pardir, "shared", "data", "dsbs-release")
 
 
 # The paper's parsing (google-research/distilling-step-by-step, data_utils.py,
@@ -154,7 +155,7 @@ def test_missing_file_is_named(tmp_path):
 def test_shipped_rationales_equal_a_fresh_conversion(tmp_path):
   """rationales/ is exactly what tools/convert_release.py makes of the release."""
   spec = importlib.util.spec_from_file_location(
-      "convert_release", os.path.join(data.REPO_ROOT, "tools", "convert_release.py"))
+      "convert_release", os.path.join(REPO, "tools", "convert_release.py"))
   convert_release = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(convert_release)
   converted = convert_release.convert(RELEASE)

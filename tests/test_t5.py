@@ -2,7 +2,6 @@
 position buckets, packing, logical axes, dropout, dtypes, and how the network runs
 (scanned or unrolled layers, rematerialization, attention and dense kernels)."""
 import dataclasses
-import pathlib
 
 import flax.linen as nn
 import jax
@@ -13,11 +12,12 @@ from flax import traverse_util
 
 from dsbs_jax import convert
 from dsbs_jax import model
+from dsbs_jax import resources
 from dsbs_jax.models import layers
 from dsbs_jax.models import t5
 from test_model import pack_examples, random_example
 
-GIN_MODEL_FILES = sorted(pathlib.Path(convert.GIN_MODELS_DIR).glob("*.gin"))
+GIN_MODEL_FILES = sorted(resources.GIN_MODELS_DIR.glob("*.gin"))
 LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
 
 
@@ -40,14 +40,14 @@ def test_every_gin_model_file_builds_a_config(gin_file):
 
 def test_gin_model_sizes_match_the_public_checkpoints():
   # Parameter counts of google/t5-v1_1-base and t5-base on the Hugging Face hub.
-  assert count_params(convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_1_1_base.gin")) \
+  assert count_params(convert.config_from_gin(resources.GIN_MODELS_DIR / "t5_1_1_base.gin")) \
       == 247_577_856
-  assert count_params(convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_base.gin")) \
+  assert count_params(convert.config_from_gin(resources.GIN_MODELS_DIR / "t5_base.gin")) \
       == 222_903_552
 
 
 def test_tiny_gin_file_matches_the_test_fixture(tiny_config):
-  config = convert.config_from_gin(convert.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
+  config = convert.config_from_gin(resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin")
   assert config == dataclasses.replace(tiny_config, dropout_rate=config.dropout_rate)
 
 

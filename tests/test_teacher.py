@@ -391,6 +391,7 @@ def test_corrupt_line_inside_output_is_an_error_not_dropped(tmp_path):
 # --- stats -----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dataset, split, file_name", [("svamp", "test", "svamp/test.jsonl"),
+                                                       ("svamp", "train", "svamp/train.jsonl"),
                                                        ("cqa", "valid", "cqa/valid.jsonl")])
 def test_stats_reproduce_the_readme_figures(dataset, split, file_name, capsys):
   with open(os.path.join(SHIPPED, "README.md"), encoding="utf-8") as f:

@@ -52,6 +52,7 @@ from dsbs_jax import flops
 from dsbs_jax import infer
 from dsbs_jax import input_pipeline
 from dsbs_jax import partitioning
+from dsbs_jax import resources
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
@@ -60,8 +61,8 @@ import bench_torch  # noqa: E402  (a sibling file; tools/ is not a package)
 
 MIXTURE = "cqa_dsbs_teacher"
 ALPHA = 0.5  # the mixture's default rates; TaskPrefixStep weighs its passes the same
-GIN_MODELS = {"tiny": convert.GIN_MODELS_DIR / "t5_1_1_tiny.gin",
-              "small": convert.GIN_MODELS_DIR / "t5_1_1_small.gin"}
+GIN_MODELS = {"tiny": resources.GIN_MODELS_DIR / "t5_1_1_tiny.gin",
+              "small": resources.GIN_MODELS_DIR / "t5_1_1_small.gin"}
 TINY_VOCAB_SIZE = 8000  # the shipped vocabulary's; T5 v1.1 small keeps its 32128
 PROBE_ROWS = 16  # packed rows read to learn how many segments a row holds
 SIDES = ("dsbs_jax", "paper_torch")
