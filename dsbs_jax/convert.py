@@ -4,8 +4,10 @@ format, and the `dsbs convert` subcommand.
     dsbs convert --from hf  SRC_DIR --out DIR
     dsbs convert --from t5x SRC     --out DIR (--gin_file FILE [--gin_search_path DIR] | --config NAME)
 
-Only reading foreign formats and renaming/reshaping their arrays belongs here; the network
-lives in models/t5.py and our own checkpoint format in checkpoints.py.
+It also holds the other direction of the Hugging Face mapping (`hf_config`, `hf_weights`),
+which the exporter writes. Only foreign formats and renaming/reshaping their arrays belong
+here; the network lives in models/t5.py and our own checkpoint format in checkpoints.py.
+It must not import TensorFlow.
 """
 import argparse
 import dataclasses
@@ -241,6 +243,46 @@ def convert_hf(src_dir, dtype: str = "float32") -> tuple[dict[str, Any], t5.T5Co
     unused.discard("lm_head.weight")  # tied to shared.weight
   _reject_unused(unused, used, src_dir)
   return params, config
+
+
+# Our activation -> transformers' `feed_forward_proj` (v1.1's gated GELU is "gated-gelu").
+_HF_FEED_FORWARD = {"relu": "relu", "gelu": "gelu_new", "silu": "silu"}
+
+
+def hf_config(config: t5.T5Config) -> dict[str, Any]:
+  """transformers' config.json for `config` (its architecture: how it ran is not
+  recorded), checked by importing it back."""
+  activation, *gate = config.mlp_activations
+  if activation not in _HF_FEED_FORWARD or gate not in ([], ["linear"]):
+    raise ConversionError(f"mlp_activations {config.mlp_activations} has no transformers T5 "
+                      "equivalent")
+  feed_forward = _HF_FEED_FORWARD[activation]
+  if gate:
+    feed_forward = "gated-gelu" if activation == "gelu" else f"gated-{feed_forward}"
+  values = {
+      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
+      "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
+      "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
+      "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
+      "relative_attention_num_buckets": config.relative_attention_num_buckets,
+      "relative_attention_max_distance": config.relative_attention_max_distance,
+      "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
+      "feed_forward_proj": feed_forward,
+      # Every transformers version reads this as "original T5": the output layer is the
+      # embedding, scaled by 1/sqrt(d_model). Otherwise lm_head.weight is its own.
+      "tie_word_embeddings": config.logits_via_embedding,
+      "is_encoder_decoder": True, "decoder_start_token_id": 0,
+      "pad_token_id": 0, "eos_token_id": t5.EOS_ID, "dtype": "float32"}
+  imported = config_from_hf(values, pathlib.Path("config.json"), config.dtype)
+  if imported != dataclasses.replace(config.with_default_execution(), param_dtype="float32"):
+    raise ConversionError(f"the model config has no exact transformers T5 equivalent: {config}")
+  return values
+
+
+def hf_weights(params: Any) -> dict[str, np.ndarray]:
+  """{Hugging Face name: float32 array} of our parameter tree."""
+  return {hf_name(name): np.ascontiguousarray(hf_layout(name, array), np.float32)
+          for name, array in traverse_util.flatten_dict(params, sep="/").items()}
 
 
 # ------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
-from flax import traverse_util
 from jax.experimental import jax2tf
 from jax.interpreters import mlir
 from safetensors import numpy as safetensors_numpy
@@ -137,45 +136,6 @@ def manifest(student: Student, export_format: str, decode: DecodeOptions,
 # ------------------------------------------------------------------------------
 # Hugging Face directory.
 # ------------------------------------------------------------------------------
-# Our activation -> transformers' `feed_forward_proj` (v1.1's gated GELU is "gated-gelu").
-_HF_FEED_FORWARD = {"relu": "relu", "gelu": "gelu_new", "silu": "silu"}
-
-
-def hf_config(config: t5.T5Config) -> dict[str, Any]:
-  """transformers' config.json for `config`, checked by importing it back."""
-  activation, *gate = config.mlp_activations
-  if activation not in _HF_FEED_FORWARD or gate not in ([], ["linear"]):
-    raise ExportError(f"mlp_activations {config.mlp_activations} has no transformers T5 "
-                      "equivalent")
-  feed_forward = _HF_FEED_FORWARD[activation]
-  if gate:
-    feed_forward = "gated-gelu" if activation == "gelu" else f"gated-{feed_forward}"
-  values = {
-      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5",
-      "vocab_size": config.vocab_size, "d_model": config.emb_dim, "d_kv": config.head_dim,
-      "d_ff": config.mlp_dim, "num_layers": config.num_encoder_layers,
-      "num_decoder_layers": config.num_decoder_layers, "num_heads": config.num_heads,
-      "relative_attention_num_buckets": config.relative_attention_num_buckets,
-      "relative_attention_max_distance": config.relative_attention_max_distance,
-      "dropout_rate": config.dropout_rate, "layer_norm_epsilon": config.layer_norm_epsilon,
-      "feed_forward_proj": feed_forward,
-      # Every transformers version reads this as "original T5": the output layer is the
-      # embedding, scaled by 1/sqrt(d_model). Otherwise lm_head.weight is its own.
-      "tie_word_embeddings": config.logits_via_embedding,
-      "is_encoder_decoder": True, "decoder_start_token_id": 0,
-      "pad_token_id": 0, "eos_token_id": t5.EOS_ID, "dtype": "float32"}
-  imported = convert.config_from_hf(values, pathlib.Path("config.json"), config.dtype)
-  if imported != dataclasses.replace(config, param_dtype="float32"):
-    raise ExportError(f"the model config has no exact transformers T5 equivalent: {config}")
-  return values
-
-
-def hf_weights(params: Any) -> dict[str, np.ndarray]:
-  """{Hugging Face name: float32 array} of our parameter tree."""
-  return {convert.hf_name(name): np.ascontiguousarray(convert.hf_layout(name, array), np.float32)
-          for name, array in traverse_util.flatten_dict(params, sep="/").items()}
-
-
 def _format_metrics(values: Optional[dict[str, Any]]) -> str:
   return ", ".join(f"{name} {value:.2%}" if name == "accuracy" and isinstance(value, float)
                    else f"{name} {value}" for name, value in (values or {}).items()) or "-"
@@ -249,8 +209,8 @@ most {decoding["decode_length"]} new tokens.
 
 def write_hf(student: Student, directory: pathlib.Path, decode: DecodeOptions) -> dict[str, Any]:
   spec = student.spec
-  _write_json(directory / "config.json", hf_config(student.config))
-  safetensors_numpy.save_file(hf_weights(student.params), directory / "model.safetensors",
+  _write_json(directory / "config.json", convert.hf_config(student.config))
+  safetensors_numpy.save_file(convert.hf_weights(student.params), directory / "model.safetensors",
                               metadata={"format": "pt"})
   _write_json(directory / "generation_config.json", {
       "decoder_start_token_id": 0, "eos_token_id": t5.EOS_ID, "pad_token_id": 0,
@@ -449,7 +409,7 @@ def export(model_dir, out, export_format: str, step: str = "best",
   return out
 
 
-USER_ERRORS = (ExportError, checkpoints.CheckpointError)
+USER_ERRORS = (ExportError, convert.ConversionError, checkpoints.CheckpointError)
 
 
 def _step(value: str) -> str:

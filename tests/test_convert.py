@@ -307,3 +307,17 @@ def test_missing_t5x_checkpoint_is_named(tmp_path):
   (tmp_path / "empty").mkdir()
   with pytest.raises(FileNotFoundError, match=str(tmp_path / "empty")):
     convert.read_t5x_params(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("activations,feed_forward", [
+    (("gelu", "linear"), "gated-gelu"), (("relu",), "relu"), (("silu", "linear"), "gated-silu"),
+    (("gelu",), "gelu_new")])
+def test_hf_config_imports_back_to_the_same_config(tiny_config, activations, feed_forward):
+  config = t5.T5Config.from_dict({**tiny_config.to_dict(), "mlp_activations": activations})
+  assert convert.hf_config(config)["feed_forward_proj"] == feed_forward
+
+
+def test_hf_config_rejects_what_transformers_cannot_express(tiny_config):
+  config = t5.T5Config.from_dict({**tiny_config.to_dict(), "mlp_activations": ("gelu", "relu")})
+  with pytest.raises(convert.ConversionError, match="mlp_activations"):
+    convert.hf_config(config)

@@ -154,20 +154,6 @@ def test_sharded_checkpoint_exports_on_one_device(v1_1_student, tmp_path):
   assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("activations,feed_forward", [
-    (("gelu", "linear"), "gated-gelu"), (("relu",), "relu"), (("silu", "linear"), "gated-silu"),
-    (("gelu",), "gelu_new")])
-def test_hf_config_imports_back_to_the_same_config(tiny_config, activations, feed_forward):
-  config = t5.T5Config.from_dict({**tiny_config.to_dict(), "mlp_activations": activations})
-  assert export.hf_config(config)["feed_forward_proj"] == feed_forward
-
-
-def test_hf_config_rejects_what_transformers_cannot_express(tiny_config):
-  config = t5.T5Config.from_dict({**tiny_config.to_dict(), "mlp_activations": ("gelu", "relu")})
-  with pytest.raises(export.ExportError, match="mlp_activations"):
-    export.hf_config(config)
-
-
 # ------------------------------------------------------------------------------
 # TF SavedModel.
 # ------------------------------------------------------------------------------
