@@ -10,48 +10,66 @@ distilling-step-by-step, model_utils.py and train_utils.py, on transformers' T5)
 - greedy `generate` for the label task.
 
 The network is transformers' T5ForConditionalGeneration carrying a dsbs_jax model's weights,
-so both sides start from the same parameters. This module serves tools/bench.py: it must
-not train for real (no checkpoints, evaluation or data reading of its own).
+so both sides start from the same parameters; it runs on the CPU or a CUDA GPU (`device`).
+This module serves tools/bench.py: it must not train for real (no checkpoints, evaluation
+or data reading of its own), and must not import TensorFlow (GPU machines lack it).
 """
 import contextlib
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import transformers
 
-from dsbs_jax import data
-from dsbs_jax import export
+from dsbs_jax import convert
 from dsbs_jax import flops
+from dsbs_jax import resources
 from dsbs_jax.models import t5
 
 # (input ids, target ids) of one example of one task, EOS included, no padding.
 Segment = tuple[np.ndarray, np.ndarray]
+OUT_OF_MEMORY_ERRORS = (torch.OutOfMemoryError,)
 
 
-def hf_model(config: t5.T5Config, params) -> transformers.T5ForConditionalGeneration:
-  """transformers' T5 with `params` (a dsbs_jax parameter tree)."""
-  hf_config = transformers.T5Config(**export.hf_config(config))
+def hf_model(config: t5.T5Config, params,
+             device: str = "cpu") -> transformers.T5ForConditionalGeneration:
+  """transformers' T5 with `params` (a dsbs_jax parameter tree), on `device`."""
+  hf_config = transformers.T5Config(**convert.hf_config(config))
   model = transformers.T5ForConditionalGeneration(hf_config)
   if not config.logits_via_embedding:
     # transformers >= 5 ties lm_head to the embedding whatever the config says; T5 v1.1
     # has its own output layer.
     model.lm_head = torch.nn.Linear(config.emb_dim, config.vocab_size, bias=False)
   weights = {name: torch.from_numpy(array.copy())
-             for name, array in export.hf_weights(params).items()}
+             for name, array in convert.hf_weights(params).items()}
   missing, unexpected = model.load_state_dict(weights, strict=False)
   untied_copies = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
   if set(missing) - untied_copies or unexpected:
     raise ValueError(f"weights do not fit transformers' T5: missing {missing}, "
                      f"unexpected {unexpected}")
-  return model
+  return model.to(device)
 
 
-def autocast(dtype: str):
-  """What Hugging Face Trainer's `bf16=True` does on a CPU: bf16 autocast."""
+def autocast(dtype: str, device: str = "cpu"):
+  """What Hugging Face Trainer's `bf16=True` does: bf16 autocast on the device."""
   if dtype == "bfloat16":
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device, dtype=torch.bfloat16)
   return contextlib.nullcontext()
+
+
+def synchronize(device: str) -> None:
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def peak_memory_bytes(device: str) -> Optional[int]:
+  return torch.cuda.max_memory_allocated() if device == "cuda" else None
+
+
+def release(device: str) -> None:
+  """Hands cached accelerator memory back, so that the JAX side can have it."""
+  if device == "cuda":
+    torch.cuda.empty_cache()
 
 
 class TaskPrefixCollator:
@@ -59,7 +77,7 @@ class TaskPrefixCollator:
 
   def __init__(self, model: transformers.T5ForConditionalGeneration):
     # The tokenizer only pads here (pad id 0, as the vocabulary's); ids come tokenized.
-    tokenizer = transformers.T5Tokenizer(vocab_file=data.DEFAULT_VOCABULARY)
+    tokenizer = transformers.T5Tokenizer(vocab_file=str(resources.VOCABULARY_FILE))
     self._collate = transformers.DataCollatorForSeq2Seq(tokenizer=tokenizer, model=model)
 
   def __call__(self, label_segments: Sequence[Segment],
@@ -78,16 +96,18 @@ class TaskPrefixStep:
   """One update of the paper's trainer: weighted two-task loss, backward, clip, AdamW."""
 
   def __init__(self, model: transformers.T5ForConditionalGeneration, alpha: float,
-               total_steps: int, dtype: str, learning_rate: float = 5e-5):
-    self.model, self.alpha, self.dtype = model.train(), alpha, dtype
+               total_steps: int, dtype: str, device: str = "cpu", learning_rate: float = 5e-5):
+    self.model, self.alpha, self.dtype, self.device = model.train(), alpha, dtype, device
     self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     self.schedule = torch.optim.lr_scheduler.LambdaLR(
         self.optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
 
   def __call__(self, batch: dict) -> float:
     weights = {"pred": self.alpha, "expl": 1.0 - self.alpha}
-    with autocast(self.dtype):
-      loss = sum(weights[key] * self.model(**features).loss for key, features in batch.items())
+    with autocast(self.dtype, self.device):
+      loss = sum(weights[key] * self.model(**{name: tensor.to(self.device, non_blocking=True)
+                                              for name, tensor in features.items()}).loss
+                 for key, features in batch.items())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.optimizer.step()
@@ -106,21 +126,22 @@ def pad_inputs(segments: Sequence[Segment]) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def generate(model: transformers.T5ForConditionalGeneration, segments: Sequence[Segment],
-             max_decode_length: int, dtype: str) -> np.ndarray:
+             max_decode_length: int, dtype: str, device: str = "cpu") -> np.ndarray:
   """Greedy ids [batch, max_decode_length] without the start token, 0 after EOS."""
   input_ids, attention_mask = pad_inputs(segments)
   model.eval()
-  with torch.inference_mode(), autocast(dtype):
-    output = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+  with torch.inference_mode(), autocast(dtype, device):
+    output = model.generate(input_ids=input_ids.to(device),
+                            attention_mask=attention_mask.to(device),
                             max_new_tokens=max_decode_length, min_new_tokens=0,
                             do_sample=False, num_beams=1)
   ids = np.zeros((len(segments), max_decode_length), np.int32)
-  generated = output[:, 1:].numpy()
+  generated = output[:, 1:].cpu().numpy()
   ids[:, :generated.shape[1]] = generated
   return ids
 
 
-def matmul_peak(size: int, repeats: int, dtype: str = "float32") -> float:
+def matmul_peak(size: int, repeats: int, dtype: str = "float32", device: str = "cpu") -> float:
   """FLOP/s of a [size, size] matmul of `dtype` through torch, best of `repeats`."""
-  x = torch.ones((size, size), dtype=getattr(torch, dtype))
-  return flops.best_matmul_flops(lambda: x @ x, size, repeats)
+  x = torch.ones((size, size), dtype=getattr(torch, dtype), device=device)
+  return flops.best_matmul_flops(lambda: (x @ x, synchronize(device)), size, repeats)
