@@ -7,6 +7,12 @@ asynchronous checkpoints and validation, then scores the test split with the che
 that was best on validation. The jitted steps live in trainer.py; this file must stay a
 loop.
 """
+import sys
+
+if __name__ == "__main__":  # `python -m dsbs_jax.train ...` is `dsbs train ...`. Returning
+  from dsbs_jax import cli  # here, before anything is defined, keeps gin from registering
+  sys.exit(cli.main(["train", *sys.argv[1:]]))  # this file's configurables twice.
+
 import argparse
 import collections
 import dataclasses
@@ -16,7 +22,6 @@ import json
 import os
 import pathlib
 import signal
-import sys
 import tempfile
 import time
 from typing import Mapping, Optional
@@ -409,9 +414,10 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
   check_model_dir(model_dir, config, spec, options.vocabulary_path)
   check_writable(model_dir)
   split_sizes = input_pipeline.split_sizes(mixture_or_task_name)
-  print_fn(f"{mixture_or_task_name}: every record read and valid; examples per task and split: "
-           + "; ".join(f"{task} " + ", ".join(f"{split} {n:,}" for split, n in sizes.items())
-                       for task, sizes in split_sizes.items()))
+  print_fn(f"{mixture_or_task_name}: every record read and checked; examples (" + "/".join(
+      next(iter(split_sizes.values()), {})) + "): " + ", ".join(
+          f"{task} " + "/".join(f"{n:,}" for n in sizes.values())
+          for task, sizes in split_sizes.items()))
   with gin_utils.as_config_errors():
     partitioner = partitioning.make_partitioner()
     optimizer, learning_rate_fn = trainer_lib.make_optimizer(total_steps=train_steps)
@@ -438,6 +444,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
     else:
       state = trainer.init_state(jax.random.key(seed))
     step = int(jax.device_get(state.step))
+    log = MetricsLog(model_dir, step)  # the first write: it refuses a garbled metrics.jsonl
     # A best step past the restored one belongs to a continuation this run replaces.
     stale_best = best["step"] is not None and best["step"] > step
     if stale_best:
@@ -453,7 +460,6 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
         os.remove(os.path.join(model_dir, infer.BEST_FILE))
     batches = input_pipeline.train_batches(mixture_or_task_name, lengths, batch_size, seed,
                                            skip_batches=step)
-    log = MetricsLog(model_dir, step)
     step_flops = flops.train_step_flops(config, batch_size, lengths["inputs"], lengths["targets"])
     peak_flops, peak_source = flops.peak_flops_per_device(config.dtype)
     print_fn(f"training {mixture_or_task_name} to step {train_steps} on {jax.device_count()} "
@@ -618,7 +624,3 @@ def run(args) -> int:
     return 3
   return 0
 
-
-if __name__ == "__main__":
-  from dsbs_jax import cli
-  sys.exit(cli.main(["train", *sys.argv[1:]]))

@@ -52,6 +52,7 @@ def assert_refused(capsys, argv, fragments, *watched):
   command = "dsbs " + " ".join(argv[:2] if argv[0] == "rationales" else argv[:1])
   assert code == 2, err
   assert len(lines) == 1 and lines[0].startswith(f"{command}: error: "), err
+  assert len(lines[0]) < 800 and "tensorstore_spec" not in lines[0], lines[0]
   for fragment in [fragments] if isinstance(fragments, str) else fragments:
     assert fragment in lines[0], lines[0]
   assert snapshot(*watched) == before, "a refused run changed files on disk"
@@ -177,7 +178,7 @@ def test_rationales_generate_refuses_bad_input(tmp_path, capsys, monkeypatch):
       (["--teacher", dead_teacher, "--prompt", inputs], f"{inputs}: not valid JSON"),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--concurrency", "0"], "--concurrency"),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--max_connection_failures", "3",
-        "--retry_base_delay", "0.01"], "3 attempts in a row could not connect")]:
+        "--retry_base_delay", "0.01"], "in a row could not connect (--max_connection_failures=3)")]:
     assert_refused(capsys, ["rationales", "generate", *common, *argv], fragment, out)
   missing = ["--input", tmp_path / "missing.jsonl", "--model", "m", "--out", out,
              "--teacher", dead_teacher, "--prompt", CQA_PROMPT]

@@ -220,6 +220,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=240)[0]
   assert process.returncode == 3, output[-2000:]
+  for chatter in ("oneDNN", "cuInit", "Path not found", "uncached FunctionDataset", "absl"):
+    assert chatter not in output, chatter
   stopped_at = int(output.split("SIGTERM at step ")[1].split(":")[0])
   assert 1 <= stopped_at < 200
   checkpointer = checkpoints.TrainCheckpointer(model_dir)
