@@ -223,11 +223,10 @@ def convert_hf(src_dir, dtype: str = "float32") -> tuple[dict[str, Any], t5.T5Co
     raise FileNotFoundError(f"no Hugging Face config at {config_path}")
   try:
     hf_config = json.loads(config_path.read_text())
-  except json.JSONDecodeError as error:
+  except ValueError as error:
     raise ConversionError(f"{config_path}: not valid JSON ({error})") from None
-  if not isinstance(hf_config, dict):
-    raise ConversionError(f"{config_path}: expected a JSON object")
-  config = config_from_hf(hf_config, config_path, dtype)
+  # Anything but an object has no model_type, which config_from_hf names as the fault.
+  config = config_from_hf(hf_config if isinstance(hf_config, dict) else {}, config_path, dtype)
   weights = _read_hf_weights(src_dir)
   used = set()
 

@@ -414,10 +414,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
   check_model_dir(model_dir, config, spec, options.vocabulary_path)
   check_writable(model_dir)
   split_sizes = input_pipeline.split_sizes(mixture_or_task_name)
-  print_fn(f"{mixture_or_task_name}: every record read and checked; examples (" + "/".join(
-      next(iter(split_sizes.values()), {})) + "): " + ", ".join(
-          f"{task} " + "/".join(f"{n:,}" for n in sizes.values())
-          for task, sizes in split_sizes.items()))
+  print_fn(f"{mixture_or_task_name}: every record read and checked (" + "; ".join(
+      f"{task}: " + ", ".join(f"{n:,} {split}" for split, n in sizes.items())
+      for task, sizes in split_sizes.items()) + ")")
   with gin_utils.as_config_errors():
     partitioner = partitioning.make_partitioner()
     optimizer, learning_rate_fn = trainer_lib.make_optimizer(total_steps=train_steps)
