@@ -6,8 +6,9 @@ MODEL_DIR/checkpoints/<step>/ with the train state and the input pipeline's posi
 
 Importers of other formats live in convert.py; this module must not know them.
 """
+import dataclasses
 import pathlib
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import orbax.checkpoint as ocp
@@ -18,6 +19,19 @@ from dsbs_jax.models import t5
 PathLike = Union[str, pathlib.Path]
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
+_MAX_ERROR_CHARS = 300
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint or model that cannot be read or does not fit; the message names it."""
+
+
+def short_error(error: BaseException) -> str:
+  """An orbax or tensorstore error's first line, without the kilobytes of tensorstore spec
+  it may paste in."""
+  text = str(error).split(" [tensorstore_spec=")[0].strip()
+  first = text.splitlines()[0] if text else type(error).__name__
+  return first if len(first) <= _MAX_ERROR_CHARS else first[:_MAX_ERROR_CHARS] + "..."
 
 
 def save_model(directory: PathLike, params: Any, config: t5.T5Config) -> None:
@@ -38,23 +52,54 @@ def load_config(directory: PathLike) -> t5.T5Config:
     raise FileNotFoundError(f"no model config at {config_path}")
   try:
     return t5.T5Config.from_json(config_path.read_text()).with_default_execution()
-  except ValueError as error:
-    raise ValueError(f"{config_path}: {error}") from error
+  except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not a T5Config's
+    raise CheckpointError(f"{config_path}: not a T5 model config ({short_error(error)})") from error
 
 
-def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
-  """(params, config) as written by `save_model`; params on the default device."""
+def _shapes_by_path(tree: Any) -> dict[str, tuple]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
+def check_params(directory: PathLike) -> t5.T5Config:
+  """The config of a model directory whose parameters have the config's shapes, read from
+  the checkpoint's metadata without loading arrays; CheckpointError otherwise."""
   directory = pathlib.Path(directory).absolute()
   config = load_config(directory)
   params_path = directory / PARAMS_DIR
   if not params_path.is_dir():
     raise FileNotFoundError(f"no parameters at {params_path}")
+  try:
+    with ocp.StandardCheckpointer() as reader:
+      stored = _shapes_by_path(reader.metadata(params_path).item_metadata)
+  except Exception as error:  # orbax raises many kinds; all mean no readable checkpoint here
+    raise CheckpointError(f"{params_path}: not a readable parameter checkpoint "
+                          f"({short_error(error)})") from error
+  expected = _shapes_by_path(t5.param_shapes(config))
+  if not set(stored) & set(expected):
+    raise CheckpointError(f"{params_path}: holds none of a T5's parameters; is it a `dsbs "
+                          "convert` output, or damaged?")
+  differences = [f"{name}: {stored.get(name, 'missing')} stored, {expected.get(name, 'none')} "
+                 "in the config" for name in sorted(set(stored) | set(expected))
+                 if stored.get(name) != expected.get(name)]
+  if differences:
+    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more"
+                                           if len(differences) > 4 else "")
+    raise CheckpointError(f"{params_path} does not match {directory / CONFIG_FILE}: {shown}")
+  return config
+
+
+def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
+  """(params, config) as written by `save_model`; params on the default device."""
+  directory = pathlib.Path(directory).absolute()
+  config = check_params(directory)
+  params_path = directory / PARAMS_DIR
   with ocp.StandardCheckpointer() as checkpointer:
     try:
       params = checkpointer.restore(params_path, t5.param_shapes(config))
-    except ValueError as error:
-      raise ValueError(
-          f"{params_path} does not match {directory / CONFIG_FILE}: {error}") from error
+    except Exception as error:  # pylint: disable=broad-except
+      raise CheckpointError(f"{params_path}: parameters are damaged ({short_error(error)})") from error
   return params, config
 
 
@@ -66,34 +111,38 @@ def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
 TRAIN_CHECKPOINTS_DIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
-  """A training checkpoint that cannot be restored; the message names it."""
+@dataclasses.dataclass
+class _NamedStep:
+  """An orbax preservation policy keeping the one step its owner names, and may rename."""
+  step: Optional[int] = None
+
+  def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+    del context
+    return [info.step == self.step for info in checkpoints]
 
 
 class TrainCheckpointer:
-  """Keeps the last `keep` checkpoints plus the best one by `best_metric` (if given).
+  """Keeps the last `keep` checkpoints plus one the caller names with `keep_step` (the best
+  on validation, named once its evaluation is done, so a step is saved before evaluating).
 
   Each checkpoint holds the train state and the input pipeline's position, so a restored
   run continues with exactly the next batch.
   """
 
-  def __init__(self, model_dir: PathLike, keep: int = 3, best_metric: Optional[str] = None,
-               best_mode: str = "max", asynchronous: bool = True):
-    if best_mode not in ("max", "min"):
-      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
+  def __init__(self, model_dir: PathLike, keep: int = 3, keep_step: Optional[int] = None,
+               asynchronous: bool = True):
     self.directory = pathlib.Path(model_dir).absolute() / TRAIN_CHECKPOINTS_DIR
-    policies = [preservation.LatestN(n=keep)]
-    if best_metric:
-      sign = 1.0 if best_mode == "max" else -1.0
-      policies.append(preservation.BestN(
-          get_metric_fn=lambda metrics: sign * metrics[best_metric], n=1,
-          keep_checkpoints_without_metrics=False))
-    self.best_metric = best_metric
+    self._kept = _NamedStep(keep_step)
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "input"),
         options=ocp.CheckpointManagerOptions(
-            preservation_policy=preservation.AnyPreservationPolicy(policies),
+            preservation_policy=preservation.AnyPreservationPolicy(
+                [preservation.LatestN(n=keep), self._kept]),
             enable_async_checkpointing=asynchronous))
+
+  def keep_step(self, step: Optional[int]) -> None:
+    """Keeps `step` besides the latest ones from now on, in place of the step kept before."""
+    self._kept.step = step
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
@@ -101,25 +150,43 @@ class TrainCheckpointer:
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, input_state: dict, metrics: Optional[dict] = None) -> None:
+  def save(self, step: int, state: Any, input_state: dict) -> None:
     """Starts writing step `step`; returns before the write ends when asynchronous."""
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), input=ocp.args.JsonSave(input_state)),
-        metrics=metrics, force=True)
+        state=ocp.args.StandardSave(state), input=ocp.args.JsonSave(input_state)), force=True)
 
-  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
-    """(state, input_state) of `step`, placed as `abstract_state`'s shardings say."""
-    path = self.directory / str(step)
+  def _check_exists(self, step: int) -> None:
     if step not in self._manager.all_steps():
-      raise CheckpointError(f"{path}: no such checkpoint; available steps: {self.all_steps()}")
+      raise CheckpointError(f"{self.directory / str(step)}: no such checkpoint; available "
+                            f"steps: {self.all_steps()}")
+
+  def _unusable(self, step: int, error: BaseException, earlier_step_flag: str) -> CheckpointError:
+    earlier = [s for s in self.all_steps() if s < step]
+    hint = f"; restore an earlier one with {earlier_step_flag}{earlier[-1]}" if earlier else ""
+    return CheckpointError(f"{self.directory / str(step)}: checkpoint is corrupt or incomplete "
+                           f"({short_error(error)}){hint}")
+
+  def input_state(self, step: int, earlier_step_flag: str = "--gin.train.restore_step=") -> dict:
+    """The input pipeline's position saved with `step`, read without the train state."""
+    self._check_exists(step)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(input=ocp.args.JsonRestore())).input
+    except Exception as error:  # pylint: disable=broad-except
+      raise self._unusable(step, error, earlier_step_flag) from error
+
+  def restore(self, step: int, abstract_state: Any,
+              earlier_step_flag: str = "--gin.train.restore_step=") -> tuple[Any, dict]:
+    """(state, input_state) of `step`, placed as `abstract_state`'s shardings say.
+
+    A step that cannot be read is a CheckpointError naming it and, when there is one, the
+    flag (`earlier_step_flag` and a number) that restores the step before it.
+    """
+    self._check_exists(step)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), input=ocp.args.JsonRestore()))
     except Exception as error:  # orbax raises many kinds; all mean this step is unusable
-      earlier = [s for s in self.all_steps() if s < step]
-      hint = (f"; restore an earlier one with --gin.train.restore_step={earlier[-1]}"
-              if earlier else "")
-      raise CheckpointError(f"{path}: checkpoint is corrupt or incomplete ({error}){hint}") from error
+      raise self._unusable(step, error, earlier_step_flag) from error
     return restored.state, restored.input
 
   def delete_after(self, step: int) -> list[int]:
@@ -143,7 +210,7 @@ class TrainCheckpointer:
       metadata = None  # unreadable or missing: `restore` says which, naming the step
     abstract_state = jax.tree.map(
         lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=device), metadata)
-    return self.restore(step, abstract_state)
+    return self.restore(step, abstract_state, earlier_step_flag="--step ")
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

@@ -1,60 +1,114 @@
 """The `dsbs` command: parses the subcommand and hands it to the module that owns it.
 
 Each subcommand lives in its own module, which exposes `add_parser(subparsers)` that
-registers the subcommand with a `func(args) -> int` default. Nothing here does work itself.
+registers the subcommand with a `func(args) -> int` default. `dsbs --help` lists the
+subcommands from the table below without importing them; a command imports only its own
+module. A user error (bad input, whose message names the file, flag or value) ends as one
+line, `dsbs CMD: error: ...`, with exit code 2, and leaves a traceback only with
+--verbose; any other exception is a bug and keeps its traceback. Nothing here does work
+itself.
 """
 import argparse
-import importlib
 import sys
+import traceback
 
+from dsbs_jax import console
 from dsbs_jax import gin_utils
 from dsbs_jax import host_allocator
 from dsbs_jax import rationales
 
-# Errors that mean bad input rather than a bug: printed as one line naming the file, line
-# or flag, without a traceback. Subcommand modules add theirs as `USER_ERRORS`.
-BASE_USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError)
+# Errors that mean bad input rather than a bug. Subcommand modules add theirs as `USER_ERRORS`.
+BASE_USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError,
+                    PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
-# Subcommand -> module that registers it. Only the module of the subcommand being run is
-# imported, so that one subcommand's heavy imports do not slow the others.
+# Subcommand -> (module that registers it, its line in `dsbs --help`), in the order of work.
 SUBCOMMANDS = {
-    "tasks": "dsbs_jax.tasks_command",
-    "convert": "dsbs_jax.convert",
-    "rationales": "dsbs_jax.teacher_command",
-    "train": "dsbs_jax.train",
-    "eval": "dsbs_jax.infer",
-    "predict": "dsbs_jax.infer",
-    "export": "dsbs_jax.export",
-    "plot": "dsbs_jax.plots",
+    "rationales": ("dsbs_jax.teacher_command",
+                   "ask a teacher LLM for rationales (generate), or summarize record files (stats)"),
+    "tasks": ("dsbs_jax.tasks_command",
+              "list the SeqIO tasks and mixtures with their examples per split"),
+    "convert": ("dsbs_jax.convert", "import a pretrained Hugging Face or T5X T5 checkpoint"),
+    "train": ("dsbs_jax.train",
+              "train a student as gin files say; rerun the same command to resume"),
+    "eval": ("dsbs_jax.infer", "decode and score a task's split with a trained student"),
+    "predict": ("dsbs_jax.infer", "label (and explain) raw inputs with a trained student"),
+    "export": ("dsbs_jax.export",
+               "export a trained student as a Hugging Face directory or a TF SavedModel"),
+    "plot": ("dsbs_jax.plots", "the paper's figures (PNG) from a folder of runs"),
 }
+EPILOG = ("Run `dsbs COMMAND --help` for a command's flags. Start with\n"
+          "  dsbs train --gin_file=quickstart.gin\n"
+          "which trains a small student on the shipped CommonsenseQA rationales in minutes.")
+VERBOSE_HELP = "show libraries' logs and, for an error, its traceback"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+  """Reports a bad command line in one line, `PROG: error: MESSAGE`, pointing to --help."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+  """`parser` if it runs a command itself, else the parsers of its subcommands, recursively."""
+  subparser_actions = [a for a in parser._actions  # pylint: disable=protected-access
+                       if isinstance(a, argparse._SubParsersAction)]  # pylint: disable=protected-access
+  if not subparser_actions:
+    yield parser
+  for action in subparser_actions:
+    for child in dict.fromkeys(action.choices.values()):
+      yield from _leaf_parsers(child)
+
+
+def command_of(argv: list[str]):
+  """The subcommand named in argv (its first argument that is not a flag), if any."""
+  return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
 def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
-  """(parser, user error types) for `command`, or for every subcommand when unknown."""
-  parser = argparse.ArgumentParser(
+  """(parser, user error types) for `command`; only a listing when it names no subcommand."""
+  parser = ArgumentParser(
       prog="dsbs", description="Distilling step-by-step (Hsieh et al., ACL 2023) in JAX/Flax.",
-      epilog="Gin bindings go anywhere after the subcommand as --gin.NAME=VALUE.")
-  subparsers = parser.add_subparsers(dest="command", required=True)
-  module_names = [SUBCOMMANDS[command]] if command in SUBCOMMANDS else SUBCOMMANDS.values()
-  user_errors = BASE_USER_ERRORS
-  for module_name in dict.fromkeys(module_names):
-    module = importlib.import_module(module_name)
-    module.add_parser(subparsers)
-    user_errors += getattr(module, "USER_ERRORS", ())
-  return parser, user_errors
+      epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+  subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  if command not in SUBCOMMANDS:
+    for name, (_, summary) in SUBCOMMANDS.items():
+      subparsers.add_parser(name, help=summary)
+    return parser, BASE_USER_ERRORS
+  module = console.import_quietly(SUBCOMMANDS[command][0])
+  module.add_parser(subparsers)
+  for leaf in _leaf_parsers(subparsers.choices[command]):
+    if "--verbose" not in leaf._option_string_actions:  # pylint: disable=protected-access
+      leaf.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    leaf.set_defaults(command_name=leaf.prog)
+  return parser, BASE_USER_ERRORS + getattr(module, "USER_ERRORS", ())
 
 
 def main(argv=None) -> int:
   if argv is None:  # a real command line, which can be run again under tuned settings
     host_allocator.reexec_with_tuned_allocator()
-  argv, gin_bindings = gin_utils.split_gin_bindings(sys.argv[1:] if argv is None else list(argv))
-  parser, user_errors = build_parser(argv[0] if argv else None)
-  args = parser.parse_args(argv)
-  args.gin_bindings = gin_bindings
+  argv = sys.argv[1:] if argv is None else list(argv)
+  verbose = "--verbose" in argv
+  console.configure(verbose)
+  command = command_of(argv)
+  prog = f"dsbs {command}" if command in SUBCOMMANDS else "dsbs"
+  user_errors = BASE_USER_ERRORS
   try:
+    argv, gin_bindings = gin_utils.split_gin_bindings(argv)
+    parser, user_errors = build_parser(command)
+    args = parser.parse_args(argv)
+    prog = args.command_name
+    if gin_bindings and not hasattr(args, "gin_file"):
+      raise gin_utils.GinConfigError(f"{prog} takes no --gin.NAME=VALUE flags")
+    args.gin_bindings = gin_bindings
     return args.func(args) or 0
-  except user_errors as e:
-    print(f"dsbs {args.command}: error: {e}", file=sys.stderr)
+  except Exception as error:  # pylint: disable=broad-except
+    if not isinstance(error, user_errors):
+      raise
+    if verbose:
+      traceback.print_exc()
+    print(f"{prog}: error: {console.one_line(error)}", file=sys.stderr)
     return 2
 
 

@@ -224,7 +224,12 @@ def convert_hf(src_dir, dtype: str = "float32") -> tuple[dict[str, Any], t5.T5Co
   config_path = src_dir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"no Hugging Face config at {config_path}")
-  config = config_from_hf(json.loads(config_path.read_text()), config_path, dtype)
+  try:
+    hf_config = json.loads(config_path.read_text())
+  except ValueError as error:
+    raise ConversionError(f"{config_path}: not valid JSON ({error})") from None
+  # Anything but an object has no model_type, which config_from_hf names as the fault.
+  config = config_from_hf(hf_config if isinstance(hf_config, dict) else {}, config_path, dtype)
   weights = _read_hf_weights(src_dir)
   used = set()
 
@@ -487,11 +492,15 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
 # ------------------------------------------------------------------------------
 def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
-      "convert", help="import a pretrained Hugging Face or T5X T5 checkpoint",
-      description=__doc__.split("\n\n")[0])
-  parser.add_argument("--from", dest="source_format", choices=("hf", "t5x"), required=True)
+      "convert", description=__doc__.split("\n\n")[0] + "\n\nThe output is what "
+      "INITIAL_CHECKPOINT_PATH takes.", formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--from", dest="source_format", choices=("hf", "t5x"), required=True,
+                      help="format of SOURCE: hf (a folder with config.json and weights, e.g. "
+                           "from `hf download`) or t5x (a T5X checkpoint_N folder)")
   parser.add_argument("source", help="Hugging Face directory, or T5X checkpoint directory")
   parser.add_argument("--out", required=True, help="output model directory")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a model already at --out")
   model = parser.add_mutually_exclusive_group()
   model.add_argument("--gin_file", help="T5X only: gin file binding the model config: T5X's "
                      "(network.T5Config, e.g. t5x/examples/t5/t5_1_1/base.gin or the run's "
@@ -508,6 +517,10 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
   try:
+    out = pathlib.Path(args.out)
+    if not args.overwrite and ((out / checkpoints.PARAMS_DIR).exists()
+                               or (out / checkpoints.CONFIG_FILE).exists()):
+      raise ConversionError(f"--out {out} already holds a model; pass --overwrite to replace it")
     if args.source_format == "hf":
       if args.gin_file or args.config:
         raise ConversionError("--gin_file/--config are for --from t5x; Hugging Face "

@@ -71,10 +71,12 @@ class TaskOptions:
     gin_utils.check_required("TaskOptions", {f.name: getattr(self, f.name)
                                              for f in dataclasses.fields(self)})
     if not 0.0 < self.alpha < 1.0:
-      raise ValueError(f"TaskOptions.alpha must be in (0, 1), got {self.alpha}; "
-                       "for label-only training use the *_finetune or *_distill mixtures")
+      raise gin_utils.GinConfigError(
+          f"TaskOptions.alpha must be in (0, 1), got {self.alpha} (the ALPHA macro); "
+          "for label-only training use the *_finetune or *_distill mixtures")
     if not 0.0 < self.train_fraction <= 1.0:
-      raise ValueError(f"TaskOptions.train_fraction must be in (0, 1], got {self.train_fraction}")
+      raise gin_utils.GinConfigError(f"TaskOptions.train_fraction must be in (0, 1], got "
+                                     f"{self.train_fraction} (the TRAIN_FRACTION macro)")
 
 
 class MissingTrainInputsError(FileNotFoundError):

@@ -44,6 +44,7 @@ import dsbs_jax
 from dsbs_jax import checkpoints
 from dsbs_jax import convert
 from dsbs_jax import data
+from dsbs_jax import flags
 from dsbs_jax import infer
 from dsbs_jax import rationales
 from dsbs_jax.models import t5
@@ -412,28 +413,24 @@ def export(model_dir, out, export_format: str, step: str = "best",
 USER_ERRORS = (ExportError, convert.ConversionError, checkpoints.CheckpointError)
 
 
-def _step(value: str) -> str:
-  if value in ("best", "latest") or value.isdigit():
-    return value
-  raise argparse.ArgumentTypeError(f"{value!r}: expected 'best', 'latest' or a step number")
-
-
 def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
-      "export", help="export a trained student as a Hugging Face directory or a TF SavedModel",
-      description=__doc__.split("\n\n")[0])
+      "export", description=__doc__.split("\n\n")[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="MODEL_DIR written by dsbs train")
-  parser.add_argument("--step", default="best", type=_step,
-                      help="'best' (by validation), 'latest' or a step")
-  parser.add_argument("--format", dest="export_format", required=True, choices=FORMATS)
+  parser.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  parser.add_argument("--format", dest="export_format", required=True, choices=FORMATS,
+                      help="hf: a Hugging Face T5 folder; saved_model: a TF SavedModel that "
+                           "decodes raw strings")
   parser.add_argument("--out", required=True, help="directory to write (must not exist)")
   parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   parser.add_argument("--decode", default="greedy", choices=("greedy", "beam"),
                       help="saved_model: decoding inside the graph")
-  parser.add_argument("--num_beams", type=int, default=DecodeOptions.num_beams)
+  parser.add_argument("--num_beams", type=flags.positive_int, default=DecodeOptions.num_beams,
+                      help=f"beams for --decode beam (default {DecodeOptions.num_beams})")
   parser.add_argument("--alpha", type=float, default=DecodeOptions.alpha,
                       help="beam search length penalty")
-  parser.add_argument("--decode_length", type=int, default=None,
+  parser.add_argument("--decode_length", type=flags.positive_int, default=None,
                       help="most tokens to generate (default: the run's target length)")
   parser.add_argument("--with_rationales", action="store_true",
                       help="saved_model: also return a generated rationale per input")

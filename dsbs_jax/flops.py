@@ -7,11 +7,17 @@ value products over the sequence lengths as computed. A training step costs thre
 passes (forward, and backward through activations and weights). The common shortcut
 6 * parameters * tokens charges every weight on every token and overcounts an
 encoder-decoder. Embedding lookups, norms and softmax are not counted (T5X and PaLM's MFU
-convention). It also holds the devices' peak FLOP/s, to turn FLOPs into utilization.
-This module must not run the model.
+convention). It also holds the devices' peak FLOP/s, to turn FLOPs into utilization:
+data-sheet figures for known accelerators, and for other devices (CPUs) the best matmul
+rate measured on the machine, kept in a cache file so that runs on a busy machine are
+measured against the same peak. This module must not run the model.
 """
+import functools
+import json
+import os
+import pathlib
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -104,15 +110,67 @@ def measured_matmul_peak(size: int = 1024, repeats: int = 10,
   return best_matmul_flops(lambda: matmul(x).block_until_ready(), size, repeats)
 
 
-def peak_flops_per_device(dtype: jnp.dtype = jnp.float32) -> tuple[float, str]:
+PEAK_MATMUL_SIZE = 1024
+PEAK_REPEATS = 30
+
+
+def peak_cache_path() -> pathlib.Path:
+  """Where measured peaks are kept: $DSBS_CACHE_DIR, else the user's cache folder."""
+  folder = os.environ.get("DSBS_CACHE_DIR") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsbs_jax")
+  return pathlib.Path(folder) / "matmul_peaks.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_once(dtype_name: str) -> float:
+  """This process's best of PEAK_REPEATS products, measured once and reused."""
+  return measured_matmul_peak(PEAK_MATMUL_SIZE, PEAK_REPEATS, jnp.dtype(dtype_name))
+
+
+def _read_peaks(path: pathlib.Path) -> dict:
+  try:
+    peaks = json.loads(path.read_text())
+    return peaks if isinstance(peaks, dict) else {}
+  except (OSError, ValueError):  # absent or unreadable: measure afresh
+    return {}
+
+
+def best_measured_peak(kind: str, dtype: jnp.dtype,
+                       cache_path: Optional[pathlib.Path] = None) -> tuple[float, str]:
+  """(the best matmul FLOP/s of `dtype` measured on this machine so far, what it is).
+
+  Each process measures once (the best of repeated products); the cache keeps the best
+  of every measurement for this device kind, dtype and CPU count, since a machine busy
+  with other work can only make a product slower, never faster.
+  """
+  name = jnp.dtype(dtype).name
+  key = f"{kind} | {name} | {os.cpu_count()} CPUs"
+  path = cache_path or peak_cache_path()
+  measured = _measured_once(name)
+  peaks = _read_peaks(path)
+  best = max(measured, float(peaks.get(key, 0.0)))
+  if best > float(peaks.get(key, 0.0)):
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix(f".{os.getpid()}.tmp")
+      tmp.write_text(json.dumps({**peaks, key: best}, indent=2, sort_keys=True) + "\n")
+      os.replace(tmp, path)
+    except OSError:
+      pass  # an unwritable cache only costs the next run its comparison
+  size = f"{PEAK_MATMUL_SIZE}x{PEAK_MATMUL_SIZE}"
+  return best, (f"the best {name} {size} matmul measured on this {kind} with {os.cpu_count()} "
+                f"CPUs, kept in {path}; this run measured {measured:.3g}")
+
+
+def peak_flops_per_device(dtype: jnp.dtype = jnp.float32,
+                          cache_path: Optional[pathlib.Path] = None) -> tuple[float, str]:
   """(peak FLOP/s of one local device for products of `dtype`, where the figure comes from).
 
-  Known accelerators: their data sheet's dense bfloat16 figure, whatever the dtype.
+  Known accelerators: their data sheet's dense bfloat16 figure, whatever the dtype. Other
+  devices (CPUs included): `best_measured_peak` of the model's dtype; a CPU with bfloat16
+  instructions runs bfloat16 products ~2x faster than float32 ones.
   """
   kind = jax.local_devices()[0].device_kind
   if kind in KNOWN_PEAK_FLOPS:
-    return KNOWN_PEAK_FLOPS[kind], f"{kind} data sheet"
-  # Unknown devices (CPUs included): what a matmul of the model's dtype reaches here, now.
-  # A CPU with bfloat16 instructions runs bfloat16 products ~2x faster than float32 ones.
-  return (measured_matmul_peak(dtype=dtype),
-          f"measured {jnp.dtype(dtype).name} matmul on {kind}")
+    return KNOWN_PEAK_FLOPS[kind], f"{kind} data sheet, dense bfloat16"
+  return best_measured_peak(kind, dtype, cache_path)

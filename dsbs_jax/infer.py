@@ -26,6 +26,7 @@ import tensorflow as tf
 from dsbs_jax import checkpoints
 from dsbs_jax import data
 from dsbs_jax import decoding
+from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
@@ -33,6 +34,13 @@ from dsbs_jax.models import t5
 
 RUN_FILE = "run.json"
 VOCABULARY_FILE = "vocabulary.model"
+
+
+class ModelDirError(ValueError):
+  """A MODEL_DIR file that is malformed, or an output that cannot be written; named in the message."""
+
+
+USER_ERRORS = (ModelDirError, checkpoints.CheckpointError, input_pipeline.TaskDataError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +53,8 @@ class RunSpec:
   rationale_prefix: str
   vocabulary_extra_ids: int = 0
 
-  def save(self, model_dir: str) -> None:
-    path = pathlib.Path(model_dir) / RUN_FILE
-    path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
   def task_option_bindings(self, model_dir: str) -> list[str]:
     """Gin bindings that make the data pipeline tokenize as this run did."""
@@ -64,7 +71,7 @@ class RunSpec:
     try:
       return cls(**json.loads(path.read_text()))
     except (TypeError, json.JSONDecodeError) as error:
-      raise ValueError(f"{path}: {error}") from None
+      raise ModelDirError(f"{path}: not a run spec written by dsbs train ({error})") from None
 
 
 def vocabulary_of(model_dir: str, spec: RunSpec) -> seqio.SentencePieceVocabulary:
@@ -101,7 +108,22 @@ RESULTS_FILE = "results.json"  # a finished run's validation and test metrics (t
 def read_best(model_dir: str) -> Optional[dict]:
   """The best validation result so far ({"step": N, "validation_accuracy": x}), if any."""
   path = pathlib.Path(model_dir) / BEST_FILE
-  return json.loads(path.read_text()) if path.is_file() else None
+  if not path.is_file():
+    return None
+  try:
+    best = json.loads(path.read_text())
+    int(best["step"])
+  except (ValueError, TypeError, KeyError) as error:
+    raise ModelDirError(f"{path}: expected {{\"step\": N, ...}} ({error!r})") from None
+  return best
+
+
+def write_best(model_dir: str, best: dict) -> None:
+  """Replaces MODEL_DIR's best validation result, atomically."""
+  path = pathlib.Path(model_dir) / BEST_FILE
+  tmp = path.with_suffix(".json.tmp")
+  tmp.write_text(json.dumps(best))
+  os.replace(tmp, path)
 
 
 def best_step(model_dir: str) -> Optional[int]:
@@ -166,7 +188,7 @@ def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: di
   Writes predictions_path (JSONL: id, input, gold, prediction; with rationale_prefix also
   the generated rationale) when given. Returns the metrics, e.g. {"accuracy": 0.61}.
   """
-  task = seqio.get_mixture_or_task(task_name)
+  task = input_pipeline.mixture_or_task(task_name)
   records = []
   for batch in input_pipeline.eval_batches(task_name, split, lengths, predictor.batch_size,
                                            max_examples):
@@ -176,7 +198,7 @@ def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: di
       records.append({"id": batch.ids[i], "input": batch.inputs[i], "gold": batch.targets[i],
                       "prediction": predictions[i]})
   if not records:
-    raise ValueError(f"{task_name}/{split}: no examples to evaluate")
+    raise input_pipeline.TaskDataError(f"{task_name}/{split}: no examples to evaluate")
   targets = [task.postprocess_fn(r["gold"], is_target=True) for r in records]
   predictions = [task.postprocess_fn(r["prediction"], is_target=False) for r in records]
   metrics = {}
@@ -216,27 +238,58 @@ def read_prediction_inputs(path: str) -> list[dict]:
 
 
 def add_parser(subparsers) -> None:
-  predict = subparsers.add_parser("predict", help="label (and rationale) predictions for raw inputs")
-  predict.add_argument("--checkpoint", required=True, help="MODEL_DIR written by dsbs train")
-  predict.add_argument("--step", default="best", help="'best' (by validation), 'latest' or a step")
-  predict.add_argument("--input", required=True, help="JSONL with 'input' (and 'id'), or plain text")
-  predict.add_argument("--output", required=True, help="JSONL to write")
-  predict.add_argument("--rationale", action="store_true", help="also generate rationales")
-  predict.add_argument("--method", default="greedy", choices=("greedy", "beam"))
-  predict.add_argument("--batch_size", type=int, default=32)
-  predict.add_argument("--decode_length", type=int, default=None,
+  predict = subparsers.add_parser(
+      "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Labels raw inputs with a trained student, prefixed and tokenized as its\n"
+                  "label task was in training, and writes one JSON line per input.",
+      epilog="example:\n  dsbs predict --checkpoint /tmp/dsbs_quickstart --input questions.txt "
+             "--output answers.jsonl --rationale")
+  predict.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
+                       help="MODEL_DIR written by dsbs train")
+  predict.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  predict.add_argument("--input", required=True, metavar="FILE",
+                       help="JSONL with 'input' (and 'id') per line, or plain text, one input a line")
+  predict.add_argument("--output", required=True, metavar="FILE.jsonl",
+                       help="JSONL to write: id, input, prediction (and rationale)")
+  predict.add_argument("--rationale", action="store_true",
+                       help="also generate each input's rationale (the rationale task)")
+  predict.add_argument("--method", default="greedy", choices=("greedy", "beam"),
+                       help="decoding (default greedy; beam uses 4 beams)")
+  predict.add_argument("--batch_size", type=flags.positive_int, default=32,
+                       help="inputs decoded together (default 32)")
+  predict.add_argument("--decode_length", type=flags.positive_int, default=None,
                        help="most tokens to generate (default: the run's target length)")
   predict.set_defaults(func=run_predict)
 
-  evaluate = subparsers.add_parser("eval", help="decode and score a task's split with a trained student")
+  evaluate = subparsers.add_parser(
+      "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Decodes a split of a label task with a trained student and scores it with\n"
+                  "the task's metrics; prints them as JSON and writes the predictions.",
+      epilog="example:\n  dsbs eval --checkpoint /tmp/dsbs_quickstart --split validation --step latest")
   gin_utils.add_gin_arguments(evaluate)
-  evaluate.add_argument("--checkpoint", required=True, help="MODEL_DIR written by dsbs train")
-  evaluate.add_argument("--step", default="best")
-  evaluate.add_argument("--task", default=None, help="label task (default: the run's)")
-  evaluate.add_argument("--split", default="test", choices=data.SPLITS)
-  evaluate.add_argument("--output", default=None, help="predictions JSONL (default: in MODEL_DIR)")
-  evaluate.add_argument("--batch_size", type=int, default=32)
+  evaluate.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
+                        help="MODEL_DIR written by dsbs train")
+  evaluate.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  evaluate.add_argument("--task", default=None,
+                        help="label task to score (default: the run's; `dsbs tasks` lists them)")
+  evaluate.add_argument("--split", default="test", choices=data.SPLITS,
+                        help="split to decode and score (default test)")
+  evaluate.add_argument("--output", default=None, metavar="FILE.jsonl",
+                        help="predictions JSONL (default: MODEL_DIR/predictions_SPLIT_stepN.jsonl)")
+  evaluate.add_argument("--batch_size", type=flags.positive_int, default=32,
+                        help="examples decoded together (default 32)")
   evaluate.set_defaults(func=run_eval)
+
+
+def check_output_file(path: str) -> None:
+  """Refuses, before any work, an output file whose folder is missing or not writable."""
+  folder = os.path.dirname(os.path.abspath(path))
+  if os.path.isdir(path):
+    raise ModelDirError(f"{path}: is a folder; name the output file")
+  if not os.path.isdir(folder):
+    raise ModelDirError(f"{path}: folder {folder} does not exist")
+  if not os.access(folder, os.W_OK):
+    raise ModelDirError(f"{path}: folder {folder} is not writable")
 
 
 def _predictor(args, spec: RunSpec, params, config) -> Predictor:
@@ -248,6 +301,7 @@ def _predictor(args, spec: RunSpec, params, config) -> Predictor:
 def run_predict(args: argparse.Namespace) -> int:
   spec = RunSpec.load(args.checkpoint)
   examples = read_prediction_inputs(args.input)
+  check_output_file(args.output)
   params, config, step = load_trained_params(args.checkpoint, args.step)
   predictor = _predictor(args, spec, params, config)
   start = time.time()
@@ -266,13 +320,14 @@ def run_predict(args: argparse.Namespace) -> int:
   return 0
 
 
-def label_task_of(mixture_or_task_name: str) -> str:
+def label_task_of(mixture_or_task_name: str, flag: str = "MIXTURE_OR_TASK_NAME") -> str:
   """The label task of a run's mixture (evaluation always scores the label task)."""
-  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  provider = input_pipeline.mixture_or_task(mixture_or_task_name, flag)
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   label_tasks = [task.name for task in tasks if task.metric_fns]
   if not label_tasks:
-    raise ValueError(f"{mixture_or_task_name} has no label task with metrics to evaluate")
+    raise input_pipeline.UnknownTaskError(
+        f"{flag}={mixture_or_task_name!r} has no label task with metrics to evaluate")
   return label_tasks[0]
 
 
@@ -282,8 +337,11 @@ def run_eval(args: argparse.Namespace) -> int:
                       args.gin_search_path)
   import tasks  # registers every task, after gin like T5X's task modules
   del tasks
+  task_name = (label_task_of(args.task, "--task") if args.task
+               else label_task_of(spec.mixture_or_task_name, f"{RUN_FILE} mixture_or_task_name"))
+  if args.output:
+    check_output_file(args.output)
   params, config, step = load_trained_params(args.checkpoint, args.step)
-  task_name = args.task or label_task_of(spec.mixture_or_task_name)
   output = args.output or os.path.join(args.checkpoint, f"predictions_{args.split}_step{step}.jsonl")
   lengths = {"inputs": spec.input_length, "targets": spec.target_length}
   metrics = evaluate_split(_predictor(args, spec, params, config), task_name, args.split, lengths,

@@ -8,7 +8,8 @@ carry each example's id and text, and are padded to a full batch with masked-out
 This module must not know the model or the optimizer.
 """
 import dataclasses
-from typing import Iterator, Mapping, Optional
+import difflib
+from typing import Iterator, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
@@ -16,6 +17,44 @@ import seqio
 import tensorflow as tf
 
 from dsbs_jax import data
+from dsbs_jax import gin_utils
+
+
+class TaskDataError(ValueError):
+  """A task or mixture name, or a split of one, that cannot feed a run; the message names it."""
+
+
+def mixture_or_task(name: str, flag: str = "MIXTURE_OR_TASK_NAME"):
+  """The registered SeqIO mixture or task `name`; TaskDataError naming `flag` if none."""
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    known = sorted(set(seqio.MixtureRegistry.names()) | set(seqio.TaskRegistry.names()))
+    closest = difflib.get_close_matches(str(name), known, n=1)
+    hint = f"did you mean {closest[0]!r}? " if closest else ""
+    raise TaskDataError(f"{flag}={name!r}: no such task or mixture; {hint}`dsbs tasks` lists "
+                        "them") from None
+
+
+def split_sizes(name: str, splits: Sequence[str] = data.SPLITS) -> dict[str, dict[str, int]]:
+  """{task: {split: examples}} of every task of mixture (or task) `name`.
+
+  Counting reads every record of every split, so a malformed record file fails here,
+  naming its file and line, before a run spends time on training. An empty split is a
+  TaskDataError; a source that cannot count its examples is left out.
+  """
+  provider = mixture_or_task(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  sizes = {}
+  for task in tasks:
+    sizes[task.name] = {}
+    for split in splits:
+      count = task.source.num_input_examples(split)
+      if count == 0:
+        raise TaskDataError(f"{task.name}/{split}: no examples")
+      if count is not None:
+        sizes[task.name][split] = count
+  return sizes
 
 
 def host_shard() -> seqio.ShardInfo:
@@ -34,9 +73,9 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
   """
   shard_info = shard_info or host_shard()
   if global_batch_size % shard_info.num_shards:
-    raise ValueError(f"BATCH_SIZE={global_batch_size} does not divide over "
+    raise gin_utils.GinConfigError(f"BATCH_SIZE={global_batch_size} does not divide over "
                      f"{shard_info.num_shards} data shards (hosts)")
-  provider = seqio.get_mixture_or_task(mixture_or_task_name)
+  provider = mixture_or_task(mixture_or_task_name)
   # A mixture keeps only its output features unless told otherwise; a task keeps all.
   task_ids = ({"passthrough_features": [data.TASK_ID_FEATURE]}
               if isinstance(provider, seqio.Mixture) else {})
@@ -66,7 +105,7 @@ def eval_batches(task_name: str, split: str, task_feature_lengths: Mapping[str, 
 
   Every host reads the whole split: decoding takes the same inputs on all hosts.
   """
-  task = seqio.get_mixture_or_task(task_name)
+  task = mixture_or_task(task_name)
   dataset = task.get_dataset(task_feature_lengths, split=split, shuffle=False, num_epochs=1,
                              use_cached=False)
   if max_examples:

@@ -42,14 +42,41 @@ STYLES = {
 }
 
 
+class RunFileError(ValueError):
+  """A run's results.json, run.json or metrics.jsonl that is not what dsbs train writes."""
+
+
+USER_ERRORS = (RunFileError,)
+
+
 def read_json(path: pathlib.Path) -> dict:
-  return json.loads(path.read_text()) if path.is_file() else {}
+  if not path.is_file():
+    return {}
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise RunFileError(f"{path}: not valid JSON ({error})") from None
+  if not isinstance(values, dict):
+    raise RunFileError(f"{path}: expected a JSON object")
+  return values
 
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The rows of a metrics.jsonl; a row that is not a JSON object is an error naming its line."""
   if not path.is_file():
     return []
-  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise RunFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    if not isinstance(row, dict):
+      raise RunFileError(f"{path}:{number}: expected a JSON object")
+    rows.append(row)
+  return rows
 
 
 def method_of(mixture_or_task_name: str) -> Optional[tuple[str, str]]:
@@ -160,24 +187,32 @@ def plot_runs(runs_dir, out_dir) -> list[pathlib.Path]:
   run_dirs = find_runs(runs_dir)
   if not run_dirs:
     raise FileNotFoundError(f"{runs_dir}: no run folders (with metrics.jsonl or results.json)")
+  if out_dir.exists() and not out_dir.is_dir():
+    raise RunFileError(f"--out {out_dir}: exists and is not a folder")
+  # Everything is read, and so checked, before anything is written.
+  points = accuracy_points(run_dirs)
+  curves = {run_name(run_dir, runs_dir): read_metrics(run_dir / "metrics.jsonl")
+            for run_dir in run_dirs}
   out_dir.mkdir(parents=True, exist_ok=True)
   written = []
-  for dataset, by_method in sorted(accuracy_points(run_dirs).items()):
+  for dataset, by_method in sorted(points.items()):
     path = out_dir / f"data_efficiency_{dataset}.png"
     plot_data_efficiency(dataset, by_method, path)
     written.append(path)
-  for run_dir in run_dirs:
-    name = run_name(run_dir, runs_dir)
+  for name, rows in curves.items():
     path = out_dir / f"learning_curves_{name}.png"
-    if plot_learning_curves(name, read_metrics(run_dir / "metrics.jsonl"), path):
+    if plot_learning_curves(name, rows, path):
       written.append(path)
   return written
 
 
 def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser("plot", help="the paper's figures (PNG) from a folder of runs")
+  parser = subparsers.add_parser(
+      "plot", description="Draws the paper's data-efficiency figure (test accuracy against "
+      "training-data fraction, per method) and every run's learning curves, as PNG files, "
+      "from a folder of runs written by dsbs train. Example: dsbs plot runs/ --out figures/")
   parser.add_argument("runs_dir", help="folder of MODEL_DIRs written by dsbs train")
-  parser.add_argument("--out", required=True, help="folder for the PNG files")
+  parser.add_argument("--out", required=True, help="folder for the PNG files (created if needed)")
   parser.set_defaults(func=run)
 
 

@@ -10,20 +10,32 @@ import itertools
 import seqio
 
 from dsbs_jax import data
+from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
 
 FEATURE_LENGTHS = {"inputs": 512, "targets": 256}
 
 
+class UnknownDatasetError(ValueError):
+  """A --dataset that no registered dataset has."""
+
+
+USER_ERRORS = (UnknownDatasetError,)
+
+
 def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
-      "tasks", help="list every SeqIO task and mixture with its examples per split")
+      "tasks", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Lists every registered SeqIO task and mixture (the names MIXTURE_OR_TASK_NAME\n"
+                  "takes) with its examples per split, as the gin flags given here set them.",
+      epilog="examples:\n  dsbs tasks --dataset cqa --examples 2\n"
+             "  dsbs tasks --gin.TaskOptions.train_fraction=0.25")
   gin_utils.add_gin_arguments(parser)
-  parser.add_argument("--examples", type=int, default=0, metavar="N",
+  parser.add_argument("--examples", type=flags.positive_int, default=0, metavar="N",
                       help="print N preprocessed examples of each mixture")
   parser.add_argument("--dataset", action="append", default=[],
-                      help="only this dataset (repeatable)")
+                      help="only this dataset (repeatable), e.g. cqa, svamp, esnli, anli1")
   parser.set_defaults(func=run)
 
 
@@ -63,7 +75,13 @@ def decode_with_separators(vocabulary, ids: list[int]) -> str:
 def run(args: argparse.Namespace) -> int:
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
   import tasks  # registers everything; after gin, like T5X's task modules
-  datasets = [spec.name for spec in tasks.DATASETS if not args.dataset or spec.name in args.dataset]
+  data.TaskOptions()  # checks the gin-bound options (alpha, fraction) before any listing
+  known = [spec.name for spec in tasks.DATASETS]
+  unknown = [name for name in args.dataset if name not in known]
+  if unknown:
+    raise UnknownDatasetError(f"--dataset {unknown[0]}: no such dataset; expected one of "
+                              f"{', '.join(known)}")
+  datasets = [name for name in known if not args.dataset or name in args.dataset]
   header = f"{'name':<24} {'kind':<8}" + "".join(f"{split:>16}" for split in data.SPLITS)
   print(header)
   print("-" * len(header))

@@ -4,7 +4,9 @@
 `/v1/chat/completions` and returns the completion text and the tokens it cost. It retries
 429, 408, 5xx, time-outs, dropped connections and malformed replies with capped, jittered
 exponential backoff; other HTTP errors (a bad key, an unknown model) are fatal. Every
-attempt first draws on a shared `Budget` (requests and tokens), so caps hold across threads.
+attempt first draws on a shared `Budget` (requests, tokens, and connection failures in a
+row, so that a teacher that is down stops the run in seconds rather than after every
+example's retries), so caps hold across threads.
 
 The API key is read from the environment by the caller and lives only in a private
 attribute; it never appears in a repr, an exception or a log line (replies are redacted
@@ -41,7 +43,7 @@ class RetriesExhausted(RuntimeError):
 
 
 class BudgetExhausted(RuntimeError):
-  """The request cap or the token cap is reached; no new request may start."""
+  """A cap is reached (requests, tokens, connection failures in a row); no new request may start."""
 
 
 class _RetryableError(Exception):
@@ -68,15 +70,34 @@ class RetryPolicy:
 
 
 class Budget:
-  """Caps shared by all workers: HTTP requests sent (retries included) and tokens spent."""
+  """Caps shared by all workers: HTTP requests sent (retries included), tokens spent, and
+  attempts in a row, across workers, that could not connect to the server."""
 
-  def __init__(self, max_requests: Optional[int] = None, max_tokens: Optional[int] = None):
+  def __init__(self, max_requests: Optional[int] = None, max_tokens: Optional[int] = None,
+               max_connection_failures: Optional[int] = None):
     self.max_requests = max_requests
     self.max_tokens = max_tokens
+    self.max_connection_failures = max_connection_failures
     self.requests = 0
     self.tokens = 0
     self.estimated_tokens = 0  # the part of `tokens` estimated from text lengths
+    self.connection_failures = 0  # in a row; any reply from the server resets it
+    self.last_connection_error = None
     self._lock = threading.Lock()
+
+  def record_connection(self, error: Optional[str]) -> None:
+    """Counts an attempt that could not connect (`error`), or resets the count (None)."""
+    with self._lock:
+      if error is None:
+        self.connection_failures = 0
+      else:
+        self.connection_failures += 1
+        self.last_connection_error = error
+
+  @property
+  def unreachable(self) -> bool:
+    return (self.max_connection_failures is not None
+            and self.connection_failures >= self.max_connection_failures)
 
   def start_request(self) -> None:
     with self._lock:
@@ -96,6 +117,10 @@ class Budget:
       return f"request cap reached (--max_requests={self.max_requests})"
     if self.max_tokens is not None and self.tokens >= self.max_tokens:
       return f"token cap reached (--max_tokens_total={self.max_tokens}; {self.tokens:,} spent)"
+    if self.unreachable:
+      return (f"{self.connection_failures} attempts in a row could not connect "
+              f"(--max_connection_failures={self.max_connection_failures}); last: "
+              f"{self.last_connection_error}")
     return None
 
 
@@ -171,8 +196,10 @@ class TeacherClient:
     request = urllib.request.Request(self.url, data=payload, headers=headers, method="POST")
     try:
       with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+        self.budget.record_connection(None)
         raw = response.read()
     except urllib.error.HTTPError as e:
+      self.budget.record_connection(None)  # the server answered, if only with an error
       detail = self._redact(e.read(_MAX_ERROR_BODY_CHARS).decode("utf-8", "replace")).strip()
       message = f"HTTP {e.code} from {self.url}" + (f": {detail}" if detail else "")
       if e.code in (408, 429) or e.code >= 500:
@@ -186,16 +213,24 @@ class TeacherClient:
     except (socket.timeout, TimeoutError) as e:
       raise _RetryableError(f"no reply within {self.timeout_s:g} s ({e})") from None
     except urllib.error.URLError as e:
-      if isinstance(e.reason, OSError):  # refused, reset, timed out, name lookup failed
-        raise _RetryableError(f"connection failed: {e.reason}") from None
+      if isinstance(e.reason, (socket.timeout, TimeoutError)):
+        raise _RetryableError(f"no connection within {self.timeout_s:g} s ({e.reason})") from None
+      if isinstance(e.reason, OSError):  # refused, reset, unreachable, name lookup failed
+        raise self._connection_failed(f"connection failed: {e.reason}") from None
       raise TeacherError(f"{self.url}: {e.reason}") from None
-    except (ConnectionError, http.client.HTTPException, OSError) as e:
+    except ConnectionError as e:  # refused or reset outside urllib's wrapping
+      raise self._connection_failed(f"connection failed: {type(e).__name__}: {e}") from None
+    except (http.client.HTTPException, OSError) as e:
       raise _RetryableError(f"connection failed: {type(e).__name__}: {e}") from None
     try:
       return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
       start = self._redact(raw[:80].decode("utf-8", "replace"))
       raise _RetryableError(f"reply is not JSON: {start!r}") from None
+
+  def _connection_failed(self, message: str) -> _RetryableError:
+    self.budget.record_connection(message)
+    return _RetryableError(message)
 
   def _completion_text(self, reply) -> str:
     try:

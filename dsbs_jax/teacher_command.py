@@ -9,18 +9,31 @@ import logging
 import os
 import sys
 
+from dsbs_jax import console
+from dsbs_jax import flags
 from dsbs_jax import rationales
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 
 SPLITS = ("train", "validation", "test")
 EXIT_INCOMPLETE = 1
+EXIT_UNREACHABLE = 2
 EXIT_INTERRUPTED = 130
+USER_ERRORS = (teacher_client.TeacherError, teacher.PromptFileError)
+
+
+def _teacher_url(text: str) -> str:
+  try:
+    teacher_client.endpoint_url(text, "completions")
+  except teacher_client.TeacherError as error:
+    raise argparse.ArgumentTypeError(str(error).removeprefix("--teacher ")) from None
+  return text
 
 
 def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser("rationales", help="ask a teacher LLM for rationales, or summarize record files",
-                                 description=__doc__.splitlines()[0])
+  parser = subparsers.add_parser(
+      "rationales", description="Stage 1: ask a teacher LLM for rationales (generate), or "
+      "summarize rationale record files (stats).")
   actions = parser.add_subparsers(dest="action", required=True)
 
   generate = actions.add_parser(
@@ -40,7 +53,7 @@ def add_parser(subparsers) -> None:
                         help="prompt file (default with --dataset: rationales/prompts/<DATASET>.json)")
   generate.add_argument("--parser", choices=sorted(rationales.PARSERS),
                         help="teacher-output parser (default: the prompt file's)")
-  generate.add_argument("--teacher", required=True, metavar="URL",
+  generate.add_argument("--teacher", required=True, metavar="URL", type=_teacher_url,
                         help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
   generate.add_argument("--model", required=True, help="model name sent with each request")
   generate.add_argument("--api", choices=teacher_client.APIS, default="completions",
@@ -48,19 +61,23 @@ def add_parser(subparsers) -> None:
   generate.add_argument("--out", required=True, metavar="FILE.jsonl", help="output records, appended to")
   generate.add_argument("--api_key_env", default="OPENAI_API_KEY", metavar="VAR",
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
-  generate.add_argument("--concurrency", type=_positive_int, default=4,
+  generate.add_argument("--concurrency", type=flags.positive_int, default=4,
                         help="requests in flight (default 4)")
-  generate.add_argument("--max_requests", type=_positive_int, default=None,
+  generate.add_argument("--max_requests", type=flags.positive_int, default=None,
                         help="stop after this many HTTP requests, retries included")
-  generate.add_argument("--max_tokens_total", type=_positive_int, default=None,
+  generate.add_argument("--max_tokens_total", type=flags.positive_int, default=None,
                         help="stop once this many tokens are spent (from replies' usage, else about "
                              f"{teacher_client.CHARS_PER_TOKEN_ESTIMATE} characters per token)")
-  generate.add_argument("--temperature", type=float, default=0.0)
-  generate.add_argument("--max_tokens", type=_positive_int, default=256, help="completion length cap")
+  generate.add_argument("--temperature", type=float, default=0.0,
+                        help="sampling temperature (default 0: greedy, as the paper's PaLM outputs)")
+  generate.add_argument("--max_tokens", type=flags.positive_int, default=256, help="completion length cap")
   generate.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="stop sequence (repeatable; default: the prompt file's, e.g. '\\n\\nQ:')")
   generate.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply")
-  generate.add_argument("--max_attempts", type=_positive_int, default=6, help="attempts per example")
+  generate.add_argument("--max_attempts", type=flags.positive_int, default=6, help="attempts per example")
+  generate.add_argument("--max_connection_failures", type=flags.positive_int, default=10, metavar="N",
+                        help="stop after N attempts in a row, across all requests, could not "
+                             "connect to the teacher (refused, reset, unknown host); default 10")
   generate.add_argument("--retry_base_delay", type=float, default=1.0,
                         help="first backoff in seconds; doubles per attempt, with jitter")
   generate.add_argument("--retry_max_delay", type=float, default=30.0, help="backoff cap in seconds")
@@ -69,7 +86,11 @@ def add_parser(subparsers) -> None:
   generate.add_argument("--verbose", action="store_true", help="log every retry")
   generate.set_defaults(func=run_generate)
 
-  stats = actions.add_parser("stats", help="counts, parse failures and teacher accuracy of record files")
+  stats = actions.add_parser(
+      "stats", help="counts, parse failures and teacher accuracy of record files",
+      description="Counts records, parse failures and empty rationales, and scores the teacher's "
+                  "labels against the gold ones, per file.",
+      epilog="example: dsbs rationales stats rationales/cqa/valid.jsonl")
   stats.add_argument("files", nargs="+", metavar="FILE",
                      help="rationale record file(s), .jsonl or .jsonl.gz")
   stats.add_argument("--parser", choices=sorted(rationales.PARSERS),
@@ -78,17 +99,11 @@ def add_parser(subparsers) -> None:
   stats.set_defaults(func=run_stats)
 
 
-def _positive_int(text: str) -> int:
-  value = int(text)
-  if value <= 0:
-    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-  return value
-
-
 def _read_examples(args: argparse.Namespace) -> list:
   if args.input:
     return teacher.read_examples(args.input)
-  from dsbs_jax import data  # imported here: it loads TensorFlow, which --input does not need
+  with console.native_stderr_held():  # TensorFlow's start-up banners
+    from dsbs_jax import data  # imported here: it loads TensorFlow, which --input does not need
   rationales_dir = args.rationales_dir or data.DEFAULT_RATIONALES_DIR
   records = data.read_split(rationales_dir, args.dataset, args.split)
   return teacher.examples_from_records(records, data.split_path(rationales_dir, args.dataset, args.split))
@@ -111,13 +126,10 @@ def run_generate(args: argparse.Namespace) -> int:
       max_tokens=args.max_tokens, temperature=args.temperature,
       stop=template.stop if args.stop is None else args.stop,
       retry=teacher_client.RetryPolicy(args.max_attempts, args.retry_base_delay, args.retry_max_delay),
-      budget=teacher_client.Budget(args.max_requests, args.max_tokens_total))
-  try:
-    result = teacher.generate(examples, template, client, args.out, parser=args.parser,
-                              concurrency=args.concurrency, progress=args.progress)
-  except (teacher_client.TeacherError, teacher.PromptFileError) as e:
-    print(f"dsbs rationales generate: error: {e}", file=sys.stderr)
-    return 2
+      budget=teacher_client.Budget(args.max_requests, args.max_tokens_total,
+                                   args.max_connection_failures))
+  result = teacher.generate(examples, template, client, args.out, parser=args.parser,
+                            concurrency=args.concurrency, progress=args.progress)
   budget = client.budget
   estimated = f", {budget.estimated_tokens:,} of them estimated" if budget.estimated_tokens else ""
   print(f"{args.out}: {result.total - result.remaining:,} of {result.total:,} examples done "
@@ -125,6 +137,12 @@ def run_generate(args: argparse.Namespace) -> int:
         f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}")
   if result.remaining == 0:
     return 0
+  if budget.unreachable:
+    print(f"dsbs rationales generate: error: {client.url}: {budget.exhausted_reason()}; "
+          f"{result.written:,} record(s) written to {args.out} this time, "
+          f"{result.remaining:,} example(s) remain: rerun the same command to resume once the "
+          "teacher answers", file=sys.stderr)
+    return EXIT_UNREACHABLE
   if result.failed:
     print(f"{result.failed:,} example(s) failed after {args.max_attempts} attempts each (see the "
           "warnings above)", file=sys.stderr)

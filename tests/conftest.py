@@ -1,4 +1,5 @@
-"""Shared test fixtures: the tiny T5 config and tiny random Hugging Face T5 models."""
+"""Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, and one tiny
+finished training run (`uninterrupted`) that tests copy, or check they leave as it was."""
 import os
 
 # Eight simulated CPU devices for the sharding tests; set before anything imports jax.
@@ -9,9 +10,16 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import gin
 import pytest
 
+from dsbs_jax import cli
 from dsbs_jax.models import t5
 
 TINY_VOCAB_SIZE = 128
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+  """Measured matmul peaks go to a cache of the session's own, not the user's."""
+  os.environ["DSBS_CACHE_DIR"] = str(tmp_path_factory.mktemp("dsbs_cache"))
 
 
 @pytest.fixture(autouse=True)
@@ -20,6 +28,27 @@ def clean_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+def tiny_run_flags(model_dir, train_steps=6, checkpoint_period=2, extra=()):
+  """`dsbs train` flags for gin/quickstart.gin shrunk to a few steps of a very small model."""
+  return ["train", "--gin_file=quickstart.gin", f"--gin.MODEL_DIR='{model_dir}'",
+          f"--gin.TRAIN_STEPS={train_steps}", "--gin.BATCH_SIZE=8",
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
+          "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8",
+          "--gin.T5Config.dropout_rate=0.1", "--gin.train.log_period=1",
+          f"--gin.CHECKPOINT_PERIOD={checkpoint_period}", "--gin.EVAL_PERIOD=1000",
+          "--gin.train.eval_max_examples=8", "--gin.train.final_eval_max_examples=8",
+          "--gin.train.eval_batch_size=8", *extra]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+  """A finished 6-step run of `tiny_run_flags` (checkpoints 2, 4, 6); copy it to change it."""
+  model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
+  assert cli.main(tiny_run_flags(model_dir)) == 0
+  gin.clear_config()
+  return model_dir
 
 
 @pytest.fixture(scope="session")

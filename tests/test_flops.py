@@ -1,4 +1,6 @@
-"""Tests for dsbs_jax.flops: parameter layout and FLOPs against XLA's own count."""
+"""Tests for dsbs_jax.flops: parameter layout, FLOPs against XLA's own count, measured peaks."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -45,7 +47,19 @@ def test_training_step_is_three_forward_passes():
   assert flops.train_step_flops(config, 4, 32, 16) == 3 * flops.forward_flops(config, 4, 32, 16)
 
 
-def test_unknown_devices_measure_the_peak_of_the_model_dtype():
+def test_unknown_devices_use_the_best_peak_of_the_model_dtype_measured_on_the_machine(tmp_path):
+  cache = tmp_path / "peaks.json"
   for dtype in (jnp.float32, jnp.bfloat16):
-    peak, source = flops.peak_flops_per_device(dtype)
-    assert peak > 0 and source.startswith(f"measured {jnp.dtype(dtype).name} matmul on ")
+    peak, source = flops.peak_flops_per_device(dtype, cache)
+    assert peak > 0 and f"best {jnp.dtype(dtype).name} 1024x1024 matmul" in source
+    assert str(cache) in source
+  keys = json.loads(cache.read_text())
+  float32_key = next(key for key in keys if "float32" in key)
+  # A faster figure measured earlier (on an idle machine) stays the peak of later runs...
+  cache.write_text(json.dumps({float32_key: 1e15}))
+  assert flops.peak_flops_per_device(jnp.float32, cache)[0] == 1e15
+  # ...and a slower one gives way to this process's own measurement, which is then kept.
+  cache.write_text(json.dumps({float32_key: 1.0}))
+  peak, source = flops.peak_flops_per_device(jnp.float32, cache)
+  assert peak > 1.0 and json.loads(cache.read_text())[float32_key] == peak
+  assert f"this run measured {peak:.3g}" in source

@@ -246,6 +246,18 @@ def test_endpoint_urls_and_backoff_schedule():
   assert teacher_client.estimate_tokens("a" * 10, "b" * 6) == 4
 
 
+def test_connection_failures_count_in_a_row_and_any_reply_resets_them():
+  budget = teacher_client.Budget(max_connection_failures=3)
+  for error in ("refused", "refused", None, "refused", "reset"):  # None: the server answered
+    budget.record_connection(error)
+  assert budget.exhausted_reason() is None
+  budget.record_connection("refused")
+  assert budget.exhausted_reason() == ("3 attempts in a row could not connect "
+                                       "(--max_connection_failures=3); last: refused")
+  with pytest.raises(teacher_client.BudgetExhausted):
+    budget.start_request()
+
+
 def test_key_is_not_in_repr_and_is_redacted_from_errors(cqa_records, monkeypatch, capsys, tmp_path):
   client = teacher_client.TeacherClient("http://127.0.0.1:9/v1", "m", api_key=SECRET)
   assert SECRET not in repr(client) and "api_key=set" in repr(client)

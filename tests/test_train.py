@@ -1,7 +1,10 @@
-"""End-to-end tests of `dsbs train`: a pulse, resume after SIGKILL, NaN stop, corrupt checkpoints.
+"""Tests of `dsbs train`: end to end (a pulse, resume after SIGKILL, NaN stop, corrupt
+checkpoints, metrics logged once per step, a checkpoint saved before validating), and the
+loop's helpers (time left, dropping metrics a resumed run logs again).
 
-Runs use gin/quickstart.gin shrunk to a few steps of a very small model.
+Runs use gin/quickstart.gin shrunk to a few steps of a very small model (conftest.py).
 """
+import glob
 import json
 import os
 import shutil
@@ -14,29 +17,40 @@ import gin
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
+from tensorflow.core.util import event_pb2
 
+from conftest import tiny_run_flags
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import infer
+from dsbs_jax import train
 
-pytestmark = pytest.mark.slow
 
 
-def tiny_run_flags(model_dir, train_steps=6, checkpoint_period=2, extra=()):
-  return ["train", "--gin_file=quickstart.gin", f"--gin.MODEL_DIR='{model_dir}'",
-          f"--gin.TRAIN_STEPS={train_steps}", "--gin.BATCH_SIZE=8",
-          "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
-          "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8",
-          "--gin.T5Config.dropout_rate=0.1", "--gin.train.log_period=1",
-          f"--gin.CHECKPOINT_PERIOD={checkpoint_period}", "--gin.EVAL_PERIOD=1000",
-          "--gin.train.eval_max_examples=8", "--gin.train.final_eval_max_examples=8",
-          "--gin.train.eval_batch_size=8", *extra]
-
+def metrics_rows(model_dir):
+  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
 
 
 def train_losses(model_dir):
-  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-    return {r["step"]: r["loss"] for r in map(json.loads, f) if r["kind"] == "train"}
+  return {r["step"]: r["loss"] for r in metrics_rows(model_dir) if r["kind"] == "train"}
+
+
+def logged_steps(model_dir, kind="train"):
+  """Every step logged as `kind`, repeats included, in file order."""
+  return [r["step"] for r in metrics_rows(model_dir) if r["kind"] == kind]
+
+
+def tensorboard_steps(model_dir):
+  """{tag: [steps, repeats included]} over every event file of the run."""
+  steps = {}
+  for path in sorted(glob.glob(os.path.join(model_dir, "tensorboard", "*tfevents*"))):
+    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+      event = event_pb2.Event.FromString(record)
+      for value in event.summary.value:
+        steps.setdefault(value.tag, []).append(event.step)
+  return steps
 
 
 def final_params(model_dir, step):
@@ -48,14 +62,7 @@ def final_params(model_dir, step):
   return jax.tree.leaves(state["params"])
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-  model_dir = str(tmp_path_factory.mktemp("uninterrupted"))
-  assert cli.main(tiny_run_flags(model_dir)) == 0
-  gin.clear_config()
-  return model_dir
-
-
+@pytest.mark.slow
 def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
   losses = train_losses(uninterrupted)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
@@ -74,6 +81,7 @@ def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
   assert os.listdir(os.path.join(uninterrupted, "tensorboard"))
 
 
+@pytest.mark.slow
 def test_predict_labels_raw_inputs(uninterrupted, tmp_path):
   inputs = tmp_path / "inputs.jsonl"
   inputs.write_text('{"id": "a", "input": "Where do fish live?\\nAnswer Choices:\\n(a) sea"}\n')
@@ -89,6 +97,7 @@ def run_in_subprocess(flags, **popen_kwargs):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen_kwargs)
 
 
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "killed")
   process = run_in_subprocess(tiny_run_flags(model_dir))
@@ -102,6 +111,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_p
   process.communicate()
   assert os.path.isdir(os.path.join(steps_dir, "2")), "killed before the first checkpoint"
   assert cli.main(tiny_run_flags(model_dir)) == 0
+  assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
   resumed, reference = train_losses(model_dir), train_losses(uninterrupted)
   # Steps logged after the restore repeat the uninterrupted run's losses exactly.
   for step, loss in resumed.items():
@@ -110,20 +120,22 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_p
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
   model_dir = str(tmp_path / "nan")
   assert cli.main(tiny_run_flags(model_dir, train_steps=2)) == 0
   gin.clear_config()
-  # A negative epsilon makes the RMS norms take square roots of negative numbers.
+  # Step 3's update, at this rate, leaves weights whose squares overflow in step 4's norms.
   assert cli.main(tiny_run_flags(model_dir, train_steps=4,
-                                 extra=["--gin.T5Config.layer_norm_epsilon=-10.0"])) == 2
-  assert "non-finite training metrics at step 3" in capsys.readouterr().err
+                                 extra=["--gin.LEARNING_RATE=1e30"])) == 2
+  assert "non-finite training metrics at step 4" in capsys.readouterr().err
   checkpointer = checkpoints.TrainCheckpointer(model_dir)
   assert checkpointer.all_steps() == [2]
   checkpointer.close()
   assert all(np.all(np.isfinite(leaf)) for leaf in final_params(model_dir, 2))
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrupted, tmp_path, capsys):
   model_dir = str(tmp_path / "corrupt")
   shutil.copytree(uninterrupted, model_dir)
@@ -142,6 +154,7 @@ def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrup
   assert max(train_losses(model_dir)) == 8
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_the_best_validation_result_it_had(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "resumed")
   shutil.copytree(uninterrupted, model_dir)
@@ -157,6 +170,7 @@ def test_a_resumed_run_keeps_the_best_validation_result_it_had(uninterrupted, tm
   assert json.load(open(os.path.join(model_dir, "results.json")))["best_step"] == 6
 
 
+@pytest.mark.slow
 def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "half_written")
   shutil.copytree(uninterrupted, model_dir)
@@ -173,6 +187,7 @@ def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_pat
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_initial_checkpoint_loads_parameters_with_a_fresh_optimizer(uninterrupted, tmp_path, capsys):
   params, config, _ = infer.load_trained_params(uninterrupted, "latest")
   pretrained = str(tmp_path / "pretrained")
@@ -188,10 +203,12 @@ def test_initial_checkpoint_loads_parameters_with_a_fresh_optimizer(uninterrupte
   mismatched = tiny_run_flags(str(tmp_path / "mismatch"), train_steps=2,
                               extra=[f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'",
                                      "--gin.T5Config.num_decoder_layers=3"])
-  with pytest.raises(ValueError, match="num_decoder_layers: gin 3 vs checkpoint 2"):
-    cli.main(mismatched)
+  capsys.readouterr()
+  assert cli.main(mismatched) == 2
+  assert "num_decoder_layers: gin 3 vs checkpoint 2" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   model_dir = str(tmp_path / "terminated")
   process = run_in_subprocess(tiny_run_flags(model_dir, train_steps=200, checkpoint_period=100))
@@ -203,8 +220,77 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   process.send_signal(signal.SIGTERM)
   output = process.communicate(timeout=240)[0]
   assert process.returncode == 3, output[-2000:]
+  for chatter in ("oneDNN", "cuInit", "Path not found", "uncached FunctionDataset", "absl"):
+    assert chatter not in output, chatter
   stopped_at = int(output.split("SIGTERM at step ")[1].split(":")[0])
   assert 1 <= stopped_at < 200
   checkpointer = checkpoints.TrainCheckpointer(model_dir)
   assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_each_step_once(uninterrupted, tmp_path):
+  model_dir = str(tmp_path / "resumed")
+  shutil.copytree(uninterrupted, model_dir)
+  # As a kill after step 6 was logged and validated, but before its checkpoint was written.
+  shutil.rmtree(os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR, "6"))
+  assert cli.main(tiny_run_flags(model_dir)) == 0
+  assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
+  for kind in ("validation", "final_validation", "final_test"):
+    assert logged_steps(model_dir, kind) == [6], kind
+  by_tag = tensorboard_steps(model_dir)
+  assert by_tag["train/loss"] == [1, 2, 3, 4, 5, 6]
+  for tag, steps in by_tag.items():
+    assert len(steps) == len(set(steps)), (tag, steps)
+  np.testing.assert_allclose(train_losses(model_dir)[6], train_losses(uninterrupted)[6], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_failed_validation_keeps_the_checkpoint_of_its_step(tmp_path, monkeypatch):
+  def failing_validation(*args, **kwargs):
+    raise RuntimeError("validation failed")
+  monkeypatch.setattr(infer, "evaluate_split", failing_validation)
+  model_dir = str(tmp_path / "failed_validation")
+  with pytest.raises(RuntimeError, match="validation failed"):
+    cli.main(tiny_run_flags(model_dir, train_steps=2, checkpoint_period=1000,
+                            extra=["--gin.EVAL_PERIOD=2"]))
+  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  assert checkpointer.all_steps() == [2]
+  checkpointer.close()
+
+
+def test_time_left_counts_validations_and_the_final_evaluation(monkeypatch):
+  now = [1000.0]
+  monkeypatch.setattr(train.time, "time", lambda: now[0])
+  remaining = train.RemainingTime(start_step=0, train_steps=100, eval_period=30,
+                                  validation_examples=10, final_examples=40)
+  assert [remaining.validations_after(step) for step in (0, 30, 95, 100)] == [4, 3, 1, 0]
+  now[0] += 20.0  # 10 steps at 0.5 steps/s: 90 steps, 180 s, to go
+  assert remaining(10) == "3m00s+eval"  # decoding not yet timed
+  remaining.add_evaluation(seconds=5.0, examples=10)  # 0.5 s per decoded example
+  now[0] += 5.0
+  # 180 s of training, 4 validations of 10 examples and 40 final examples at 0.5 s each.
+  assert remaining(10) == "3m40s"
+  assert remaining(100) == "0m20s"  # the final evaluation, not 0m00s
+
+
+def test_a_resumed_run_drops_what_it_logs_again(tmp_path):
+  path = str(tmp_path / "metrics.jsonl")
+  rows = [{"step": s, "kind": "train"} for s in (1, 2, 3, 4)] + [
+      {"step": 2, "kind": "validation"}, {"step": 4, "kind": "validation"},
+      {"step": 2, "kind": "final_test"}]
+  with open(path, "w") as f:
+    f.write("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 5, "ki')  # torn by a kill
+  train.drop_metrics_after(path, 2)
+  assert [(r["step"], r["kind"]) for r in map(json.loads, open(path))] == [
+      (1, "train"), (2, "train"), (2, "validation")]
+  tensorboard = str(tmp_path / "tensorboard")
+  writer = tf.summary.create_file_writer(tensorboard)
+  with writer.as_default():
+    for step in (1, 2, 3):
+      tf.summary.scalar("train/loss", float(step), step=step)
+    tf.summary.scalar("final_test/accuracy", 0.5, step=2)
+  writer.close()
+  train.drop_tensorboard_events_after(tensorboard, 2)
+  assert tensorboard_steps(str(tmp_path)) == {"train/loss": [1, 2]}
