@@ -66,11 +66,17 @@ def final_params(model_dir, step):
 def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
   losses = train_losses(uninterrupted)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-  with open(os.path.join(uninterrupted, "metrics.jsonl")) as f:
-    first = json.loads(f.readline())
+  rows = metrics_rows(uninterrupted)
+  first = next(row for row in rows if row["kind"] == "train")
   for key in ("label_loss", "rationale_loss", "learning_rate", "steps_per_sec", "tokens_per_sec",
               "mfu"):
     assert key in first, key
+  # Startup: from building the trainer to the end of the first step, which compiles it.
+  [startup] = [row for row in rows if row["kind"] == "startup"]
+  assert startup["step"] == 1
+  assert startup["seconds"] == pytest.approx(startup["state_seconds"]
+                                             + startup["first_step_seconds"])
+  assert startup["first_step_seconds"] > 0
   results = json.load(open(os.path.join(uninterrupted, "results.json")))
   assert (results["mixture_or_task_name"], results["train_fraction"]) == ("cqa_dsbs_teacher", 1.0)
   assert set(results["test"]) == {"accuracy"} and "majority_baseline_test" in results
