@@ -446,11 +446,15 @@ def benchmark_config(name: str, args: argparse.Namespace, batches: Sequence[Batc
                                    args.steps + 1)
 
   # The paper's side first: on a GPU it then hands its memory back before JAX starts.
-  torch_train, torch_train_error = paper_side(
-      train_paper_torch, config, params, batches, args.warmup, peak, device)
-  torch_decode, torch_decode_error = paper_side(
-      decode_paper_torch, config, params, segment_batches, args.decode_length, device)
-  bench_torch.release(device)
+  if args.jax_only:
+    torch_train = torch_decode = None
+    torch_train_error = torch_decode_error = "not run (--jax_only)"
+  else:
+    torch_train, torch_train_error = paper_side(
+        train_paper_torch, config, params, batches, args.warmup, peak, device)
+    torch_decode, torch_decode_error = paper_side(
+        decode_paper_torch, config, params, segment_batches, args.decode_length, device)
+    bench_torch.release(device)
 
   records = []
   decoded_jax = timed_decoding(
@@ -643,6 +647,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                            "them to this .npz for --batches")
   parser.add_argument("--batches", default=None,
                       help="time these saved batches instead of reading SeqIO (no TensorFlow)")
+  parser.add_argument("--jax_only", action="store_true",
+                      help="time this project's side only (e.g. again under other XLA_FLAGS)")
   parser.add_argument("--deadline_minutes", type=float, default=None,
                       help="skip the training variants that would start after this long")
   parser.add_argument("--peak_size", type=int, default=4096)

@@ -35,3 +35,8 @@ python3 tools/bench.py "${common[@]}" --config "${GPU_BENCH_CONFIGS:-base}" --pr
 python3 tools/bench.py "${common[@]}" --config "${GPU_BENCH_CONFIGS:-large}" \
   --deadline_minutes 3 --variants ";remat_policy=dots_no_batch" \
   2>&1 | tee "$out/gpu_bench_large.log"
+# base again, our side only, under the XLA flags MaxText recommends for GPUs (cuBLAS for
+# every product instead of Triton's, the latency-hiding scheduler).
+XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true" \
+  python3 tools/bench.py "${common[@]}" --config "${GPU_BENCH_CONFIGS:-base}" --jax_only \
+  --deadline_minutes 1 2>&1 | tee "$out/gpu_bench_base_xla_flags.log"
