@@ -205,6 +205,7 @@ def write_batches(path: str, steps: Sequence[dict], setup: dict) -> None:
   arrays = {f"{step}/{key}": value for step, features in enumerate(steps)
             for key, value in features.items()}
   header = json.dumps({"format": BATCHES_FORMAT, "steps": len(steps), **setup})
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   np.savez_compressed(path, header=np.array(header), **arrays)
 
 
