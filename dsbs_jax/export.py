@@ -43,10 +43,10 @@ from safetensors import numpy as safetensors_numpy
 import dsbs_jax
 from dsbs_jax import checkpoints
 from dsbs_jax import convert
-from dsbs_jax import data
 from dsbs_jax import flags
 from dsbs_jax import infer
 from dsbs_jax import rationales
+from dsbs_jax import seqio_tasks
 from dsbs_jax.models import t5
 
 MANIFEST_FILE = "dsbs_export.json"
@@ -277,7 +277,7 @@ def _top_k_lowered_as_sort(platform: str):
 
 def tokenize_tf(vocabulary: seqio.Vocabulary, texts: tf.Tensor, length: int) -> tf.Tensor:
   """[batch, length] ids of [batch] strings, as infer.tokenize_inputs makes them."""
-  ids = tf.map_fn(lambda text: data.encode_with_separators(vocabulary, text), texts,
+  ids = tf.map_fn(lambda text: seqio_tasks.encode_with_separators(vocabulary, text), texts,
                   fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
   eos = tf.fill([tf.shape(texts)[0], 1], vocabulary.eos_id)
   return tf.concat([ids[:, :length - 1], eos], axis=1).to_tensor(0, shape=[None, length])

@@ -24,12 +24,14 @@ import seqio
 import tensorflow as tf
 
 from dsbs_jax import checkpoints
-from dsbs_jax import data
+from dsbs_jax import datasets
+from dsbs_jax import distillation
 from dsbs_jax import decoding
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
+from dsbs_jax import seqio_tasks
 from dsbs_jax.models import t5
 
 RUN_FILE = "run.json"
@@ -134,7 +136,7 @@ def best_step(model_dir: str) -> Optional[int]:
 def tokenize_inputs(vocabulary: seqio.Vocabulary, texts: list[str], length: int) -> np.ndarray:
   """[len(texts), length] ids as training tokenizes them: separators as EOS, EOS at the end."""
   dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string))
-  dataset = dataset.map(lambda text: data.encode_with_separators(vocabulary, text))
+  dataset = dataset.map(lambda text: seqio_tasks.encode_with_separators(vocabulary, text))
   rows = np.zeros((len(texts), length), np.int32)
   for i, ids in enumerate(dataset.as_numpy_iterator()):
     ids = np.append(ids[:length - 1], vocabulary.eos_id)
@@ -206,7 +208,7 @@ def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: di
     metrics.update(metric_fn(targets, predictions))
   if predictions_path and jax.process_index() == 0:
     if rationale_prefix is not None:
-      label_prefix = data.TaskOptions().label_prefix
+      label_prefix = distillation.current_options().label_prefix
       raw_inputs = [r["input"][len(label_prefix):] for r in records]
       for record, rationale in zip(records, predictor.predict(raw_inputs, rationale_prefix)):
         record["rationale"] = rationale
@@ -272,7 +274,7 @@ def add_parser(subparsers) -> None:
   evaluate.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
   evaluate.add_argument("--task", default=None,
                         help="label task to score (default: the run's; `dsbs tasks` lists them)")
-  evaluate.add_argument("--split", default="test", choices=data.SPLITS,
+  evaluate.add_argument("--split", default="test", choices=distillation.SPLITS,
                         help="split to decode and score (default test)")
   evaluate.add_argument("--output", default=None, metavar="FILE.jsonl",
                         help="predictions JSONL (default: MODEL_DIR/predictions_SPLIT_stepN.jsonl)")
@@ -335,8 +337,7 @@ def run_eval(args: argparse.Namespace) -> int:
   spec = RunSpec.load(args.checkpoint)
   gin_utils.parse_gin(args.gin_file, args.gin_bindings + spec.task_option_bindings(args.checkpoint),
                       args.gin_search_path)
-  import tasks  # registers every task, after gin like T5X's task modules
-  del tasks
+  datasets.register_all()
   task_name = (label_task_of(args.task, "--task") if args.task
                else label_task_of(spec.mixture_or_task_name, f"{RUN_FILE} mixture_or_task_name"))
   if args.output:

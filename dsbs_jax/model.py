@@ -16,11 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsbs_jax import distillation
 from dsbs_jax.models import t5
 
-# As data.TASK_IDS (not imported, so that the model does not pull in TensorFlow).
-LABEL_TASK_ID = 1
-RATIONALE_TASK_ID = 2
+LABEL_TASK_ID = distillation.TASK_IDS["label"]
+RATIONALE_TASK_ID = distillation.TASK_IDS["rationale"]
 
 LOSS_NORMALIZATIONS = ("per_example", "per_token")
 

@@ -33,7 +33,8 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from dsbs_jax import checkpoints
-from dsbs_jax import data
+from dsbs_jax import datasets
+from dsbs_jax import distillation
 from dsbs_jax import flags
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
@@ -43,6 +44,7 @@ from dsbs_jax import model
 from dsbs_jax import partitioning
 from dsbs_jax import plots
 from dsbs_jax import resources
+from dsbs_jax import seqio_tasks
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
@@ -183,7 +185,7 @@ def write_run_files(model_dir: str, config: t5.T5Config, spec: infer.RunSpec) ->
   os.makedirs(model_dir, exist_ok=True)
   _write_if_changed(os.path.join(model_dir, checkpoints.CONFIG_FILE), (config.to_json() + "\n").encode())
   _write_if_changed(os.path.join(model_dir, infer.RUN_FILE), spec.to_json().encode())
-  with open(data.TaskOptions().vocabulary_path, "rb") as f:
+  with open(distillation.TaskOptions().vocabulary_path, "rb") as f:
     _write_if_changed(os.path.join(model_dir, infer.VOCABULARY_FILE), f.read())
 
 
@@ -409,9 +411,9 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                   "EVAL_PERIOD": eval_period, "train.keep_checkpoints": keep_checkpoints,
                   "train.eval_batch_size": eval_batch_size,
                   "train.eval_decode_length": eval_decode_length}, task_feature_lengths)
-  options = data.TaskOptions()
+  options = distillation.TaskOptions()
   config = model_config_for(initial_checkpoint_path)
-  vocabulary = data.OptionsVocabulary()
+  vocabulary = seqio_tasks.OptionsVocabulary()
   if vocabulary.vocab_size > config.vocab_size:
     raise gin_utils.GinConfigError(
         f"the vocabulary ({options.vocabulary_path}) has {vocabulary.vocab_size} ids but the "
@@ -632,8 +634,7 @@ def initialize_distributed(args) -> None:
 def run(args) -> int:
   initialize_distributed(args)
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
-  import tasks  # registers every task, after gin like T5X's task modules
-  del tasks
+  datasets.register_all()
   try:
     train()
   except TrainingInterrupted as interrupted:

@@ -1,6 +1,9 @@
-"""Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, and one tiny
-finished training run (`uninterrupted`) that tests copy, or check they leave as it was."""
+"""Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, one tiny
+finished training run (`uninterrupted`) that tests copy, or check they leave as it was, and
+a small copy of the shipped records whose NLI train inputs are given."""
+import json
 import os
+import shutil
 
 # Eight simulated CPU devices for the sharding tests; set before anything imports jax.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -11,9 +14,14 @@ import gin
 import pytest
 
 from dsbs_jax import cli
+from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 from dsbs_jax.models import t5
 
 TINY_VOCAB_SIZE = 128
+NLI = ("esnli", "anli1")
+SMALL_TRAIN = 300
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -49,6 +57,31 @@ def uninterrupted(tmp_path_factory):
   assert cli.main(tiny_run_flags(model_dir)) == 0
   gin.clear_config()
   return model_dir
+
+
+@pytest.fixture(scope="session")
+def small_nli_dir(tmp_path_factory):
+  """(rationales dir, {dataset: train inputs JSONL}): the shipped records, with NLI train
+  splits cut to the first SMALL_TRAIN teacher outputs and a matching train-inputs file per
+  NLI dataset (labels set so that most agree with the teacher)."""
+  root = tmp_path_factory.mktemp("rationales")
+  shipped = str(resources.RATIONALES_DIR)
+  inputs = {}
+  for dataset in ("cqa", "svamp", *NLI):
+    shutil.copytree(os.path.join(shipped, dataset), root / dataset)
+  for dataset in NLI:
+    train = records.read_split(shipped, dataset, "train")[:SMALL_TRAIN]
+    os.remove(records.split_path(str(root), dataset, "train"))
+    rationales.write_records(str(root / dataset / "train.jsonl"), train)
+    path = root / f"{dataset}_train.json"
+    with open(path, "w") as f:
+      for i, record in enumerate(train):
+        label = (rationales.NLI_LABELS.index(record.teacher_label)
+                 if record.teacher_label in rationales.NLI_LABELS else i % 3)
+        f.write(json.dumps({"premise": f"premise {i}", "hypothesis": f"hypothesis {i}",
+                            "label": label}) + "\n")
+    inputs[dataset] = str(path)
+  return str(root), inputs
 
 
 @pytest.fixture(scope="session")

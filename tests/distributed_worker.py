@@ -24,9 +24,9 @@ def main(argv):
     jax.distributed.initialize(argv[1], int(argv[2]), int(argv[3]))
     num_shards = jax.process_count()
 
-  import tasks  # pylint: disable=unused-import
-  from dsbs_jax import input_pipeline, model, partitioning, trainer as trainer_lib
+  from dsbs_jax import datasets, input_pipeline, model, partitioning, trainer as trainer_lib
   from dsbs_jax.models import t5
+  datasets.register_all()
 
   config = t5.T5Config(vocab_size=8000, emb_dim=32, num_heads=4, num_encoder_layers=2,
                        num_decoder_layers=2, head_dim=8, mlp_dim=64,

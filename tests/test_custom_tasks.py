@@ -8,15 +8,16 @@ import seqio
 
 import tasks  # noqa: F401  (imported before the bindings below, as a T5X gin file does)
 from dsbs_jax import custom_tasks
-from dsbs_jax import data
 from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 
 
 @pytest.fixture(scope="module")
 def records_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("custom") / "mine.jsonl"
-  records = data.read_split(data.DEFAULT_RATIONALES_DIR, "svamp", "train")[:30]
-  rationales.write_records(str(path), [dataclasses.replace(r, id=f"m{i}") for i, r in enumerate(records)])
+  svamp = records.read_split(str(resources.RATIONALES_DIR), "svamp", "train")[:30]
+  rationales.write_records(str(path), [dataclasses.replace(r, id=f"m{i}") for i, r in enumerate(svamp)])
   return path
 
 

@@ -11,10 +11,12 @@ import gin
 import pytest
 import seqio
 
-import tasks
-from dsbs_jax import data
+import tasks  # noqa: F401  (registers the tasks, as T5X's gin files do)
+from dsbs_jax import datasets
+from dsbs_jax import distillation
 from dsbs_jax import gin_utils
 from dsbs_jax import resources
+from dsbs_jax import seqio_tasks
 from dsbs_jax import train
 from dsbs_jax.models import t5
 
@@ -38,7 +40,7 @@ def test_one_paper_file_per_dataset_method_and_size():
   assert len(PAPER_FILES) == 4 * 4 * 4
   for path in PAPER_FILES:
     dataset, rest = os.path.basename(path).split("_", 1)
-    assert dataset in {spec.name for spec in tasks.DATASETS}, path
+    assert dataset in {spec.name for spec in datasets.BENCHMARKS}, path
 
 
 @pytest.mark.parametrize("path", PAPER_FILES, ids=os.path.basename)
@@ -52,7 +54,7 @@ def test_paper_files_parse_and_name_a_registered_mixture(path):
   size = name[len(mixture) + 1:-len(".gin")]
   assert config.emb_dim == {"t5_1_1_small": 512, "t5_1_1_base": 768, "t5_1_1_large": 1024,
                             "t5_1_1_xxl": 4096}[size]
-  options = data.TaskOptions()
+  options = distillation.TaskOptions()
   assert options.vocabulary_path == "/tmp/spiece.model" and options.vocabulary_extra_ids == 100
   assert gin.query_parameter("%LEARNING_RATE") == 5e-5
   assert gin.query_parameter("%OPTIMIZER") == "adamw"
@@ -70,8 +72,8 @@ def test_paper_files_require_their_checkpoint_and_vocabulary():
 def test_quickstart_runs_needs_nothing_and_fits_the_shipped_vocabulary():
   gin_utils.parse_gin(["quickstart.gin"], [])
   assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "cqa_dsbs_teacher"
-  assert t5.T5Config().vocab_size >= data.OptionsVocabulary().vocab_size
-  assert data.TaskOptions().vocabulary_path == data.DEFAULT_VOCABULARY
+  assert t5.T5Config().vocab_size >= seqio_tasks.OptionsVocabulary().vocab_size
+  assert distillation.TaskOptions().vocabulary_path == str(resources.VOCABULARY_FILE)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(GIN_DIR, "runs", "*.gin"))
@@ -165,7 +167,8 @@ STANDIN_RUNS = {
     "train": standin_run_file("run_train", "%gin.REQUIRED", "train", "%USE_CACHED_TASKS", "train/"),
     "eval": standin_run_file("run_evaluate", "None", "test", "False"),  # lengths from the data
     "infer": standin_run_file("run_infer", "%gin.REQUIRED", "test", "False")}
-T5X_MIXTURES = [data.task_name(spec.name, suffix) for spec in tasks.DATASETS for suffix in data.MIXTURES]
+T5X_MIXTURES = [distillation.task_name(spec.name, suffix) for spec in datasets.BENCHMARKS
+                for suffix in distillation.MIXTURES]
 
 
 @pytest.fixture
@@ -193,7 +196,7 @@ def test_t5x_train_file_trains_any_mixture_from_uncached_tasks(t5x_standin, mixt
   assert dataset_cfg == DatasetConfig(mixture, {"inputs": 512, "targets": 256}, "train", False)
   # The model's vocabulary is a plain SentencePiece one, of the file the tasks read.
   assert type(model.input_vocabulary) is seqio.SentencePieceVocabulary
-  assert model.input_vocabulary.sentencepiece_model_file == data.DEFAULT_VOCABULARY
+  assert model.input_vocabulary.sentencepiece_model_file == str(resources.VOCABULARY_FILE)
 
 
 def test_t5x_train_file_sets_alpha_and_the_data_for_the_default_converter(t5x_standin):
@@ -223,13 +226,13 @@ def test_t5x_infer_file_names_lengths_and_shares_the_vocabulary(t5x_standin):
   model, dataset_cfg = t5x_run(t5x_standin, "infer", "MIXTURE_OR_TASK_NAME = 'anli1_dsbs_teacher'",
                                "VOCABULARY_EXTRA_IDS = 100")
   assert dataset_cfg.task_feature_lengths == {"inputs": 512, "targets": 256}
-  assert model.input_vocabulary.vocab_size == data.OptionsVocabulary().vocab_size == 8000 + 100
+  assert model.input_vocabulary.vocab_size == seqio_tasks.OptionsVocabulary().vocab_size == 8000 + 100
 
 
 def test_t5x_vocabularies_that_differ_are_refused_as_t5x_refuses_them(t5x_standin):
   with pytest.raises(ValueError, match="vocabularies do not match"):
     t5x_run(t5x_standin, "infer", "MIXTURE_OR_TASK_NAME = 'cqa_distill'",
-            "data.TaskOptions.vocabulary_extra_ids = 100")
+            "distillation.TaskOptions.vocabulary_extra_ids = 100")
 
 
 def test_readme_t5x_commands_name_shipped_files():

@@ -166,7 +166,3 @@ def test_unknown_normalization(tiny_config, params):
   with pytest.raises(ValueError, match="unknown loss_normalization 'per_batch'"):
     model.eval_loss(params, batch, tiny_config, loss_normalization="per_batch")
 
-
-def test_task_ids_agree_with_the_data_side():
-  data = pytest.importorskip("dsbs_jax.data")
-  assert data.TASK_IDS == {"label": LABEL, "rationale": RATIONALE}

@@ -62,6 +62,7 @@ import numpy as np
 
 from dsbs_jax import convert
 from dsbs_jax import decoding
+from dsbs_jax import distillation
 from dsbs_jax import flops
 from dsbs_jax import model
 from dsbs_jax import partitioning
@@ -174,13 +175,12 @@ def read_batches(lengths: dict, examples_per_step: int, num_steps: int, num_devi
   Needs TensorFlow and SeqIO; --batches replays what --write_batches saved without them.
   """
   import gin  # pylint: disable=g-import-not-at-top
-  from dsbs_jax import data  # pylint: disable=g-import-not-at-top
+  from dsbs_jax import datasets  # pylint: disable=g-import-not-at-top
   from dsbs_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  label_prefix, rationale_prefix = data.PAPER_PREFIXES
+  label_prefix, rationale_prefix = distillation.PAPER_PREFIXES
   gin.bind_parameter("TaskOptions.label_prefix", label_prefix)
   gin.bind_parameter("TaskOptions.rationale_prefix", rationale_prefix)
-  import tasks  # registers the mixture; after gin, as train.py does
-  del tasks
+  datasets.register_all()
 
   rows: Iterator[dict] = input_pipeline.train_batches(MIXTURE, lengths, 1, seed)
   read = [next(rows)]  # the first row pays for reading and tokenizing the records

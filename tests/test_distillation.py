@@ -1,0 +1,50 @@
+"""Tests for dsbs_jax.distillation: the options' checks, the options a command puts in use
+taking precedence over gin's, and the names every stage shares loading without TensorFlow."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import gin
+import pytest
+
+from dsbs_jax import distillation
+from dsbs_jax import gin_utils
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_alpha_outside_open_interval_is_rejected():
+  gin.bind_parameter("TaskOptions.alpha", 1.0)
+  with pytest.raises(gin_utils.GinConfigError, match="alpha must be in"):
+    distillation.TaskOptions()
+
+
+def test_options_in_use_take_precedence_over_gin_until_the_block_ends():
+  gin.bind_parameter("TaskOptions.alpha", 0.3)
+  assert distillation.current_options().alpha == 0.3
+  chosen = distillation.TaskOptions(alpha=0.2)
+  with distillation.options_in_use(chosen):
+    assert distillation.current_options() is chosen
+    inner = distillation.TaskOptions(alpha=0.7)
+    with distillation.options_in_use(inner):
+      assert distillation.current_options() is inner
+    assert distillation.current_options() is chosen
+  assert distillation.current_options().alpha == 0.3
+
+
+def test_names_of_tasks_and_mixtures():
+  assert [distillation.task_name("cqa", kind) for kind in distillation.TASK_KINDS] == [
+      "cqa_label_gold", "cqa_label_teacher", "cqa_rationale"]
+  assert sorted(distillation.MIXTURES) == ["distill", "dsbs_gold", "dsbs_teacher", "finetune"]
+  assert 0 not in distillation.TASK_IDS.values()  # 0 marks padding
+
+
+def test_what_every_stage_shares_loads_without_tensorflow():
+  # The teacher, the model wrapper and tools/bench.py's replay of saved batches run where
+  # TensorFlow may be missing.
+  code = ("import sys\nfrom dsbs_jax import distillation, model, records, teacher\n"
+          "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)
+  assert result.stdout.strip() == "[]"
