@@ -2,7 +2,7 @@
 
     dsbs export --checkpoint MODEL_DIR [--step best|latest|N] --format hf --out DIR
     dsbs export --checkpoint MODEL_DIR --format saved_model --out DIR
-        [--decode greedy|beam --num_beams 4 --alpha 0.6] [--with_rationales]
+        [--decode greedy|beam --num_beams 4 --length_penalty 0.6] [--with_rationales]
 
 `hf` writes a Hugging Face directory (config.json, model.safetensors, generation_config.json,
 spiece.model, tokenizer_config.json and a model card, README.md) that transformers'
@@ -17,7 +17,7 @@ Serving). Both formats write the manifest dsbs_export.json, which says what each
 needs, and appear at --out only once complete.
 
 This module only reads trained students and writes foreign formats; training, prediction
-and the network live elsewhere (train.py, infer.py, models/t5.py).
+and the network live elsewhere (train.py, infer.py, encoder_decoder.py, models/t5.py).
 """
 import argparse
 import contextlib
@@ -43,6 +43,7 @@ from safetensors import numpy as safetensors_numpy
 import dsbs_jax
 from dsbs_jax import checkpoints
 from dsbs_jax import convert
+from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
 from dsbs_jax import infer
 from dsbs_jax import rationales
@@ -82,7 +83,7 @@ class DecodeOptions:
   """How a SavedModel decodes (an hf export only records decode_length)."""
   method: str = "greedy"  # or "beam"
   num_beams: int = 4
-  alpha: float = 0.6
+  length_penalty: float = 0.6  # beam search's, as decoding.brevity_penalty applies it
   decode_length: Optional[int] = None  # default: the run's target length
   with_rationales: bool = False
 
@@ -113,7 +114,7 @@ def manifest(student: Student, export_format: str, decode: DecodeOptions,
   spec, results = student.spec, student.results or {}
   decoding = dataclasses.asdict(decode)
   if decode.method == "greedy":
-    del decoding["num_beams"], decoding["alpha"]
+    del decoding["num_beams"], decoding["length_penalty"]
   metrics = {"step": results.get("best_step"), "label_task": results.get("label_task"),
              **{key: results.get(key) for key in ("validation", "test", "majority_baseline_test")}}
   return {
@@ -297,8 +298,9 @@ def write_saved_model(student: Student, directory: pathlib.Path,
   platform = jax.export.default_export_platform()
 
   def generate(params, encoder_input_tokens):
-    return t5.predict_batch(params, config, encoder_input_tokens, decode.decode_length,
-                            method=decode.method, num_beams=decode.num_beams, alpha=decode.alpha)
+    return encoder_decoder.predict_batch(
+        params, config, encoder_input_tokens, decode.decode_length, method=decode.method,
+        num_beams=decode.num_beams, length_penalty=decode.length_penalty)
 
   params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), student.params)
   generate_tf = jax2tf.convert(generate, polymorphic_shapes=[None, "(b, ...)"],
@@ -428,8 +430,11 @@ def add_parser(subparsers) -> None:
                       help="saved_model: decoding inside the graph")
   parser.add_argument("--num_beams", type=flags.positive_int, default=DecodeOptions.num_beams,
                       help=f"beams for --decode beam (default {DecodeOptions.num_beams})")
-  parser.add_argument("--alpha", type=float, default=DecodeOptions.alpha,
-                      help="beam search length penalty")
+  parser.add_argument("--length_penalty", type=float, default=DecodeOptions.length_penalty,
+                      help="beam search's length penalty: finished beams score log P / "
+                           f"((5 + length) / 6) ** it (default {DecodeOptions.length_penalty})")
+  parser.add_argument("--alpha", dest="length_penalty", type=float, action=flags.DeprecatedAlias,
+                      help="deprecated name of --length_penalty, removed in the next release")
   parser.add_argument("--decode_length", type=flags.positive_int, default=None,
                       help="most tokens to generate (default: the run's target length)")
   parser.add_argument("--with_rationales", action="store_true",
@@ -438,7 +443,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  decode = DecodeOptions(args.decode, args.num_beams, args.alpha, args.decode_length,
+  decode = DecodeOptions(args.decode, args.num_beams, args.length_penalty, args.decode_length,
                          args.with_rationales)
   out = export(args.checkpoint, args.out, args.export_format, args.step, decode, args.overwrite)
   print(f"wrote {out}", file=sys.stderr)

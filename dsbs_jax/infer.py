@@ -27,6 +27,7 @@ from dsbs_jax import checkpoints
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import decoding
+from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
@@ -168,7 +169,7 @@ class Predictor:
     encoder_tokens = decoding.trim_padding(encoder_tokens)
     padded = np.zeros((self.batch_size, encoder_tokens.shape[1]), np.int32)
     padded[:rows] = encoder_tokens
-    ids = t5.predict_batch(self.params, self.config, padded, self.decode_length,
+    ids = encoder_decoder.predict_batch(self.params, self.config, padded, self.decode_length,
                            method=self.method, num_beams=self.num_beams)
     # Gathered from every device and host, whatever sharding jit chose for the output.
     return detokenize(self.vocabulary, multihost_utils.process_allgather(ids, tiled=True)[:rows])

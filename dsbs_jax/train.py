@@ -35,12 +35,12 @@ from tensorflow.core.util import event_pb2
 from dsbs_jax import checkpoints
 from dsbs_jax import datasets
 from dsbs_jax import distillation
+from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
 from dsbs_jax import infer
 from dsbs_jax import input_pipeline
-from dsbs_jax import model
 from dsbs_jax import partitioning
 from dsbs_jax import plots
 from dsbs_jax import resources
@@ -512,7 +512,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
         if not (step % log_period == 0 or save_now or eval_now):
           continue
         trainer_lib.check_finite(dict(sums, **latest), step)
-        summary = dict(model.summarize_metrics(sums), **jax.device_get(latest))
+        summary = dict(encoder_decoder.summarize_metrics(sums), **jax.device_get(latest))
         summary.update(throughput(summary, window_steps, window_input_tokens,
                                   time.time() - window_start, step_flops, peak_flops))
         print_fn(progress_line(step, train_steps, summary, remaining_time(step)))

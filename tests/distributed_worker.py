@@ -24,7 +24,8 @@ def main(argv):
     jax.distributed.initialize(argv[1], int(argv[2]), int(argv[3]))
     num_shards = jax.process_count()
 
-  from dsbs_jax import datasets, input_pipeline, model, partitioning, trainer as trainer_lib
+  from dsbs_jax import datasets, encoder_decoder, input_pipeline, partitioning
+  from dsbs_jax import trainer as trainer_lib
   from dsbs_jax.models import t5
   datasets.register_all()
 
@@ -51,7 +52,7 @@ def main(argv):
   for _ in range(STEPS):
     state, metrics = trainer.train_step(state, trainer.shard_batch(next_batch()),
                                         jax.random.key(1))
-    losses.append(model.summarize_metrics(metrics)["loss"])
+    losses.append(encoder_decoder.summarize_metrics(metrics)["loss"])
   params = jax.tree.leaves(state.params)
   checksum = [float(np.abs(np.asarray(jax.device_get(
       leaf.addressable_shards[0].data if hasattr(leaf, "addressable_shards") else leaf))).sum())

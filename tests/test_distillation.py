@@ -43,7 +43,7 @@ def test_names_of_tasks_and_mixtures():
 def test_what_every_stage_shares_loads_without_tensorflow():
   # The teacher, the model wrapper and tools/bench.py's replay of saved batches run where
   # TensorFlow may be missing.
-  code = ("import sys\nfrom dsbs_jax import distillation, model, records, teacher\n"
+  code = ("import sys\nfrom dsbs_jax import distillation, encoder_decoder, records, teacher\n"
           "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)

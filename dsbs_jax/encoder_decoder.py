@@ -1,6 +1,7 @@
-"""The model wrapper around the T5 network: the training loss (cross-entropy with z-loss,
-with the label and rationale tasks' parts reported apart), evaluation loss, scoring, and
-the summary of loss metrics.
+"""The model wrapper around the T5 network, T5X's EncoderDecoderModel in functions: the
+training loss (cross-entropy with z-loss, with the label and rationale tasks' parts reported
+apart), the summary of loss metrics, and generation (`predict_batch`: greedy, beam or
+sampled decoding with the key/value cache, over a network that never decodes by itself).
 
 How alpha acts: the mixtures sample label and rationale examples at alpha : 1 - alpha. With
 'per_example' normalization every example (a packed segment) weighs the same whatever
@@ -8,14 +9,17 @@ its length, so the expected loss is alpha * L_label + (1 - alpha) * L_rationale,
 the paper. 'per_token' (T5X's) weighs examples by their length instead, which lets the
 ~10x longer rationales drown the labels.
 
-This module holds no optimizer, sharding or data-pipeline code.
+This module holds no optimizer, sharding, data-pipeline or vocabulary code, and must not
+import TensorFlow.
 """
+import functools
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsbs_jax import decoding
 from dsbs_jax import distillation
 from dsbs_jax.models import t5
 
@@ -141,28 +145,6 @@ def loss_terms(params, batch: Batch, dropout_rng: Optional[jax.Array], config: t
   return loss_sum, metrics
 
 
-def loss_fn(params, batch: Batch, dropout_rng: Optional[jax.Array], config: t5.T5Config,
-            z_loss: float = 1e-4,
-            loss_normalization: str = "per_example") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """(loss, metric sums) of one batch; see `loss_terms`."""
-  loss_sum, metrics = loss_terms(params, batch, dropout_rng, config, z_loss=z_loss,
-                                 loss_normalization=loss_normalization)
-  return loss_sum / nonzero(metrics["loss_normalizer"]), metrics
-
-
-def eval_loss(params, batch: Batch, config: t5.T5Config, z_loss: float = 1e-4,
-              loss_normalization: str = "per_example") -> tuple[jax.Array, dict[str, jax.Array]]:
-  """`loss_fn` without dropout."""
-  return loss_fn(params, batch, None, config, z_loss, loss_normalization)
-
-
-def score_batch(params, batch: Batch, config: t5.T5Config) -> jax.Array:
-  """Log-likelihood of each row's targets [batch] (unpacked batches), without z-loss."""
-  logits = _logits(params, batch, config, None)
-  token_loss, _ = cross_entropy_with_z_loss(logits, batch["decoder_target_tokens"], 0.0)
-  return -jnp.sum(token_loss * _loss_weights(batch), axis=-1)
-
-
 def summarize_metrics(metric_sums: dict[str, Any]) -> dict[str, float]:
   """Means from metric sums of one or many steps (added key by key), as Python floats.
 
@@ -183,3 +165,74 @@ def summarize_metrics(metric_sums: dict[str, Any]) -> dict[str, float]:
                "correct_tokens"}
   summary.update({key: value for key, value in values.items() if key not in consumed})
   return summary
+
+
+# ------------------------------------------------------------------------------
+# Generation with the key/value cache.
+# ------------------------------------------------------------------------------
+def init_decode_cache(params, config: t5.T5Config, encoded, encoder_input_tokens,
+                      max_decode_length: int):
+  """The 'cache' collection for decoding up to max_decode_length tokens.
+
+  Cross-attention keys and values are computed here, once, from `encoded`.
+  """
+  dummy_targets = jnp.ones((encoded.shape[0], max_decode_length), jnp.int32)
+  _, variables = t5.Transformer(config).apply(
+      {"params": params}, encoded, encoder_input_tokens, dummy_targets, dummy_targets,
+      enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+      mutable=["cache"], method=t5.Transformer.decode)
+  return variables["cache"]
+
+
+def make_tokens_to_logits(params, config: t5.T5Config, encoded, encoder_input_tokens,
+                          max_decode_length: int):
+  """The `tokens_to_logits(ids [batch, 1], cache) -> (logits [batch, vocab], cache)` step."""
+  model = t5.Transformer(config)
+
+  def tokens_to_logits(ids, cache):
+    logits, variables = model.apply(
+        {"params": params, "cache": cache}, encoded, encoder_input_tokens, ids, ids,
+        enable_dropout=False, decode=True, max_decode_length=max_decode_length,
+        mutable=["cache"], method=t5.Transformer.decode)
+    return logits[:, 0], variables["cache"]
+
+  return tokens_to_logits
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "max_decode_length", "method", "num_beams", "top_k"))
+def predict_batch(params, config: t5.T5Config, encoder_input_tokens, max_decode_length: int,
+                  method: str = "greedy", num_beams: int = 4, length_penalty: float = 0.6,
+                  temperature: float = 1.0, top_k: int = 0,
+                  rng: Optional[jax.Array] = None) -> jax.Array:
+  """Generated ids [batch, max_decode_length]: no start token, 0 after EOS.
+
+  method: 'greedy', 'beam' (best of num_beams, ranked with `length_penalty`), or 'sample'
+  (temperature, optional top_k; needs rng).
+  """
+  batch_size = encoder_input_tokens.shape[0]
+  encoded = t5.Transformer(config).apply(
+      {"params": params}, encoder_input_tokens, enable_dropout=False,
+      method=t5.Transformer.encode)
+  if method == "beam":
+    # Beam b of example i lives in row i * num_beams + b of everything the decoder sees.
+    encoded = jnp.repeat(encoded, num_beams, axis=0)
+    encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
+  cache = init_decode_cache(params, config, encoded, encoder_input_tokens, max_decode_length)
+  tokens_to_logits = make_tokens_to_logits(params, config, encoded, encoder_input_tokens,
+                                           max_decode_length)
+  if method == "greedy":
+    return decoding.greedy_search(tokens_to_logits, cache, batch_size, max_decode_length,
+                                  eos_id=t5.EOS_ID)
+  if method == "sample":
+    if rng is None:
+      raise ValueError("method='sample' needs rng")
+    return decoding.temperature_sample(
+        tokens_to_logits, cache, rng, batch_size, max_decode_length,
+        temperature=temperature, top_k=top_k, eos_id=t5.EOS_ID)
+  if method == "beam":
+    sequences, _ = decoding.beam_search(
+        tokens_to_logits, cache, batch_size, max_decode_length, num_beams=num_beams,
+        length_penalty=length_penalty, eos_id=t5.EOS_ID)
+    return sequences[:, 0]
+  raise ValueError(f"unknown decoding method {method!r}: expected greedy, beam or sample")
