@@ -47,13 +47,14 @@ from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
 from dsbs_jax import infer
 from dsbs_jax import rationales
+from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
 from dsbs_jax.models import t5
 
 MANIFEST_FILE = "dsbs_export.json"
 MODEL_CARD_FILE = "README.md"  # of a Hugging Face export
 # The vocabulary's name in each format's directory (transformers looks for spiece.model).
-VOCABULARY_FILES = {"hf": "spiece.model", "saved_model": infer.VOCABULARY_FILE}
+VOCABULARY_FILES = {"hf": "spiece.model", "saved_model": run_dir.VOCABULARY_FILE}
 FORMATS = tuple(VOCABULARY_FILES)
 SIGNATURE_NAME = "serving_default"
 # The token-ids SavedModel's folder inside a saved_model export, and its signature's names
@@ -70,11 +71,11 @@ class ExportError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Student:
   """A trained student as host numpy arrays, with what prediction must reproduce."""
-  model_dir: pathlib.Path
+  run: run_dir.RunDir
   step: int
   params: Any
   config: t5.T5Config
-  spec: infer.RunSpec
+  spec: run_dir.RunSpec
   results: Optional[dict[str, Any]]  # MODEL_DIR/results.json; None if the run did not finish
 
 
@@ -90,22 +91,18 @@ class DecodeOptions:
 
 def load_student(model_dir, step: str = "best") -> Student:
   """The student of MODEL_DIR at `step` ('best', 'latest' or a number), gathered to the host."""
-  model_dir = pathlib.Path(model_dir).absolute()
-  if not model_dir.is_dir():
-    raise FileNotFoundError(f"{model_dir}: no such MODEL_DIR")
+  run = run_dir.RunDir(model_dir)
+  if not run.path.is_dir():
+    raise FileNotFoundError(f"{run.path}: no such MODEL_DIR")
   try:
-    spec = infer.RunSpec.load(model_dir)
-    infer.vocabulary_of(model_dir, spec)  # fails here, naming the file, if missing
-    params, config, chosen = infer.load_trained_params(model_dir, step)
-  except ValueError as error:  # a malformed run.json or config.json, named in the message
+    spec = run.spec()
+    run.vocabulary_file()  # fails here, naming the file, if missing
+    params, config, chosen = run.load_params(step)
+    results = run.results()
+  except ValueError as error:  # a malformed run file, named in the message
     raise ExportError(str(error)) from error
-  results_path = model_dir / infer.RESULTS_FILE
-  try:
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
-  except json.JSONDecodeError as error:
-    raise ExportError(f"{results_path}: {error}") from error
   # Checkpoints trained sharded are restored as global arrays; gather every one.
-  return Student(model_dir, chosen, jax.device_get(params), config, spec, results)
+  return Student(run, chosen, jax.device_get(params), config, spec, results)
 
 
 def manifest(student: Student, export_format: str, decode: DecodeOptions,
@@ -119,7 +116,7 @@ def manifest(student: Student, export_format: str, decode: DecodeOptions,
              **{key: results.get(key) for key in ("validation", "test", "majority_baseline_test")}}
   return {
       "format": export_format,
-      "source": {"checkpoint": str(student.model_dir), "step": student.step,
+      "source": {"checkpoint": str(student.run.path), "step": student.step,
                  "mixture_or_task_name": spec.mixture_or_task_name,
                  **{key: results[key] for key in ("alpha", "train_fraction", "subsample_seed")
                     if key in results}},
@@ -217,8 +214,8 @@ def write_hf(student: Student, directory: pathlib.Path, decode: DecodeOptions) -
   _write_json(directory / "generation_config.json", {
       "decoder_start_token_id": 0, "eos_token_id": t5.EOS_ID, "pad_token_id": 0,
       "max_new_tokens": decode.decode_length, "num_beams": 1, "do_sample": False})
-  shutil.copyfile(student.model_dir / infer.VOCABULARY_FILE, directory / VOCABULARY_FILES["hf"])
-  vocabulary = infer.vocabulary_of(student.model_dir, spec)
+  shutil.copyfile(student.run.vocabulary_path, directory / VOCABULARY_FILES["hf"])
+  vocabulary = infer.vocabulary_of(student.run, spec)
   piece = vocabulary.tokenizer.id_to_piece
   _write_json(directory / "tokenizer_config.json", {
       "tokenizer_class": "T5Tokenizer", "extra_ids": spec.vocabulary_extra_ids,
@@ -290,7 +287,7 @@ def write_saved_model(student: Student, directory: pathlib.Path,
   inside the graph) and, in TOKEN_IDS_DIR, the token-ids one, which TensorFlow alone loads
   (stock TensorFlow Serving has no tensorflow-text ops)."""
   spec, config = student.spec, student.config
-  vocabulary = _ServingVocabulary(str(student.model_dir / infer.VOCABULARY_FILE),
+  vocabulary = _ServingVocabulary(str(student.run.vocabulary_path),
                                   extra_ids=spec.vocabulary_extra_ids)
   prefixes = {"prediction": spec.label_prefix}
   if decode.with_rationales:
@@ -330,7 +327,7 @@ def write_saved_model(student: Student, directory: pathlib.Path,
         SIGNATURE_NAME: serve_text, TOKEN_IDS_SIGNATURE: serve_token_ids})
     tf.saved_model.save(token_ids_model, str(directory / TOKEN_IDS_DIR),
                         signatures={SIGNATURE_NAME: serve_token_ids})
-  shutil.copyfile(student.model_dir / infer.VOCABULARY_FILE,
+  shutil.copyfile(student.run.vocabulary_path,
                   directory / VOCABULARY_FILES["saved_model"])
   token_ids = {
       "inputs": {TOKEN_IDS_INPUT: (

@@ -20,6 +20,7 @@ import pytest
 from conftest import tiny_run_flags
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
+from dsbs_jax import run_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "rationales"
@@ -207,7 +208,7 @@ def corrupt_run(uninterrupted, tmp_path_factory):
   """A copy of the finished run whose latest checkpoint (6) lost its array data."""
   model_dir = tmp_path_factory.mktemp("corrupt") / "run"
   shutil.copytree(uninterrupted, model_dir)
-  for data_file in (model_dir / checkpoints.TRAIN_CHECKPOINTS_DIR / "6" / "state").rglob("d/*"):
+  for data_file in (model_dir / run_dir.CHECKPOINTS_DIR / "6" / "state").rglob("d/*"):
     data_file.unlink()
   return model_dir
 
@@ -275,6 +276,8 @@ EVAL_ROWS = [  # (flags, given the finished run, its corrupt copy and bad_inputs
     (lambda run, corrupt, bad: ["--checkpoint", run, "--step", "5"], "no such checkpoint"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--task", "nope"],
      "--task='nope': no such task or mixture"),
+    (lambda run, corrupt, bad: ["--checkpoint", run, "--task", "cqa_rationale"],
+     "--task='cqa_rationale' has no label task with metrics to evaluate"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--batch_size", "0"], "argument --batch_size"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--output", bad / "missing" / "p.jsonl"],
      "does not exist"),

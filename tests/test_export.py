@@ -20,7 +20,6 @@ import tensorflow as tf
 from dsbs_jax import cli
 from dsbs_jax import export
 from dsbs_jax import infer
-from dsbs_jax.models import t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

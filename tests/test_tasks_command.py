@@ -1,9 +1,6 @@
 """Tests for `dsbs tasks`: the listing of every task and mixture and the example printout."""
-import pytest
-
 from dsbs_jax import cli
 from dsbs_jax import distillation
-
 
 
 def test_lists_every_task_and_mixture_with_counts(capsys):
