@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import os
 import re
+import shlex
 import sys
 import types
 from typing import Any, Optional
@@ -22,10 +23,12 @@ from dsbs_jax.models import t5
 
 GIN_DIR = str(resources.GIN_DIR)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_FILES = sorted(glob.glob(os.path.join(GIN_DIR, "paper", "*.gin")))
+# The paper's students (Table 2 onwards): T5 v1.1 small, base, large and XXL, by emb_dim.
+PAPER_SIZES = {"t5_1_1_small": 512, "t5_1_1_base": 768, "t5_1_1_large": 1024, "t5_1_1_xxl": 4096}
+PAPER_MIXTURES = [distillation.task_name(spec.name, method) for spec in datasets.BENCHMARKS
+                  for method in distillation.MIXTURES]
 PAPER_REQUIRED = ["MODEL_DIR = '/tmp/m'", "INITIAL_CHECKPOINT_PATH = '/tmp/ckpt'",
                   "VOCABULARY = '/tmp/spiece.model'"]
-
 
 
 def train_binding(name):
@@ -36,37 +39,51 @@ def resolved(value):
   return value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value
 
 
-def test_one_paper_file_per_dataset_method_and_size():
-  assert len(PAPER_FILES) == 4 * 4 * 4
-  for path in PAPER_FILES:
-    dataset, rest = os.path.basename(path).split("_", 1)
-    assert dataset in {spec.name for spec in datasets.BENCHMARKS}, path
+def paper_experiment(size: str, mixture: str, bindings=PAPER_REQUIRED) -> None:
+  """Parses one experiment of the paper as the README runs it."""
+  gin_utils.parse_gin([f"models/{size}.gin", "runs/paper.gin"],
+                      [f"MIXTURE_OR_TASK_NAME = '{mixture}'", *bindings])
 
 
-@pytest.mark.parametrize("path", PAPER_FILES, ids=os.path.basename)
-def test_paper_files_parse_and_name_a_registered_mixture(path):
-  gin_utils.parse_gin([path], PAPER_REQUIRED)
-  name = os.path.basename(path)
-  mixture = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-  assert name.startswith(mixture + "_t5"), (name, mixture)
+def test_the_paper_grid_is_four_datasets_four_methods_four_sizes():
+  assert len(PAPER_MIXTURES) * len(PAPER_SIZES) == 4 * 4 * 4
+  for size in PAPER_SIZES:
+    assert os.path.isfile(os.path.join(GIN_DIR, "models", f"{size}.gin")), size
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+@pytest.mark.parametrize("mixture", PAPER_MIXTURES)
+def test_every_paper_experiment_parses_and_names_a_registered_mixture(mixture, size):
+  paper_experiment(size, mixture)
+  assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == mixture
   seqio.get_mixture_or_task(mixture)
-  config = t5.T5Config()
-  size = name[len(mixture) + 1:-len(".gin")]
-  assert config.emb_dim == {"t5_1_1_small": 512, "t5_1_1_base": 768, "t5_1_1_large": 1024,
-                            "t5_1_1_xxl": 4096}[size]
+  assert t5.T5Config().emb_dim == PAPER_SIZES[size]
   options = distillation.TaskOptions()
   assert options.vocabulary_path == "/tmp/spiece.model" and options.vocabulary_extra_ids == 100
   assert gin.query_parameter("%LEARNING_RATE") == 5e-5
   assert gin.query_parameter("%OPTIMIZER") == "adamw"
+  assert (gin.query_parameter("%BATCH_SIZE"), gin.query_parameter("%TRAIN_STEPS")) == (64, 10000)
 
 
-def test_paper_files_require_their_checkpoint_and_vocabulary():
-  gin_utils.parse_gin([PAPER_FILES[0]], ["MODEL_DIR = '/tmp/m'"])
+def test_paper_experiments_require_their_checkpoint_and_vocabulary():
+  paper_experiment("t5_1_1_small", "anli1_distill", ["MODEL_DIR = '/tmp/m'"])
   with pytest.raises(gin_utils.GinConfigError, match="train.initial_checkpoint_path"):
     train.train()
   gin.bind_parameter("train.initial_checkpoint_path", "/tmp/ckpt")
   with pytest.raises(gin_utils.GinConfigError, match="TaskOptions.vocabulary_path"):
     train.train()
+
+
+def test_readme_paper_command_is_one_command_that_parses():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  section = readme[readme.index("### Paper-scale runs"):readme.index("### T5X")]
+  command = next(block for block in re.findall(r"```bash\n(.*?)\n```", section, re.S)
+                 if "dsbs train" in block)
+  argv = shlex.split(command[command.index("dsbs train") + len("dsbs train"):].replace("\\\n", " "))
+  flags, bindings = gin_utils.split_gin_bindings(argv)
+  gin_utils.parse_gin([flag.split("=", 1)[1] for flag in flags], bindings)
+  seqio.get_mixture_or_task(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
+  assert gin.query_parameter("%OPTIMIZER") == "adamw"
 
 
 def test_quickstart_runs_needs_nothing_and_fits_the_shipped_vocabulary():
