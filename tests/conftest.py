@@ -1,6 +1,7 @@
 """Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, one tiny
 finished training run (`uninterrupted`) that tests copy, or check they leave as it was, and
-a small copy of the shipped records whose NLI train inputs are given."""
+a small copy of the shipped records whose NLI train inputs are given, and the records the
+stand-in teacher (fake_teacher.py) replays."""
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import gin
 import pytest
 
+import fake_teacher
 from dsbs_jax import cli
 from dsbs_jax import rationales
 from dsbs_jax import records
@@ -82,6 +84,23 @@ def small_nli_dir(tmp_path_factory):
                             "label": label}) + "\n")
     inputs[dataset] = str(path)
   return str(root), inputs
+
+
+@pytest.fixture(scope="module")
+def cqa_records():
+  return fake_teacher.shipped("cqa", "train")[200:240]
+
+
+@pytest.fixture(scope="module")
+def svamp_records():
+  svamp = fake_teacher.shipped("svamp", "train")
+  failures = [r for r in svamp if r.parse_error][:6]  # keep the paper's fallbacks in view
+  return failures + [r for r in svamp if not r.parse_error][:24]
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+  monkeypatch.setenv(fake_teacher.KEY_ENV, fake_teacher.SECRET)
 
 
 @pytest.fixture(scope="session")

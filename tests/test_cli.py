@@ -1,7 +1,8 @@
-"""Tests of the `dsbs` command line: help that teaches each command without importing the
-others, a first screen free of library chatter, and, for every command, a table of bad
-inputs that each end as one `dsbs CMD: error: ...` line naming the culprit, exit code 2,
-and leave the files already on disk byte-identical.
+"""Tests of the `dsbs` command line: dispatch of each command to the module that owns it,
+help that teaches each command without importing the others, a first screen free of library
+chatter, and, for every command, a table of bad inputs that each end as one
+`dsbs CMD: error: ...` line naming the culprit, exit code 2, and leave the files already on
+disk byte-identical.
 
 The tables of train, eval, predict and export refuse inputs against the finished tiny run
 of conftest.py (which trains, hence slow); the others need no model.
@@ -20,6 +21,7 @@ import pytest
 from conftest import tiny_run_flags
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
+from dsbs_jax import plots
 from dsbs_jax import run_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -101,6 +103,60 @@ def test_first_screen_holds_no_library_chatter():
   assert result.returncode == 0, result.stderr
   assert result.stderr == "", result.stderr  # no banners, cuInit, gin probing or advice
   assert result.stdout.startswith("name ")
+
+
+# ------------------------------------------------------------------------------
+# Dispatch: each command to the module that owns it, and what its errors become.
+# ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", cli.SUBCOMMANDS)
+def test_each_command_is_run_by_the_module_the_table_names(command):
+  module_name = cli.SUBCOMMANDS[command][0]
+  parser, user_errors = cli.build_parser(command)
+  leaves = [leaf for leaf in cli._leaf_parsers(parser)  # pylint: disable=protected-access
+            if leaf.prog.split()[:2] == ["dsbs", command]]
+  assert leaves
+  for leaf in leaves:
+    assert leaf.get_default("func").__module__ == module_name, leaf.prog
+    assert leaf.get_default("command_name") == leaf.prog
+  module = sys.modules[module_name]
+  assert set(getattr(module, "USER_ERRORS", ())) <= set(user_errors)
+  assert set(cli.BASE_USER_ERRORS) <= set(user_errors)
+
+
+def test_python_m_train_is_dsbs_train():
+  outputs = [subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout
+             for module, argv in (("dsbs_jax.train", ["--help"]),
+                                  ("dsbs_jax.cli", ["train", "--help"]))]
+  assert outputs[0] == outputs[1] and "dsbs train" in outputs[0]
+
+
+def test_a_command_imports_its_own_module_only():
+  code = ("import sys\nfrom dsbs_jax import cli\n"
+          "try:\n  cli.main(['plot', '--help'])\nexcept SystemExit:\n  pass\n"
+          "print(sorted(m for m in ('tensorflow', 'seqio', 'dsbs_jax.train', 'dsbs_jax.infer',"
+          " 'dsbs_jax.export', 'dsbs_jax.teacher_command') if m in sys.modules))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)
+  assert result.stdout.strip().endswith("[]"), result.stdout
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
+  def user_error(args):
+    raise run_dir.ModelDirError(f"{args.runs_dir}/results.json: expected a JSON object")
+  monkeypatch.setattr(plots, "run", user_error)
+  argv = ["plot", str(tmp_path), "--out", str(tmp_path / "figures")]
+  assert cli.main(argv) == 2
+  assert capsys.readouterr().err == (f"dsbs plot: error: {tmp_path}/results.json: expected a "
+                                     "JSON object\n")
+  assert cli.main([*argv, "--verbose"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and err.endswith("JSON object\n")
+  def bug(args):
+    raise KeyError("a bug")
+  monkeypatch.setattr(plots, "run", bug)
+  with pytest.raises(KeyError, match="a bug"):
+    cli.main(argv)
 
 
 # ------------------------------------------------------------------------------
