@@ -1,7 +1,8 @@
 """What the training loop does between steps, each a named action run every so many steps
 and at the last one (as clu's periodic_actions): the progress report (losses per task,
 throughput, MFU, time left), checkpointing, and validation, which keeps the step best on
-validation; and the stop requests (SIGTERM, SIGINT) the loop checks after each step.
+validation; the first step's startup report; and the stop requests (SIGTERM, SIGINT) the
+loop checks after each step.
 
 Nothing here runs a training step, builds a model or reads data; train.py owns the loop.
 """
@@ -17,6 +18,7 @@ from dsbs_jax import checkpoints
 from dsbs_jax import encoder_decoder
 from dsbs_jax import run_dir
 from dsbs_jax import trainer as trainer_lib
+from dsbs_jax.models import t5
 
 # Train-step metrics that are values of the step, not sums to add over a logging window.
 NOT_SUMMED_METRICS = ("grad_norm", "learning_rate")
@@ -38,6 +40,18 @@ def startup_times(build_start: float, state_seconds: float, first_metrics) -> di
   seconds = time.time() - build_start
   return {"seconds": seconds, "state_seconds": state_seconds,
           "first_step_seconds": seconds - state_seconds}
+
+
+def report_startup(log: run_dir.MetricsLog, step: int, build_start: float, state_seconds: float,
+                   first_metrics, config: t5.T5Config, print_fn) -> None:
+  """Prints and logs (a "startup" row) the seconds from building the trainer to the end of
+  the first step: state, then compiling and running the step."""
+  startup = startup_times(build_start, state_seconds, first_metrics)
+  print_fn(f"first step done {startup['seconds']:.1f}s after building the trainer "
+           f"(state {startup['state_seconds']:.1f}s, compiling and running the step "
+           f"{startup['first_step_seconds']:.1f}s; layers "
+           f"{'scanned' if t5.scans_layers(config) else 'unrolled'})")
+  log.write(step, "startup", startup)
 
 
 def format_duration(seconds: float) -> str:

@@ -55,7 +55,8 @@ def add_prefix(prefix_field: str):
   """A preprocessor that prepends the TaskOptions' `prefix_field` in use when the dataset is built."""
   @seqio.map_over_dataset
   def prefix(example):
-    return {"id": example["id"], "inputs": getattr(distillation.current_options(), prefix_field) + example["input"],
+    prefix_text = getattr(distillation.current_options(), prefix_field)
+    return {"id": example["id"], "inputs": prefix_text + example["input"],
             "targets": example["target"]}
   return prefix
 

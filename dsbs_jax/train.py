@@ -243,7 +243,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           state, metrics = trainer.train_step(state, trainer.shard_batch(batch), rng)
           step += 1
           if step == start_step + 1:
-            log_startup(log, step, build_start, state_seconds, metrics, settings.config, print_fn)
+            periodic_actions.report_startup(log, step, build_start, state_seconds, metrics,
+                                            settings.config, print_fn)
           report.add(batch, metrics)
           # Read once: a signal arriving later in this step is acted on after the next one.
           stopping = stop.signal_name is not None
@@ -338,17 +339,6 @@ def make_periodic_actions(settings: RunSettings, schedule: Schedule,
       periodic_actions.Validation(schedule.eval_period, schedule.train_steps, evaluate,
                                   validation_examples, best, checkpointer, log, remaining_time,
                                   print_fn))
-
-
-def log_startup(log: run_dir.MetricsLog, step: int, build_start: float, state_seconds: float,
-                first_metrics, config: t5.T5Config, print_fn) -> None:
-  """Reports the seconds from building the trainer to the end of the first step."""
-  startup = periodic_actions.startup_times(build_start, state_seconds, first_metrics)
-  print_fn(f"first step done {startup['seconds']:.1f}s after building the trainer "
-           f"(state {startup['state_seconds']:.1f}s, compiling and running the step "
-           f"{startup['first_step_seconds']:.1f}s; layers "
-           f"{'scanned' if t5.scans_layers(config) else 'unrolled'})")
-  log.write(step, "startup", startup)
 
 
 def final_evaluation(run: run_dir.RunDir, settings: RunSettings, options: distillation.TaskOptions,

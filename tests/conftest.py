@@ -4,7 +4,10 @@ a small copy of the shipped records whose NLI train inputs are given, and the re
 stand-in teacher (fake_teacher.py) replays."""
 import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 # Eight simulated CPU devices for the sharding tests; set before anything imports jax.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -21,6 +24,7 @@ from dsbs_jax import records
 from dsbs_jax import resources
 from dsbs_jax.models import t5
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VOCAB_SIZE = 128
 NLI = ("esnli", "anli1")
 SMALL_TRAIN = 300
@@ -38,6 +42,15 @@ def clean_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+def modules_loaded_by(code: str, modules) -> list[str]:
+  """Which of `modules` a fresh Python process has imported once it ran `code` (with this
+  checkout first on its path); `code`'s own output comes before the list's line."""
+  code += f"\nimport sys\nprint(sorted(m for m in {tuple(modules)!r} if m in sys.modules))"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"'))
 
 
 def tiny_run_flags(model_dir, train_steps=6, checkpoint_period=2, extra=()):

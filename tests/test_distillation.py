@@ -1,17 +1,11 @@
 """Tests for dsbs_jax.distillation: the options' checks, the options a command puts in use
 taking precedence over gin's, and the names every stage shares loading without TensorFlow."""
-import os
-import pathlib
-import subprocess
-import sys
-
 import gin
 import pytest
 
+from conftest import modules_loaded_by
 from dsbs_jax import distillation
 from dsbs_jax import gin_utils
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_alpha_outside_open_interval_is_rejected():
@@ -43,8 +37,5 @@ def test_names_of_tasks_and_mixtures():
 def test_what_every_stage_shares_loads_without_tensorflow():
   # The teacher, the model wrapper and tools/bench.py's replay of saved batches run where
   # TensorFlow may be missing.
-  code = ("import sys\nfrom dsbs_jax import distillation, encoder_decoder, records, teacher\n"
-          "print(sorted(m for m in ('tensorflow', 'seqio') if m in sys.modules))")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)
-  assert result.stdout.strip() == "[]"
+  assert modules_loaded_by("from dsbs_jax import distillation, encoder_decoder, records, teacher",
+                           ("tensorflow", "seqio")) == []

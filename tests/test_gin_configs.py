@@ -116,6 +116,16 @@ def test_readme_opens_with_the_main_job_and_the_test_command_that_ci_runs():
   assert test_suite in ci.splitlines()
 
 
+def test_readme_pieces_name_modules_that_exist():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  pieces = readme[readme.index("## The pieces"):readme.index("`dsbs --help` lists")]
+  named = set(re.findall(r"`([a-z_]+\.py)`", pieces))
+  assert {"run_dir.py", "encoder_decoder.py", "records.py", "seqio_tasks.py",
+          "input_pipeline.py", "distillation.py"} <= named
+  for name in named:
+    assert os.path.isfile(os.path.join(REPO, "dsbs_jax", name)), name
+
+
 # ------------------------------------------------------------------------------
 # gin/t5x/: parsed after stand-ins for T5X's model and run files. T5X is not installable from
 # the package index, so a module `t5x_standin` plays the T5X names those files bind (the
