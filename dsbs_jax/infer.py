@@ -3,8 +3,8 @@
 A trained MODEL_DIR (run_dir.py) holds the network, the run spec (task prefixes, feature
 lengths) and the vocabulary beside its checkpoints, so prediction needs no gin. Inputs are
 tokenized by the same code as training (seqio_tasks.py), decoded with the key/value cache
-(encoder_decoder.predict_batch), and scored with the task's own SeqIO metrics. Model outputs are untrusted
-text: they are only compared and written, never executed.
+(encoder_decoder.predict_batch), and scored with the task's own SeqIO metrics. Model
+outputs are untrusted text: they are only compared and written, never executed.
 
 This module must not train or change checkpoints.
 """
@@ -78,7 +78,7 @@ class Predictor:
     padded = np.zeros((self.batch_size, encoder_tokens.shape[1]), np.int32)
     padded[:rows] = encoder_tokens
     ids = encoder_decoder.predict_batch(self.params, self.config, padded, self.decode_length,
-                           method=self.method, num_beams=self.num_beams)
+                                        method=self.method, num_beams=self.num_beams)
     # Gathered from every device and host, whatever sharding jit chose for the output.
     return detokenize(self.vocabulary, multihost_utils.process_allgather(ids, tiled=True)[:rows])
 
