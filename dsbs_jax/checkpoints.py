@@ -1,10 +1,12 @@
 """Checkpoints on disk: the model format and the training checkpoints.
 
 Model format (converted and exported students): DIR/params (an orbax checkpoint of the
-parameter tree, T5X layout) and DIR/config.json (the T5Config). Training checkpoints:
-MODEL_DIR/checkpoints/<step>/ with the train state and the input pipeline's position.
+parameter tree, T5X layout) and DIR/config.json (the T5Config). Training checkpoints: a
+folder of <step>/ checkpoints (MODEL_DIR/checkpoints, which run_dir.py names) with the
+train state and the input pipeline's position.
 
-Importers of other formats live in convert.py; this module must not know them.
+Importers of other formats live in convert.py, and the rest of MODEL_DIR in run_dir.py;
+this module must not know them.
 """
 import dataclasses
 import pathlib
@@ -104,11 +106,10 @@ def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
 
 
 # ------------------------------------------------------------------------------
-# Training checkpoints: MODEL_DIR/checkpoints/<step>/{state, input}, written by orbax
-# asynchronously and atomically (a step folder appears only once complete, so a run
-# killed mid-write restores the previous step).
+# Training checkpoints: <directory>/<step>/{state, input}, written by orbax asynchronously
+# and atomically (a step folder appears only once complete, so a run killed mid-write
+# restores the previous step).
 # ------------------------------------------------------------------------------
-TRAIN_CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclasses.dataclass
@@ -129,9 +130,9 @@ class TrainCheckpointer:
   run continues with exactly the next batch.
   """
 
-  def __init__(self, model_dir: PathLike, keep: int = 3, keep_step: Optional[int] = None,
+  def __init__(self, directory: PathLike, keep: int = 3, keep_step: Optional[int] = None,
                asynchronous: bool = True):
-    self.directory = pathlib.Path(model_dir).absolute() / TRAIN_CHECKPOINTS_DIR
+    self.directory = pathlib.Path(directory).absolute()
     self._kept = _NamedStep(keep_step)
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "input"),

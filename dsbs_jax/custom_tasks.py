@@ -9,12 +9,13 @@ dataset's three tasks and four mixtures as the shipped benchmarks have
     register_custom_datasets.datasets = [
         {"name": "mydata", "rationales_file": "/data/mydata.jsonl", "metric": "exact_match"}]
 
-It runs when `tasks` is imported (`dsbs` imports it after parsing gin) and again when gin
-is finalized, which T5X does after its files and --gin.* flags are parsed: a gin file's
-`import tasks` comes before the bindings that follow it. A dataset already registered
+It runs when every dataset is registered (datasets.register_all: `dsbs` commands after
+parsing gin, and `import tasks`) and again when gin is finalized, which T5X does after its
+files and --gin.* flags are parsed: a gin file's `import tasks` comes before the bindings
+that follow it. A dataset already registered
 with the same arguments is left as it is.
 
-This module must not define the benchmarks' tasks (tasks/ does) or talk to a teacher.
+This module must not define the benchmarks (datasets.py does) or talk to a teacher.
 """
 import os
 import re
@@ -23,9 +24,11 @@ from typing import Mapping, Optional, Sequence
 import gin
 import seqio
 
-from dsbs_jax import data
+from dsbs_jax import distillation
 from dsbs_jax import metrics
 from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import seqio_tasks
 
 METRICS = {"exact_match": metrics.exact_match_accuracy, "equation": metrics.equation_accuracy}
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
@@ -34,13 +37,13 @@ _REGISTERED: dict[str, tuple[dict, list[str]]] = {}
 
 
 def _read_labelled(path: str) -> list:
-  records = rationales.read_records(path)
-  for record in records:
+  labelled = rationales.read_records(path)
+  for record in labelled:
     if record.input is None or record.label is None:
       raise rationales.RationaleFileError(
           f"{path}: record {record.id!r} has no {'input' if record.input is None else 'gold label'}; "
           "custom datasets need both")
-  return records
+  return labelled
 
 
 def register_custom_dataset(name: str, rationales_file: str, metric: str = "exact_match",
@@ -53,9 +56,9 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
     raise ValueError(f"custom dataset {name}: metric {metric!r} is not one of {sorted(METRICS)}")
   if not 0.0 < valid_fraction < 1.0:
     raise ValueError(f"custom dataset {name}: valid_fraction must be in (0, 1), got {valid_fraction}")
-  if data.task_name(name, "rationale") in seqio.TaskRegistry.names():
+  if distillation.task_name(name, "rationale") in seqio.TaskRegistry.names():
     raise ValueError(f"custom dataset {name}: tasks named {name}_* are already registered")
-  train, valid = data.split_records(_read_labelled(rationales_file), valid_fraction, seed=0)
+  train, valid = records.split_records(_read_labelled(rationales_file), valid_fraction, seed=0)
   if not train:
     raise rationales.RationaleFileError(f"{rationales_file}: too few records to carve a validation split")
   layout_dir = layout_dir or os.path.dirname(os.path.abspath(rationales_file))
@@ -65,8 +68,8 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
   rationales.write_records(os.path.join(dataset_dir, "valid.jsonl"), valid)
   if test_file:
     rationales.write_records(os.path.join(dataset_dir, "test.jsonl"), _read_labelled(test_file))
-  return data.register_dataset(
-      data.DatasetSpec(name=name, metric_fn=METRICS[metric], rationales_dir=layout_dir))
+  return seqio_tasks.register_dataset(
+      distillation.DatasetSpec(name=name, metric_fn=METRICS[metric], rationales_dir=layout_dir))
 
 
 @gin.configurable

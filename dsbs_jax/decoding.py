@@ -85,22 +85,22 @@ def _sampling_loop(tokens_to_logits, cache, rng, batch_size, max_decode_length,
   return jax.lax.while_loop(not_done, decode_step, state)[1]
 
 
-def brevity_penalty(length: jax.Array, alpha: float) -> jax.Array:
-  """GNMT's length normalizer used by T5X: ((5 + length) / 6) ** alpha."""
-  return ((5.0 + length) / 6.0) ** alpha
+def brevity_penalty(length: jax.Array, length_penalty: float) -> jax.Array:
+  """GNMT's length normalizer used by T5X: ((5 + length) / 6) ** length_penalty."""
+  return ((5.0 + length) / 6.0) ** length_penalty
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, batch_size: int,
-                max_decode_length: int, *, num_beams: int, alpha: float = 0.6,
+                max_decode_length: int, *, num_beams: int, length_penalty: float = 0.6,
                 eos_id: int = 1, start_id: int = 0) -> tuple[jax.Array, jax.Array]:
   """Beam search; returns (sequences [batch, beams, length], scores [batch, beams]), best first.
 
   The cache must hold batch_size * num_beams rows, beam b of example i in row
   i * num_beams + b. A finished hypothesis (ended by EOS, or by reaching
-  max_decode_length) scores log P / brevity_penalty(its length, alpha); alpha=0 ranks
-  by log-probability alone, and then equals transformers' beam search with
-  length_penalty=0. The search stops once no live beam can overtake the worst of the
-  num_beams finished ones.
+  max_decode_length) scores log P / brevity_penalty(its length, length_penalty), T5X's
+  `alpha`; length_penalty=0 ranks by log-probability alone, and then equals transformers'
+  beam search with length_penalty=0 (which divides by length ** length_penalty). The
+  search stops once no live beam can overtake the worst of the num_beams finished ones.
   """
   beams, length = num_beams, max_decode_length
   rows = batch_size * beams
@@ -118,7 +118,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, batch_size: int,
   def not_done(state):
     # Log-probabilities only fall as sequences grow and the penalty peaks at full
     # length, so this bounds every live beam's final score.
-    best_reachable = jnp.max(state["alive_log_probs"], axis=1) / brevity_penalty(length, alpha)
+    best_reachable = (jnp.max(state["alive_log_probs"], axis=1)
+                      / brevity_penalty(length, length_penalty))
     worst_finished = jnp.min(state["finished_scores"], axis=1)
     return (state["step"] < length) & ~jnp.all(worst_finished > best_reachable)
 
@@ -145,7 +146,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, batch_size: int,
     # and transformers (not T5X), only the top `beams` extensions may end: one ranked
     # lower would not have survived as a beam either.
     ends = (is_eos | (step + 1 == length)) & (jnp.arange(2 * beams) < beams)
-    new_scores = jnp.where(ends, top_log_probs / brevity_penalty(step + 1, alpha), NEG_INF)
+    new_scores = jnp.where(ends, top_log_probs / brevity_penalty(step + 1, length_penalty), NEG_INF)
     finished_scores, best = jax.lax.top_k(
         jnp.concatenate([state["finished_scores"], new_scores], axis=1), beams)
     finished_sequences = jnp.take_along_axis(

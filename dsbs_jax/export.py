@@ -2,7 +2,7 @@
 
     dsbs export --checkpoint MODEL_DIR [--step best|latest|N] --format hf --out DIR
     dsbs export --checkpoint MODEL_DIR --format saved_model --out DIR
-        [--decode greedy|beam --num_beams 4 --alpha 0.6] [--with_rationales]
+        [--decode greedy|beam --num_beams 4 --length_penalty 0.6] [--with_rationales]
 
 `hf` writes a Hugging Face directory (config.json, model.safetensors, generation_config.json,
 spiece.model, tokenizer_config.json and a model card, README.md) that transformers'
@@ -17,7 +17,7 @@ Serving). Both formats write the manifest dsbs_export.json, which says what each
 needs, and appear at --out only once complete.
 
 This module only reads trained students and writes foreign formats; training, prediction
-and the network live elsewhere (train.py, infer.py, models/t5.py).
+and the network live elsewhere (train.py, infer.py, encoder_decoder.py, models/t5.py).
 """
 import argparse
 import contextlib
@@ -43,16 +43,18 @@ from safetensors import numpy as safetensors_numpy
 import dsbs_jax
 from dsbs_jax import checkpoints
 from dsbs_jax import convert
-from dsbs_jax import data
+from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
 from dsbs_jax import infer
 from dsbs_jax import rationales
+from dsbs_jax import run_dir
+from dsbs_jax import seqio_tasks
 from dsbs_jax.models import t5
 
 MANIFEST_FILE = "dsbs_export.json"
 MODEL_CARD_FILE = "README.md"  # of a Hugging Face export
 # The vocabulary's name in each format's directory (transformers looks for spiece.model).
-VOCABULARY_FILES = {"hf": "spiece.model", "saved_model": infer.VOCABULARY_FILE}
+VOCABULARY_FILES = {"hf": "spiece.model", "saved_model": run_dir.VOCABULARY_FILE}
 FORMATS = tuple(VOCABULARY_FILES)
 SIGNATURE_NAME = "serving_default"
 # The token-ids SavedModel's folder inside a saved_model export, and its signature's names
@@ -69,11 +71,11 @@ class ExportError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class Student:
   """A trained student as host numpy arrays, with what prediction must reproduce."""
-  model_dir: pathlib.Path
+  run: run_dir.RunDir
   step: int
   params: Any
   config: t5.T5Config
-  spec: infer.RunSpec
+  spec: run_dir.RunSpec
   results: Optional[dict[str, Any]]  # MODEL_DIR/results.json; None if the run did not finish
 
 
@@ -82,29 +84,25 @@ class DecodeOptions:
   """How a SavedModel decodes (an hf export only records decode_length)."""
   method: str = "greedy"  # or "beam"
   num_beams: int = 4
-  alpha: float = 0.6
+  length_penalty: float = 0.6  # beam search's, as decoding.brevity_penalty applies it
   decode_length: Optional[int] = None  # default: the run's target length
   with_rationales: bool = False
 
 
 def load_student(model_dir, step: str = "best") -> Student:
   """The student of MODEL_DIR at `step` ('best', 'latest' or a number), gathered to the host."""
-  model_dir = pathlib.Path(model_dir).absolute()
-  if not model_dir.is_dir():
-    raise FileNotFoundError(f"{model_dir}: no such MODEL_DIR")
+  run = run_dir.RunDir(model_dir)
+  if not run.path.is_dir():
+    raise FileNotFoundError(f"{run.path}: no such MODEL_DIR")
   try:
-    spec = infer.RunSpec.load(model_dir)
-    infer.vocabulary_of(model_dir, spec)  # fails here, naming the file, if missing
-    params, config, chosen = infer.load_trained_params(model_dir, step)
-  except ValueError as error:  # a malformed run.json or config.json, named in the message
+    spec = run.spec()
+    run.vocabulary_file()  # fails here, naming the file, if missing
+    params, config, chosen = run.load_params(step)
+    results = run.results()
+  except ValueError as error:  # a malformed run file, named in the message
     raise ExportError(str(error)) from error
-  results_path = model_dir / infer.RESULTS_FILE
-  try:
-    results = json.loads(results_path.read_text()) if results_path.is_file() else None
-  except json.JSONDecodeError as error:
-    raise ExportError(f"{results_path}: {error}") from error
   # Checkpoints trained sharded are restored as global arrays; gather every one.
-  return Student(model_dir, chosen, jax.device_get(params), config, spec, results)
+  return Student(run, chosen, jax.device_get(params), config, spec, results)
 
 
 def manifest(student: Student, export_format: str, decode: DecodeOptions,
@@ -113,12 +111,12 @@ def manifest(student: Student, export_format: str, decode: DecodeOptions,
   spec, results = student.spec, student.results or {}
   decoding = dataclasses.asdict(decode)
   if decode.method == "greedy":
-    del decoding["num_beams"], decoding["alpha"]
+    del decoding["num_beams"], decoding["length_penalty"]
   metrics = {"step": results.get("best_step"), "label_task": results.get("label_task"),
              **{key: results.get(key) for key in ("validation", "test", "majority_baseline_test")}}
   return {
       "format": export_format,
-      "source": {"checkpoint": str(student.model_dir), "step": student.step,
+      "source": {"checkpoint": str(student.run.path), "step": student.step,
                  "mixture_or_task_name": spec.mixture_or_task_name,
                  **{key: results[key] for key in ("alpha", "train_fraction", "subsample_seed")
                     if key in results}},
@@ -216,8 +214,8 @@ def write_hf(student: Student, directory: pathlib.Path, decode: DecodeOptions) -
   _write_json(directory / "generation_config.json", {
       "decoder_start_token_id": 0, "eos_token_id": t5.EOS_ID, "pad_token_id": 0,
       "max_new_tokens": decode.decode_length, "num_beams": 1, "do_sample": False})
-  shutil.copyfile(student.model_dir / infer.VOCABULARY_FILE, directory / VOCABULARY_FILES["hf"])
-  vocabulary = infer.vocabulary_of(student.model_dir, spec)
+  shutil.copyfile(student.run.vocabulary_path, directory / VOCABULARY_FILES["hf"])
+  vocabulary = infer.vocabulary_of(student.run, spec)
   piece = vocabulary.tokenizer.id_to_piece
   _write_json(directory / "tokenizer_config.json", {
       "tokenizer_class": "T5Tokenizer", "extra_ids": spec.vocabulary_extra_ids,
@@ -277,7 +275,7 @@ def _top_k_lowered_as_sort(platform: str):
 
 def tokenize_tf(vocabulary: seqio.Vocabulary, texts: tf.Tensor, length: int) -> tf.Tensor:
   """[batch, length] ids of [batch] strings, as infer.tokenize_inputs makes them."""
-  ids = tf.map_fn(lambda text: data.encode_with_separators(vocabulary, text), texts,
+  ids = tf.map_fn(lambda text: seqio_tasks.encode_with_separators(vocabulary, text), texts,
                   fn_output_signature=tf.RaggedTensorSpec([None], tf.int32))
   eos = tf.fill([tf.shape(texts)[0], 1], vocabulary.eos_id)
   return tf.concat([ids[:, :length - 1], eos], axis=1).to_tensor(0, shape=[None, length])
@@ -289,7 +287,7 @@ def write_saved_model(student: Student, directory: pathlib.Path,
   inside the graph) and, in TOKEN_IDS_DIR, the token-ids one, which TensorFlow alone loads
   (stock TensorFlow Serving has no tensorflow-text ops)."""
   spec, config = student.spec, student.config
-  vocabulary = _ServingVocabulary(str(student.model_dir / infer.VOCABULARY_FILE),
+  vocabulary = _ServingVocabulary(str(student.run.vocabulary_path),
                                   extra_ids=spec.vocabulary_extra_ids)
   prefixes = {"prediction": spec.label_prefix}
   if decode.with_rationales:
@@ -297,8 +295,9 @@ def write_saved_model(student: Student, directory: pathlib.Path,
   platform = jax.export.default_export_platform()
 
   def generate(params, encoder_input_tokens):
-    return t5.predict_batch(params, config, encoder_input_tokens, decode.decode_length,
-                            method=decode.method, num_beams=decode.num_beams, alpha=decode.alpha)
+    return encoder_decoder.predict_batch(
+        params, config, encoder_input_tokens, decode.decode_length, method=decode.method,
+        num_beams=decode.num_beams, length_penalty=decode.length_penalty)
 
   params = tf.nest.map_structure(lambda a: tf.Variable(a, trainable=False), student.params)
   generate_tf = jax2tf.convert(generate, polymorphic_shapes=[None, "(b, ...)"],
@@ -328,7 +327,7 @@ def write_saved_model(student: Student, directory: pathlib.Path,
         SIGNATURE_NAME: serve_text, TOKEN_IDS_SIGNATURE: serve_token_ids})
     tf.saved_model.save(token_ids_model, str(directory / TOKEN_IDS_DIR),
                         signatures={SIGNATURE_NAME: serve_token_ids})
-  shutil.copyfile(student.model_dir / infer.VOCABULARY_FILE,
+  shutil.copyfile(student.run.vocabulary_path,
                   directory / VOCABULARY_FILES["saved_model"])
   token_ids = {
       "inputs": {TOKEN_IDS_INPUT: (
@@ -428,8 +427,11 @@ def add_parser(subparsers) -> None:
                       help="saved_model: decoding inside the graph")
   parser.add_argument("--num_beams", type=flags.positive_int, default=DecodeOptions.num_beams,
                       help=f"beams for --decode beam (default {DecodeOptions.num_beams})")
-  parser.add_argument("--alpha", type=float, default=DecodeOptions.alpha,
-                      help="beam search length penalty")
+  parser.add_argument("--length_penalty", type=float, default=DecodeOptions.length_penalty,
+                      help="beam search's length penalty: finished beams score log P / "
+                           f"((5 + length) / 6) ** it (default {DecodeOptions.length_penalty})")
+  parser.add_argument("--alpha", dest="length_penalty", type=float, action=flags.DeprecatedAlias,
+                      help="deprecated name of --length_penalty, removed in the next release")
   parser.add_argument("--decode_length", type=flags.positive_int, default=None,
                       help="most tokens to generate (default: the run's target length)")
   parser.add_argument("--with_rationales", action="store_true",
@@ -438,7 +440,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  decode = DecodeOptions(args.decode, args.num_beams, args.alpha, args.decode_length,
+  decode = DecodeOptions(args.decode, args.num_beams, args.length_penalty, args.decode_length,
                          args.with_rationales)
   out = export(args.checkpoint, args.out, args.export_format, args.step, decode, args.overwrite)
   print(f"wrote {out}", file=sys.stderr)

@@ -4,6 +4,7 @@ is parsed, before any work, with a message naming the flag.
 Nothing here reads gin flags (gin_utils.py) or runs a command.
 """
 import argparse
+import sys
 
 STEP_HELP = "checkpoint to use: 'best' (by validation, the default), 'latest' or a step number"
 
@@ -16,6 +17,17 @@ def positive_int(text: str) -> int:
   if value <= 0:
     raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
   return value
+
+
+class DeprecatedAlias(argparse.Action):
+  """An old name of a flag, kept for one release: stores into the new flag's `dest` and warns
+  on stderr that it is deprecated."""
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    new_flag = "--" + self.dest
+    print(f"{parser.prog}: warning: {option_string} is deprecated and will be removed in the "
+          f"next release; use {new_flag}", file=sys.stderr)
+    setattr(namespace, self.dest, values)
 
 
 def checkpoint_step(text: str) -> str:

@@ -1,18 +1,16 @@
 """Prediction and evaluation with a trained student: `dsbs predict` and `dsbs eval`.
 
-A trained MODEL_DIR holds config.json (the network), run.json (task prefixes, feature
-lengths, vocabulary file) and vocabulary.model beside its checkpoints, so prediction needs
-no gin. Inputs are tokenized by the same code as training (dsbs_jax.data), decoded with the
-key/value cache, and scored with the task's own SeqIO metrics. Model outputs are untrusted
-text: they are only compared and written, never executed.
+A trained MODEL_DIR (run_dir.py) holds the network, the run spec (task prefixes, feature
+lengths) and the vocabulary beside its checkpoints, so prediction needs no gin. Inputs are
+tokenized by the same code as training (seqio_tasks.py), decoded with the key/value cache
+(encoder_decoder.predict_batch), and scored with the task's own SeqIO metrics. Model
+outputs are untrusted text: they are only compared and written, never executed.
 
 This module must not train or change checkpoints.
 """
 import argparse
-import dataclasses
 import json
 import os
-import pathlib
 import sys
 import time
 from typing import Iterable, Optional
@@ -24,117 +22,30 @@ import seqio
 import tensorflow as tf
 
 from dsbs_jax import checkpoints
-from dsbs_jax import data
+from dsbs_jax import datasets
+from dsbs_jax import distillation
 from dsbs_jax import decoding
+from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
+from dsbs_jax import run_dir
+from dsbs_jax import seqio_tasks
 from dsbs_jax.models import t5
 
-RUN_FILE = "run.json"
-VOCABULARY_FILE = "vocabulary.model"
+USER_ERRORS = (run_dir.ModelDirError, checkpoints.CheckpointError, input_pipeline.TaskDataError)
 
 
-class ModelDirError(ValueError):
-  """A MODEL_DIR file that is malformed, or an output that cannot be written; named in the message."""
-
-
-USER_ERRORS = (ModelDirError, checkpoints.CheckpointError, input_pipeline.TaskDataError)
-
-
-@dataclasses.dataclass(frozen=True)
-class RunSpec:
-  """How a student was trained: what prediction must reproduce (MODEL_DIR/run.json)."""
-  mixture_or_task_name: str
-  input_length: int
-  target_length: int
-  label_prefix: str
-  rationale_prefix: str
-  vocabulary_extra_ids: int = 0
-
-  def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
-
-  def task_option_bindings(self, model_dir: str) -> list[str]:
-    """Gin bindings that make the data pipeline tokenize as this run did."""
-    values = {"vocabulary_path": str(pathlib.Path(model_dir).absolute() / VOCABULARY_FILE),
-              "vocabulary_extra_ids": self.vocabulary_extra_ids,
-              "label_prefix": self.label_prefix, "rationale_prefix": self.rationale_prefix}
-    return [f"TaskOptions.{key} = {value!r}" for key, value in values.items()]
-
-  @classmethod
-  def load(cls, model_dir: str) -> "RunSpec":
-    path = pathlib.Path(model_dir) / RUN_FILE
-    if not path.is_file():
-      raise FileNotFoundError(f"{path}: not found; is {model_dir} a MODEL_DIR written by dsbs train?")
-    try:
-      return cls(**json.loads(path.read_text()))
-    except (TypeError, json.JSONDecodeError) as error:
-      raise ModelDirError(f"{path}: not a run spec written by dsbs train ({error})") from None
-
-
-def vocabulary_of(model_dir: str, spec: RunSpec) -> seqio.SentencePieceVocabulary:
-  path = pathlib.Path(model_dir) / VOCABULARY_FILE
-  if not path.is_file():
-    raise FileNotFoundError(f"{path}: vocabulary missing from the model dir")
-  return seqio.SentencePieceVocabulary(str(path), extra_ids=spec.vocabulary_extra_ids)
-
-
-def load_trained_params(model_dir: str, step: Optional[str] = "best"):
-  """(params, config, step) from MODEL_DIR's checkpoints: 'best' (by validation), 'latest' or a number."""
-  config = checkpoints.load_config(model_dir)
-  checkpointer = checkpoints.TrainCheckpointer(model_dir)
-  try:
-    steps = checkpointer.all_steps()
-    if not steps:
-      raise FileNotFoundError(f"{checkpointer.directory}: no checkpoints")
-    if step == "latest":
-      chosen = steps[-1]
-    elif step == "best":
-      chosen = best_step(model_dir) or steps[-1]
-    else:
-      chosen = int(step)
-    state, _ = checkpointer.restore_on_one_device(chosen)
-  finally:
-    checkpointer.close()
-  return state["params"], config, chosen
-
-
-BEST_FILE = "best_step.json"
-RESULTS_FILE = "results.json"  # a finished run's validation and test metrics (train.py)
-
-
-def read_best(model_dir: str) -> Optional[dict]:
-  """The best validation result so far ({"step": N, "validation_accuracy": x}), if any."""
-  path = pathlib.Path(model_dir) / BEST_FILE
-  if not path.is_file():
-    return None
-  try:
-    best = json.loads(path.read_text())
-    int(best["step"])
-  except (ValueError, TypeError, KeyError) as error:
-    raise ModelDirError(f"{path}: expected {{\"step\": N, ...}} ({error!r})") from None
-  return best
-
-
-def write_best(model_dir: str, best: dict) -> None:
-  """Replaces MODEL_DIR's best validation result, atomically."""
-  path = pathlib.Path(model_dir) / BEST_FILE
-  tmp = path.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(best))
-  os.replace(tmp, path)
-
-
-def best_step(model_dir: str) -> Optional[int]:
-  best = read_best(model_dir)
-  return best["step"] if best else None
+def vocabulary_of(run: run_dir.RunDir, spec: run_dir.RunSpec) -> seqio.SentencePieceVocabulary:
+  return seqio.SentencePieceVocabulary(str(run.vocabulary_file()),
+                                       extra_ids=spec.vocabulary_extra_ids)
 
 
 def tokenize_inputs(vocabulary: seqio.Vocabulary, texts: list[str], length: int) -> np.ndarray:
   """[len(texts), length] ids as training tokenizes them: separators as EOS, EOS at the end."""
   dataset = tf.data.Dataset.from_tensor_slices(tf.constant(texts, tf.string))
-  dataset = dataset.map(lambda text: data.encode_with_separators(vocabulary, text))
+  dataset = dataset.map(lambda text: seqio_tasks.encode_with_separators(vocabulary, text))
   rows = np.zeros((len(texts), length), np.int32)
   for i, ids in enumerate(dataset.as_numpy_iterator()):
     ids = np.append(ids[:length - 1], vocabulary.eos_id)
@@ -166,8 +77,8 @@ class Predictor:
     encoder_tokens = decoding.trim_padding(encoder_tokens)
     padded = np.zeros((self.batch_size, encoder_tokens.shape[1]), np.int32)
     padded[:rows] = encoder_tokens
-    ids = t5.predict_batch(self.params, self.config, padded, self.decode_length,
-                           method=self.method, num_beams=self.num_beams)
+    ids = encoder_decoder.predict_batch(self.params, self.config, padded, self.decode_length,
+                                        method=self.method, num_beams=self.num_beams)
     # Gathered from every device and host, whatever sharding jit chose for the output.
     return detokenize(self.vocabulary, multihost_utils.process_allgather(ids, tiled=True)[:rows])
 
@@ -181,12 +92,13 @@ class Predictor:
 
 def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: dict,
                    predictions_path: Optional[str] = None,
-                   rationale_prefix: Optional[str] = None,
+                   rationale_prefix: Optional[str] = None, label_prefix: str = "",
                    max_examples: Optional[int] = None) -> dict:
   """Greedy-decodes `split` of a label task, scores it with the task's metrics.
 
   Writes predictions_path (JSONL: id, input, gold, prediction; with rationale_prefix also
-  the generated rationale) when given. Returns the metrics, e.g. {"accuracy": 0.61}.
+  the rationale generated for the input without its `label_prefix`) when given. Returns
+  the metrics, e.g. {"accuracy": 0.61}.
   """
   task = input_pipeline.mixture_or_task(task_name)
   records = []
@@ -206,7 +118,6 @@ def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: di
     metrics.update(metric_fn(targets, predictions))
   if predictions_path and jax.process_index() == 0:
     if rationale_prefix is not None:
-      label_prefix = data.TaskOptions().label_prefix
       raw_inputs = [r["input"][len(label_prefix):] for r in records]
       for record, rationale in zip(records, predictor.predict(raw_inputs, rationale_prefix)):
         record["rationale"] = rationale
@@ -272,7 +183,7 @@ def add_parser(subparsers) -> None:
   evaluate.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
   evaluate.add_argument("--task", default=None,
                         help="label task to score (default: the run's; `dsbs tasks` lists them)")
-  evaluate.add_argument("--split", default="test", choices=data.SPLITS,
+  evaluate.add_argument("--split", default="test", choices=distillation.SPLITS,
                         help="split to decode and score (default test)")
   evaluate.add_argument("--output", default=None, metavar="FILE.jsonl",
                         help="predictions JSONL (default: MODEL_DIR/predictions_SPLIT_stepN.jsonl)")
@@ -285,25 +196,26 @@ def check_output_file(path: str) -> None:
   """Refuses, before any work, an output file whose folder is missing or not writable."""
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
-    raise ModelDirError(f"{path}: is a folder; name the output file")
+    raise run_dir.ModelDirError(f"{path}: is a folder; name the output file")
   if not os.path.isdir(folder):
-    raise ModelDirError(f"{path}: folder {folder} does not exist")
+    raise run_dir.ModelDirError(f"{path}: folder {folder} does not exist")
   if not os.access(folder, os.W_OK):
-    raise ModelDirError(f"{path}: folder {folder} is not writable")
+    raise run_dir.ModelDirError(f"{path}: folder {folder} is not writable")
 
 
-def _predictor(args, spec: RunSpec, params, config) -> Predictor:
-  return Predictor(params, config, vocabulary_of(args.checkpoint, spec), spec.input_length,
+def _predictor(args, run: run_dir.RunDir, spec: run_dir.RunSpec, params, config) -> Predictor:
+  return Predictor(params, config, vocabulary_of(run, spec), spec.input_length,
                    getattr(args, "decode_length", None) or spec.target_length,
                    batch_size=args.batch_size, method=getattr(args, "method", "greedy"))
 
 
 def run_predict(args: argparse.Namespace) -> int:
-  spec = RunSpec.load(args.checkpoint)
+  run = run_dir.RunDir(args.checkpoint)
+  spec = run.spec()
   examples = read_prediction_inputs(args.input)
   check_output_file(args.output)
-  params, config, step = load_trained_params(args.checkpoint, args.step)
-  predictor = _predictor(args, spec, params, config)
+  params, config, step = run.load_params(args.step)
+  predictor = _predictor(args, run, spec, params, config)
   start = time.time()
   texts = [example["input"] for example in examples]
   labels = predictor.predict(texts, spec.label_prefix)
@@ -326,25 +238,28 @@ def label_task_of(mixture_or_task_name: str, flag: str = "MIXTURE_OR_TASK_NAME")
   tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
   label_tasks = [task.name for task in tasks if task.metric_fns]
   if not label_tasks:
-    raise input_pipeline.UnknownTaskError(
+    raise input_pipeline.TaskDataError(
         f"{flag}={mixture_or_task_name!r} has no label task with metrics to evaluate")
   return label_tasks[0]
 
 
 def run_eval(args: argparse.Namespace) -> int:
-  spec = RunSpec.load(args.checkpoint)
-  gin_utils.parse_gin(args.gin_file, args.gin_bindings + spec.task_option_bindings(args.checkpoint),
-                      args.gin_search_path)
-  import tasks  # registers every task, after gin like T5X's task modules
-  del tasks
-  task_name = (label_task_of(args.task, "--task") if args.task
-               else label_task_of(spec.mixture_or_task_name, f"{RUN_FILE} mixture_or_task_name"))
-  if args.output:
-    check_output_file(args.output)
-  params, config, step = load_trained_params(args.checkpoint, args.step)
-  output = args.output or os.path.join(args.checkpoint, f"predictions_{args.split}_step{step}.jsonl")
-  lengths = {"inputs": spec.input_length, "targets": spec.target_length}
-  metrics = evaluate_split(_predictor(args, spec, params, config), task_name, args.split, lengths,
-                           output)
+  run = run_dir.RunDir(args.checkpoint)
+  spec = run.spec()
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+  # Read once: gin's choices, with the run's tokenization (prefixes, vocabulary) over them.
+  options = distillation.TaskOptions(**run.tokenization(spec))
+  datasets.register_all()
+  with distillation.options_in_use(options):
+    task_name = (label_task_of(args.task, "--task") if args.task
+                 else label_task_of(spec.mixture_or_task_name,
+                                    f"{run_dir.SPEC_FILE} mixture_or_task_name"))
+    if args.output:
+      check_output_file(args.output)
+    params, config, step = run.load_params(args.step)
+    output = args.output or str(run.predictions_path(args.split, step))
+    lengths = {"inputs": spec.input_length, "targets": spec.target_length}
+    metrics = evaluate_split(_predictor(args, run, spec, params, config), task_name, args.split,
+                             lengths, output)
   print(json.dumps({"task": task_name, "split": args.split, "step": step, **metrics}))
   return 0

@@ -1,5 +1,6 @@
-"""Batches for training and evaluation, read from SeqIO tasks and mixtures.
+"""Features and batches for training and evaluation, read from SeqIO tasks and mixtures.
 
+The feature converter packs examples and carries each target token's task id along.
 Training batches are packed, repeated and deterministic given a seed, and each host reads
 its own shard, so a restarted run resumes at exactly the next batch by skipping the
 batches it already consumed. Evaluation batches are unpacked, the same on every host,
@@ -16,7 +17,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from dsbs_jax import data
+from dsbs_jax import distillation
 from dsbs_jax import gin_utils
 
 
@@ -36,7 +37,7 @@ def mixture_or_task(name: str, flag: str = "MIXTURE_OR_TASK_NAME"):
                         "them") from None
 
 
-def split_sizes(name: str, splits: Sequence[str] = data.SPLITS) -> dict[str, dict[str, int]]:
+def split_sizes(name: str, splits: Sequence[str] = distillation.SPLITS) -> dict[str, dict[str, int]]:
   """{task: {split: examples}} of every task of mixture (or task) `name`.
 
   Counting reads every record of every split, so a malformed record file fails here,
@@ -55,6 +56,34 @@ def split_sizes(name: str, splits: Sequence[str] = data.SPLITS) -> dict[str, dic
       if count is not None:
         sizes[task.name][split] = count
   return sizes
+
+
+class DistillationFeatureConverter(seqio.EncDecFeatureConverter):
+  """EncDecFeatureConverter that also packs the task ids into "decoder_task_ids".
+
+  decoder_task_ids is 0 on padding, TASK_IDS["label"] on label-task target tokens and
+  TASK_IDS["rationale"] on rationale-task ones (distillation.TASK_IDS), aligned with decoder_target_tokens. A
+  mixture's dataset carries their feature, distillation.TASK_ID_FEATURE, only when asked for
+  it as a passthrough feature.
+  """
+  TASK_FEATURES = dict(
+      seqio.EncDecFeatureConverter.TASK_FEATURES,
+      **{distillation.TASK_ID_FEATURE: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)})
+  MODEL_FEATURES = dict(seqio.EncDecFeatureConverter.MODEL_FEATURES,
+                        decoder_task_ids=seqio.FeatureConverter.FeatureSpec(dtype=tf.int32))
+
+  def __call__(self, ds, task_feature_lengths):
+    lengths = dict(task_feature_lengths,
+                   **{distillation.TASK_ID_FEATURE: task_feature_lengths["targets"]})
+    return super().__call__(ds, lengths)
+
+  def _convert_example(self, features):
+    return dict(super()._convert_example(features),
+                decoder_task_ids=features[distillation.TASK_ID_FEATURE])
+
+  def get_model_feature_lengths(self, task_feature_lengths):
+    lengths = super().get_model_feature_lengths(task_feature_lengths)
+    return dict(lengths, decoder_task_ids=task_feature_lengths["targets"])
 
 
 def host_shard() -> seqio.ShardInfo:
@@ -77,12 +106,12 @@ def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, 
                      f"{shard_info.num_shards} data shards (hosts)")
   provider = mixture_or_task(mixture_or_task_name)
   # A mixture keeps only its output features unless told otherwise; a task keeps all.
-  task_ids = ({"passthrough_features": [data.TASK_ID_FEATURE]}
+  task_ids = ({"passthrough_features": [distillation.TASK_ID_FEATURE]}
               if isinstance(provider, seqio.Mixture) else {})
   dataset = provider.get_dataset(
       task_feature_lengths, split="train", shuffle=True, seed=seed, num_epochs=None,
       shard_info=shard_info, use_cached=False, **task_ids)
-  converter = data.DistillationFeatureConverter(pack=pack)
+  converter = DistillationFeatureConverter(pack=pack)
   dataset = converter(dataset, task_feature_lengths)
   dataset = dataset.batch(global_batch_size // shard_info.num_shards, drop_remainder=True)
   dataset = dataset.skip(skip_batches).prefetch(tf.data.AUTOTUNE)

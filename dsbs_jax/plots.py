@@ -9,14 +9,12 @@
 - learning_curves_<run>.png: per run, the label-task and rationale-task training losses
   apart (and the total), with validation accuracy beside them.
 
-A run is any folder under RUNS_DIR holding what `dsbs train` writes: metrics.jsonl, and
-once finished results.json, whose mixture_or_task_name and train_fraction place the run
-(run.json's mixture_or_task_name and train_fraction fields are read when results.json
-lacks them). `dsbs train` also draws its own run's learning curves into MODEL_DIR/learning_curves.png.
-This module only reads those files: it must not train, evaluate or change runs.
+A run is any folder under RUNS_DIR that `dsbs train` has logged to (run_dir.find_runs);
+once finished, its results place it (mixture_or_task_name, train_fraction). `dsbs train`
+also draws its own run's learning curves into MODEL_DIR (plot_learning_curves). This module
+reads runs through run_dir.RunDir only: it must not train, evaluate or change runs.
 """
 import collections
-import json
 import pathlib
 from typing import Optional
 
@@ -24,6 +22,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
+
+from dsbs_jax import run_dir  # noqa: E402
 
 # Mixture (or single task) name suffix -> (method, plot style). Longest suffixes first.
 METHODS = {
@@ -42,41 +42,7 @@ STYLES = {
 }
 
 
-class RunFileError(ValueError):
-  """A run's results.json, run.json or metrics.jsonl that is not what dsbs train writes."""
-
-
-USER_ERRORS = (RunFileError,)
-
-
-def read_json(path: pathlib.Path) -> dict:
-  if not path.is_file():
-    return {}
-  try:
-    values = json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise RunFileError(f"{path}: not valid JSON ({error})") from None
-  if not isinstance(values, dict):
-    raise RunFileError(f"{path}: expected a JSON object")
-  return values
-
-
-def read_metrics(path: pathlib.Path) -> list[dict]:
-  """The rows of a metrics.jsonl; a row that is not a JSON object is an error naming its line."""
-  if not path.is_file():
-    return []
-  rows = []
-  for number, line in enumerate(path.read_text().splitlines(), start=1):
-    if not line.strip():
-      continue
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise RunFileError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    if not isinstance(row, dict):
-      raise RunFileError(f"{path}:{number}: expected a JSON object")
-    rows.append(row)
-  return rows
+USER_ERRORS = (run_dir.ModelDirError,)
 
 
 def method_of(mixture_or_task_name: str) -> Optional[tuple[str, str]]:
@@ -87,28 +53,19 @@ def method_of(mixture_or_task_name: str) -> Optional[tuple[str, str]]:
   return None
 
 
-def find_runs(runs_dir: pathlib.Path) -> list[pathlib.Path]:
-  """Every folder under runs_dir (itself included) with a metrics.jsonl or results.json."""
-  candidates = {path.parent for name in ("metrics.jsonl", "results.json")
-                for path in runs_dir.rglob(name)}
-  return sorted(candidates)
+def run_name(run: run_dir.RunDir, runs_dir: pathlib.Path) -> str:
+  relative = run.path.relative_to(runs_dir.absolute())
+  return "_".join(relative.parts) if relative.parts else run.path.name
 
 
-def run_name(run_dir: pathlib.Path, runs_dir: pathlib.Path) -> str:
-  relative = run_dir.relative_to(runs_dir)
-  return "_".join(relative.parts) if relative.parts else run_dir.name
-
-
-def accuracy_points(run_dirs: list[pathlib.Path]) -> dict:
+def accuracy_points(runs: list[run_dir.RunDir]) -> dict:
   """{dataset: {method: {train_fraction: [test accuracy per run]}}} of finished runs."""
   points = collections.defaultdict(lambda: collections.defaultdict(
       lambda: collections.defaultdict(list)))
-  for run_dir in run_dirs:
-    results = read_json(run_dir / "results.json")
-    run = read_json(run_dir / "run.json")
+  for run in runs:
+    results = run.results() or {}
     accuracy = results.get("test", {}).get("accuracy")
-    name = results.get("mixture_or_task_name", run.get("mixture_or_task_name"))
-    fraction = results.get("train_fraction", run.get("train_fraction"))
+    name, fraction = results.get("mixture_or_task_name"), results.get("train_fraction")
     placed = method_of(name) if name else None
     if accuracy is None or fraction is None or placed is None:
       continue
@@ -184,15 +141,15 @@ def plot_learning_curves(name: str, metrics: list[dict], path: pathlib.Path) -> 
 def plot_runs(runs_dir, out_dir) -> list[pathlib.Path]:
   """Writes every figure the runs allow; returns the PNG paths."""
   runs_dir, out_dir = pathlib.Path(runs_dir), pathlib.Path(out_dir)
-  run_dirs = find_runs(runs_dir)
-  if not run_dirs:
-    raise FileNotFoundError(f"{runs_dir}: no run folders (with metrics.jsonl or results.json)")
+  runs = run_dir.find_runs(runs_dir)
+  if not runs:
+    raise FileNotFoundError(f"{runs_dir}: no run folders (with "
+                            f"{' or '.join(run_dir.RUN_MARKERS)})")
   if out_dir.exists() and not out_dir.is_dir():
-    raise RunFileError(f"--out {out_dir}: exists and is not a folder")
+    raise run_dir.ModelDirError(f"--out {out_dir}: exists and is not a folder")
   # Everything is read, and so checked, before anything is written.
-  points = accuracy_points(run_dirs)
-  curves = {run_name(run_dir, runs_dir): read_metrics(run_dir / "metrics.jsonl")
-            for run_dir in run_dirs}
+  points = accuracy_points(runs)
+  curves = {run_name(run, runs_dir): run.metrics() for run in runs}
   out_dir.mkdir(parents=True, exist_ok=True)
   written = []
   for dataset, by_method in sorted(points.items()):

@@ -33,7 +33,7 @@ class RationaleRecord:
   """One example with its teacher rationale.
 
   `input` and `label` are None only for splits whose inputs the paper's release lacks
-  (e-SNLI and ANLI R1 train); `dsbs_jax.data` joins them from a source the user names.
+  (e-SNLI and ANLI R1 train); `dsbs_jax.records` joins them from a source the user names.
   """
   id: str
   input: Optional[str]

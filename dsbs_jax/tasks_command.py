@@ -9,10 +9,12 @@ import itertools
 
 import seqio
 
-from dsbs_jax import data
+from dsbs_jax import datasets
+from dsbs_jax import distillation
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
+from dsbs_jax import records
 
 FEATURE_LENGTHS = {"inputs": 512, "targets": 256}
 
@@ -44,7 +46,7 @@ def count(provider, split: str) -> str:
     if isinstance(provider, seqio.Mixture):
       return f"{sum(task.num_input_examples(split) for task in provider.tasks):,}"
     return f"{provider.num_input_examples(split):,}"
-  except data.MissingTrainInputsError:
+  except records.MissingTrainInputsError:
     return "inputs missing"
 
 
@@ -74,25 +76,27 @@ def decode_with_separators(vocabulary, ids: list[int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
-  import tasks  # registers everything; after gin, like T5X's task modules
-  data.TaskOptions()  # checks the gin-bound options (alpha, fraction) before any listing
-  known = [spec.name for spec in tasks.DATASETS]
+  options = distillation.TaskOptions()  # read once, and checked before any listing
+  datasets.register_all()
+  known = [spec.name for spec in datasets.BENCHMARKS]
   unknown = [name for name in args.dataset if name not in known]
   if unknown:
     raise UnknownDatasetError(f"--dataset {unknown[0]}: no such dataset; expected one of "
                               f"{', '.join(known)}")
-  datasets = [name for name in known if not args.dataset or name in args.dataset]
-  header = f"{'name':<24} {'kind':<8}" + "".join(f"{split:>16}" for split in data.SPLITS)
-  print(header)
-  print("-" * len(header))
-  for dataset in datasets:
-    names = [data.task_name(dataset, kind) for kind in (*data.TARGETS, *data.MIXTURES)]
-    for name in names:
-      provider = seqio.get_mixture_or_task(name)
-      kind = "mixture" if isinstance(provider, seqio.Mixture) else "task"
-      print(f"{name:<24} {kind:<8}" + "".join(f"{count(provider, split):>16}" for split in data.SPLITS))
-  if args.examples:
-    for dataset in datasets:
-      for suffix in data.MIXTURES:
-        print_examples(seqio.get_mixture_or_task(data.task_name(dataset, suffix)), args.examples)
+  chosen = [name for name in known if not args.dataset or name in args.dataset]
+  header = f"{'name':<24} {'kind':<8}" + "".join(f"{split:>16}" for split in distillation.SPLITS)
+  with distillation.options_in_use(options):
+    print(header)
+    print("-" * len(header))
+    for dataset in chosen:
+      for kind in (*distillation.TASK_KINDS, *distillation.MIXTURES):
+        name = distillation.task_name(dataset, kind)
+        provider = seqio.get_mixture_or_task(name)
+        print(f"{name:<24} {'mixture' if isinstance(provider, seqio.Mixture) else 'task':<8}"
+              + "".join(f"{count(provider, split):>16}" for split in distillation.SPLITS))
+    if args.examples:
+      for dataset in chosen:
+        for suffix in distillation.MIXTURES:
+          print_examples(seqio.get_mixture_or_task(distillation.task_name(dataset, suffix)),
+                         args.examples)
   return 0

@@ -9,13 +9,14 @@ import logging
 import os
 import sys
 
-from dsbs_jax import console
+from dsbs_jax import distillation
 from dsbs_jax import flags
 from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 
-SPLITS = ("train", "validation", "test")
 EXIT_INCOMPLETE = 1
 EXIT_UNREACHABLE = 2
 EXIT_INTERRUPTED = 130
@@ -45,7 +46,7 @@ def add_parser(subparsers) -> None:
                       help='examples, one {"id", "input", "label"} per line')
   source.add_argument("--dataset",
                       help="read ids, inputs and gold labels from the shipped rationales/<DATASET>")
-  generate.add_argument("--split", default="train", choices=SPLITS,
+  generate.add_argument("--split", default="train", choices=distillation.SPLITS,
                         help="split of --dataset (default train)")
   generate.add_argument("--rationales_dir", default=None,
                         help="where --dataset lives (default: the shipped rationales/)")
@@ -102,11 +103,10 @@ def add_parser(subparsers) -> None:
 def _read_examples(args: argparse.Namespace) -> list:
   if args.input:
     return teacher.read_examples(args.input)
-  with console.native_stderr_held():  # TensorFlow's start-up banners
-    from dsbs_jax import data  # imported here: it loads TensorFlow, which --input does not need
-  rationales_dir = args.rationales_dir or data.DEFAULT_RATIONALES_DIR
-  records = data.read_split(rationales_dir, args.dataset, args.split)
-  return teacher.examples_from_records(records, data.split_path(rationales_dir, args.dataset, args.split))
+  rationales_dir = args.rationales_dir or str(resources.RATIONALES_DIR)
+  split = records.read_split(rationales_dir, args.dataset, args.split)
+  return teacher.examples_from_records(split, records.split_path(rationales_dir, args.dataset,
+                                                                 args.split))
 
 
 def run_generate(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from dsbs_jax import model
+from dsbs_jax import encoder_decoder
 from dsbs_jax import partitioning
 from dsbs_jax.models import t5
 
@@ -104,7 +104,8 @@ def check_finite(metrics: dict[str, Any], step: int) -> None:
     raise NonFiniteLossError(f"non-finite training metrics at step {step}: {shown}")
 
 
-def _split_microbatches(batch: model.Batch, num_microbatches: int) -> model.Batch:
+def _split_microbatches(batch: encoder_decoder.Batch,
+                        num_microbatches: int) -> encoder_decoder.Batch:
   """[batch, ...] -> [num_microbatches, batch / num_microbatches, ...].
 
   Microbatch i takes rows i, i + m, i + 2m, ...: each device's block of rows feeds every
@@ -122,8 +123,8 @@ class Trainer:
 
   Steps compile once per batch shape. Use `shard_batch` on each host's batch, then
   `train_step(state, batch, rng)` -> (state, metrics), `check_finite(metrics, step)` and
-  `model.summarize_metrics(metrics)`. `rng` is a base key; each step folds in its step
-  number, so a restarted run draws the same dropout masks.
+  `encoder_decoder.summarize_metrics(metrics)`. `rng` is a base key; each step folds in its
+  step number, so a restarted run draws the same dropout masks.
   """
 
   def __init__(self, config: t5.T5Config, partitioner: partitioning.Partitioner,
@@ -133,9 +134,9 @@ class Trainer:
                loss_normalization: str = "per_example"):
     if num_microbatches < 1:
       raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
-    if loss_normalization not in model.LOSS_NORMALIZATIONS:
+    if loss_normalization not in encoder_decoder.LOSS_NORMALIZATIONS:
       raise ValueError(f"unknown loss_normalization {loss_normalization!r}: expected one of "
-                       f"{model.LOSS_NORMALIZATIONS}")
+                       f"{encoder_decoder.LOSS_NORMALIZATIONS}")
     self.config = config
     self.partitioner = partitioner
     self.optimizer = optimizer
@@ -203,17 +204,17 @@ class Trainer:
         next(iter(sharded.values())).shape[0], self.num_microbatches)
     return sharded
 
-  def train_step(self, state: TrainState, batch: model.Batch,
+  def train_step(self, state: TrainState, batch: encoder_decoder.Batch,
                  rng: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update. `state` is donated: use only the returned one afterwards.
 
-    metrics: the metric sums of model.loss_terms over the whole batch, plus grad_norm
-    (of the mean gradient) and learning_rate when the trainer has a schedule.
+    metrics: the metric sums of encoder_decoder.loss_terms over the whole batch, plus
+    grad_norm (of the mean gradient) and learning_rate when the trainer has a schedule.
     """
     return self._in_mesh(self._jit_train_step, state, batch, rng)
 
-  def eval_step(self, params, batch: model.Batch) -> dict[str, jax.Array]:
-    """Metric sums of model.loss_terms without dropout."""
+  def eval_step(self, params, batch: encoder_decoder.Batch) -> dict[str, jax.Array]:
+    """Metric sums of encoder_decoder.loss_terms without dropout."""
     return self._in_mesh(self._jit_eval_step, params, batch)
 
   # ----------------------------------------------------------------------------
@@ -224,8 +225,8 @@ class Trainer:
                       opt_state=self.optimizer.init(params))
 
   def _loss_terms(self, params, batch, dropout_rng):
-    return model.loss_terms(params, batch, dropout_rng, self.config, z_loss=self.z_loss,
-                            loss_normalization=self.loss_normalization)
+    return encoder_decoder.loss_terms(params, batch, dropout_rng, self.config, z_loss=self.z_loss,
+                                      loss_normalization=self.loss_normalization)
 
   def _eval_step(self, params, batch):
     return self._loss_terms(params, batch, None)[1]
@@ -259,7 +260,7 @@ class Trainer:
                                       self.num_microbatches)
     dropout_rng = jax.random.fold_in(rng, state.step)
     grads, metrics = self._summed_gradients(state.params, batch, dropout_rng)
-    normalizer = model.nonzero(metrics["loss_normalizer"])
+    normalizer = encoder_decoder.nonzero(metrics["loss_normalizer"])
     grads = jax.tree.map(lambda g, p: (g / normalizer).astype(p.dtype), grads, state.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

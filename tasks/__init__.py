@@ -1,17 +1,11 @@
-"""Importing this package registers every dataset's SeqIO tasks and mixtures.
+"""Importing this package registers every dataset's SeqIO tasks and mixtures: the paper's four
+benchmarks and the custom datasets named in gin (dsbs_jax.datasets.register_all).
 
-Per dataset <ds>: tasks <ds>_label_gold, <ds>_label_teacher, <ds>_rationale and mixtures
-<ds>_finetune, <ds>_distill, <ds>_dsbs_gold, <ds>_dsbs_teacher. Run-time choices (alpha,
+T5X's gin files import it (gin/t5x/tasks.gin), as scripts may; run-time choices (alpha,
 training-data fraction, prefixes, vocabulary) come from gin through
-dsbs_jax.data.TaskOptions. Custom datasets named in gin (register_custom_datasets.datasets)
-are registered here too, and again when gin is finalized (as T5X does after parsing), for
-bindings parsed after this import. Nothing else belongs here.
+dsbs_jax.distillation.TaskOptions. Custom datasets bound after this import are registered
+when gin is finalized, as T5X does after parsing. Nothing else belongs here.
 """
-from dsbs_jax import custom_tasks
-from tasks import anli1
-from tasks import cqa
-from tasks import esnli
-from tasks import svamp
+from dsbs_jax import datasets
 
-DATASETS = (cqa.SPEC, svamp.SPEC, esnli.SPEC, anli1.SPEC)
-CUSTOM_TASK_NAMES = custom_tasks.register_custom_datasets()
+TASK_NAMES = datasets.register_all()

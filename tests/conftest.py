@@ -1,6 +1,13 @@
-"""Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, and one tiny
-finished training run (`uninterrupted`) that tests copy, or check they leave as it was."""
+"""Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, one tiny
+finished training run (`uninterrupted`) that tests copy, or check they leave as it was, and
+a small copy of the shipped records whose NLI train inputs are given, and the records the
+stand-in teacher (fake_teacher.py) replays."""
+import json
 import os
+import pathlib
+import shutil
+import subprocess
+import sys
 
 # Eight simulated CPU devices for the sharding tests; set before anything imports jax.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -10,10 +17,17 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import gin
 import pytest
 
+import fake_teacher
 from dsbs_jax import cli
+from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 from dsbs_jax.models import t5
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_VOCAB_SIZE = 128
+NLI = ("esnli", "anli1")
+SMALL_TRAIN = 300
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -28,6 +42,15 @@ def clean_gin():
   gin.clear_config()
   yield
   gin.clear_config()
+
+
+def modules_loaded_by(code: str, modules) -> list[str]:
+  """Which of `modules` a fresh Python process has imported once it ran `code` (with this
+  checkout first on its path); `code`'s own output comes before the list's line."""
+  code += f"\nimport sys\nprint(sorted(m for m in {tuple(modules)!r} if m in sys.modules))"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1].replace("'", '"'))
 
 
 def tiny_run_flags(model_dir, train_steps=6, checkpoint_period=2, extra=()):
@@ -49,6 +72,48 @@ def uninterrupted(tmp_path_factory):
   assert cli.main(tiny_run_flags(model_dir)) == 0
   gin.clear_config()
   return model_dir
+
+
+@pytest.fixture(scope="session")
+def small_nli_dir(tmp_path_factory):
+  """(rationales dir, {dataset: train inputs JSONL}): the shipped records, with NLI train
+  splits cut to the first SMALL_TRAIN teacher outputs and a matching train-inputs file per
+  NLI dataset (labels set so that most agree with the teacher)."""
+  root = tmp_path_factory.mktemp("rationales")
+  shipped = str(resources.RATIONALES_DIR)
+  inputs = {}
+  for dataset in ("cqa", "svamp", *NLI):
+    shutil.copytree(os.path.join(shipped, dataset), root / dataset)
+  for dataset in NLI:
+    train = records.read_split(shipped, dataset, "train")[:SMALL_TRAIN]
+    os.remove(records.split_path(str(root), dataset, "train"))
+    rationales.write_records(str(root / dataset / "train.jsonl"), train)
+    path = root / f"{dataset}_train.json"
+    with open(path, "w") as f:
+      for i, record in enumerate(train):
+        label = (rationales.NLI_LABELS.index(record.teacher_label)
+                 if record.teacher_label in rationales.NLI_LABELS else i % 3)
+        f.write(json.dumps({"premise": f"premise {i}", "hypothesis": f"hypothesis {i}",
+                            "label": label}) + "\n")
+    inputs[dataset] = str(path)
+  return str(root), inputs
+
+
+@pytest.fixture(scope="module")
+def cqa_records():
+  return fake_teacher.shipped("cqa", "train")[200:240]
+
+
+@pytest.fixture(scope="module")
+def svamp_records():
+  svamp = fake_teacher.shipped("svamp", "train")
+  failures = [r for r in svamp if r.parse_error][:6]  # keep the paper's fallbacks in view
+  return failures + [r for r in svamp if not r.parse_error][:24]
+
+
+@pytest.fixture
+def key_env(monkeypatch):
+  monkeypatch.setenv(fake_teacher.KEY_ENV, fake_teacher.SECRET)
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,10 @@ def main(argv):
     jax.distributed.initialize(argv[1], int(argv[2]), int(argv[3]))
     num_shards = jax.process_count()
 
-  import tasks  # pylint: disable=unused-import
-  from dsbs_jax import input_pipeline, model, partitioning, trainer as trainer_lib
+  from dsbs_jax import datasets, encoder_decoder, input_pipeline, partitioning
+  from dsbs_jax import trainer as trainer_lib
   from dsbs_jax.models import t5
+  datasets.register_all()
 
   config = t5.T5Config(vocab_size=8000, emb_dim=32, num_heads=4, num_encoder_layers=2,
                        num_decoder_layers=2, head_dim=8, mlp_dim=64,
@@ -51,7 +52,7 @@ def main(argv):
   for _ in range(STEPS):
     state, metrics = trainer.train_step(state, trainer.shard_batch(next_batch()),
                                         jax.random.key(1))
-    losses.append(model.summarize_metrics(metrics)["loss"])
+    losses.append(encoder_decoder.summarize_metrics(metrics)["loss"])
   params = jax.tree.leaves(state.params)
   checksum = [float(np.abs(np.asarray(jax.device_get(
       leaf.addressable_shards[0].data if hasattr(leaf, "addressable_shards") else leaf))).sum())

@@ -1,7 +1,8 @@
-"""Tests of the `dsbs` command line: help that teaches each command without importing the
-others, a first screen free of library chatter, and, for every command, a table of bad
-inputs that each end as one `dsbs CMD: error: ...` line naming the culprit, exit code 2,
-and leave the files already on disk byte-identical.
+"""Tests of the `dsbs` command line: dispatch of each command to the module that owns it,
+help that teaches each command without importing the others, a first screen free of library
+chatter, and, for every command, a table of bad inputs that each end as one
+`dsbs CMD: error: ...` line naming the culprit, exit code 2, and leave the files already on
+disk byte-identical.
 
 The tables of train, eval, predict and export refuse inputs against the finished tiny run
 of conftest.py (which trains, hence slow); the others need no model.
@@ -17,9 +18,11 @@ import sys
 
 import pytest
 
-from conftest import tiny_run_flags
+from conftest import modules_loaded_by, tiny_run_flags
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
+from dsbs_jax import plots
+from dsbs_jax import run_dir
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "rationales"
@@ -100,6 +103,56 @@ def test_first_screen_holds_no_library_chatter():
   assert result.returncode == 0, result.stderr
   assert result.stderr == "", result.stderr  # no banners, cuInit, gin probing or advice
   assert result.stdout.startswith("name ")
+
+
+# ------------------------------------------------------------------------------
+# Dispatch: each command to the module that owns it, and what its errors become.
+# ------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", cli.SUBCOMMANDS)
+def test_each_command_is_run_by_the_module_the_table_names(command):
+  module_name = cli.SUBCOMMANDS[command][0]
+  parser, user_errors = cli.build_parser(command)
+  leaves = [leaf for leaf in cli._leaf_parsers(parser)  # pylint: disable=protected-access
+            if leaf.prog.split()[:2] == ["dsbs", command]]
+  assert leaves
+  for leaf in leaves:
+    assert leaf.get_default("func").__module__ == module_name, leaf.prog
+    assert leaf.get_default("command_name") == leaf.prog
+  module = sys.modules[module_name]
+  assert set(getattr(module, "USER_ERRORS", ())) <= set(user_errors)
+  assert set(cli.BASE_USER_ERRORS) <= set(user_errors)
+
+
+def test_python_m_train_is_dsbs_train():
+  outputs = [subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), check=True).stdout
+             for module, argv in (("dsbs_jax.train", ["--help"]),
+                                  ("dsbs_jax.cli", ["train", "--help"]))]
+  assert outputs[0] == outputs[1] and "dsbs train" in outputs[0]
+
+
+def test_a_command_imports_its_own_module_only():
+  code = "from dsbs_jax import cli\ntry:\n  cli.main(['plot', '--help'])\nexcept SystemExit:\n  pass"
+  assert modules_loaded_by(code, ("tensorflow", "seqio", "dsbs_jax.train", "dsbs_jax.infer",
+                                  "dsbs_jax.export", "dsbs_jax.teacher_command")) == []
+
+
+def test_user_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
+  def user_error(args):
+    raise run_dir.ModelDirError(f"{args.runs_dir}/results.json: expected a JSON object")
+  monkeypatch.setattr(plots, "run", user_error)
+  argv = ["plot", str(tmp_path), "--out", str(tmp_path / "figures")]
+  assert cli.main(argv) == 2
+  assert capsys.readouterr().err == (f"dsbs plot: error: {tmp_path}/results.json: expected a "
+                                     "JSON object\n")
+  assert cli.main([*argv, "--verbose"]) == 2
+  err = capsys.readouterr().err
+  assert "Traceback (most recent call last)" in err and err.endswith("JSON object\n")
+  def bug(args):
+    raise KeyError("a bug")
+  monkeypatch.setattr(plots, "run", bug)
+  with pytest.raises(KeyError, match="a bug"):
+    cli.main(argv)
 
 
 # ------------------------------------------------------------------------------
@@ -207,7 +260,7 @@ def corrupt_run(uninterrupted, tmp_path_factory):
   """A copy of the finished run whose latest checkpoint (6) lost its array data."""
   model_dir = tmp_path_factory.mktemp("corrupt") / "run"
   shutil.copytree(uninterrupted, model_dir)
-  for data_file in (model_dir / checkpoints.TRAIN_CHECKPOINTS_DIR / "6" / "state").rglob("d/*"):
+  for data_file in (model_dir / run_dir.CHECKPOINTS_DIR / "6" / "state").rglob("d/*"):
     data_file.unlink()
   return model_dir
 
@@ -275,6 +328,8 @@ EVAL_ROWS = [  # (flags, given the finished run, its corrupt copy and bad_inputs
     (lambda run, corrupt, bad: ["--checkpoint", run, "--step", "5"], "no such checkpoint"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--task", "nope"],
      "--task='nope': no such task or mixture"),
+    (lambda run, corrupt, bad: ["--checkpoint", run, "--task", "cqa_rationale"],
+     "--task='cqa_rationale' has no label task with metrics to evaluate"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--batch_size", "0"], "argument --batch_size"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--output", bad / "missing" / "p.jsonl"],
      "does not exist"),

@@ -1,5 +1,6 @@
-"""Tests for dsbs_jax.custom_tasks: custom datasets named in gin are registered in time for
-T5X, whose gin files import `tasks` before the bindings that name them."""
+"""Tests for dsbs_jax.custom_tasks: a record file becomes trainable tasks and mixtures, and
+custom datasets named in gin are registered in time for T5X, whose gin files import `tasks`
+before the bindings that name them."""
 import dataclasses
 
 import gin
@@ -8,15 +9,16 @@ import seqio
 
 import tasks  # noqa: F401  (imported before the bindings below, as a T5X gin file does)
 from dsbs_jax import custom_tasks
-from dsbs_jax import data
 from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 
 
 @pytest.fixture(scope="module")
 def records_file(tmp_path_factory):
   path = tmp_path_factory.mktemp("custom") / "mine.jsonl"
-  records = data.read_split(data.DEFAULT_RATIONALES_DIR, "svamp", "train")[:30]
-  rationales.write_records(str(path), [dataclasses.replace(r, id=f"m{i}") for i, r in enumerate(records)])
+  svamp = records.read_split(str(resources.RATIONALES_DIR), "svamp", "train")[:30]
+  rationales.write_records(str(path), [dataclasses.replace(r, id=f"m{i}") for i, r in enumerate(svamp)])
   return path
 
 
@@ -44,3 +46,24 @@ def test_registering_again_with_the_same_arguments_keeps_the_first(records_file)
                      [{"name": "custom_twice", "rationales_file": str(records_file)}])
   with pytest.raises(ValueError, match="custom_twice.* already registered"):
     custom_tasks.register_custom_datasets()
+
+
+def test_custom_dataset_becomes_trainable_mixtures(svamp_records, tmp_path):
+  records_file = tmp_path / "mine.jsonl"
+  rationales.write_records(str(records_file), [dataclasses.replace(r, id=f"m{i}")
+                                               for i, r in enumerate(svamp_records)])
+  gin.clear_config()
+  try:
+    gin.parse_config("register_custom_datasets.datasets = [{'name': 'custom_teacher_test', "
+                     f"'rationales_file': '{records_file}', 'metric': 'equation', "
+                     f"'layout_dir': '{tmp_path / 'dir'}'}}]")
+    names = custom_tasks.register_custom_datasets()
+    assert "custom_teacher_test_dsbs_teacher" in names
+    assert len(rationales.read_records(str(tmp_path / "dir/custom_teacher_test/valid.jsonl"))) == 3
+    mixture = seqio.get_mixture_or_task("custom_teacher_test_dsbs_teacher")
+    dataset = mixture.get_dataset({"inputs": 128, "targets": 128}, split="train", shuffle=False,
+                                  use_cached=False)
+    examples = list(dataset.take(4).as_numpy_iterator())
+    assert len(examples) == 4 and all(len(e["inputs"]) and len(e["targets"]) for e in examples)
+  finally:
+    gin.clear_config()

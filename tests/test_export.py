@@ -20,7 +20,6 @@ import tensorflow as tf
 from dsbs_jax import cli
 from dsbs_jax import export
 from dsbs_jax import infer
-from dsbs_jax.models import t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -225,6 +224,23 @@ def test_saved_model_beam_search_answers_as_dsbs_predict(v1_0_student, tmp_path)
   expected = dsbs_predict(v1_0_student, tmp_path, "--method", "beam")
   served = serve(out, INPUTS[:6] + INPUTS[-2:])
   assert served == {"prediction": [r["prediction"] for r in expected[:6] + expected[-2:]]}
+  assert json.loads((out / export.MANIFEST_FILE).read_text())["decoding"] == {
+      "method": "beam", "num_beams": 4, "length_penalty": 0.6, "decode_length": 32,
+      "with_rationales": False}
+
+
+def test_length_penalty_is_the_flag_and_alpha_its_deprecated_alias(monkeypatch, capsys):
+  received = []
+  monkeypatch.setattr(export, "export", lambda model_dir, out, export_format, step, decode,
+                      overwrite: received.append(decode) or pathlib.Path(out))
+  beam = ["--checkpoint", "run", "--format", "saved_model", "--out", "out", "--decode", "beam"]
+  assert dsbs_export(*beam) == 0
+  assert dsbs_export(*beam, "--length_penalty", "0.2") == 0
+  assert "deprecated" not in capsys.readouterr().err
+  assert dsbs_export(*beam, "--alpha", "0.3") == 0
+  assert ("dsbs export: warning: --alpha is deprecated and will be removed in the next release; "
+          "use --length_penalty") in capsys.readouterr().err
+  assert [decode.length_penalty for decode in received] == [0.6, 0.2, 0.3]
 
 
 def test_top_k_by_sort_equals_lax_top_k_with_ties():

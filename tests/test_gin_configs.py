@@ -3,6 +3,7 @@ import dataclasses
 import glob
 import os
 import re
+import shlex
 import sys
 import types
 from typing import Any, Optional
@@ -11,19 +12,23 @@ import gin
 import pytest
 import seqio
 
-import tasks
-from dsbs_jax import data
+import tasks  # noqa: F401  (registers the tasks, as T5X's gin files do)
+from dsbs_jax import datasets
+from dsbs_jax import distillation
 from dsbs_jax import gin_utils
 from dsbs_jax import resources
+from dsbs_jax import seqio_tasks
 from dsbs_jax import train
 from dsbs_jax.models import t5
 
 GIN_DIR = str(resources.GIN_DIR)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_FILES = sorted(glob.glob(os.path.join(GIN_DIR, "paper", "*.gin")))
+# The paper's students (Table 2 onwards): T5 v1.1 small, base, large and XXL, by emb_dim.
+PAPER_SIZES = {"t5_1_1_small": 512, "t5_1_1_base": 768, "t5_1_1_large": 1024, "t5_1_1_xxl": 4096}
+PAPER_MIXTURES = [distillation.task_name(spec.name, method) for spec in datasets.BENCHMARKS
+                  for method in distillation.MIXTURES]
 PAPER_REQUIRED = ["MODEL_DIR = '/tmp/m'", "INITIAL_CHECKPOINT_PATH = '/tmp/ckpt'",
                   "VOCABULARY = '/tmp/spiece.model'"]
-
 
 
 def train_binding(name):
@@ -34,32 +39,34 @@ def resolved(value):
   return value.scoped_configurable_fn() if hasattr(value, "scoped_configurable_fn") else value
 
 
-def test_one_paper_file_per_dataset_method_and_size():
-  assert len(PAPER_FILES) == 4 * 4 * 4
-  for path in PAPER_FILES:
-    dataset, rest = os.path.basename(path).split("_", 1)
-    assert dataset in {spec.name for spec in tasks.DATASETS}, path
+def paper_experiment(size: str, mixture: str, bindings=PAPER_REQUIRED) -> None:
+  """Parses one experiment of the paper as the README runs it."""
+  gin_utils.parse_gin([f"models/{size}.gin", "runs/paper.gin"],
+                      [f"MIXTURE_OR_TASK_NAME = '{mixture}'", *bindings])
 
 
-@pytest.mark.parametrize("path", PAPER_FILES, ids=os.path.basename)
-def test_paper_files_parse_and_name_a_registered_mixture(path):
-  gin_utils.parse_gin([path], PAPER_REQUIRED)
-  name = os.path.basename(path)
-  mixture = gin.query_parameter("%MIXTURE_OR_TASK_NAME")
-  assert name.startswith(mixture + "_t5"), (name, mixture)
+def test_the_paper_grid_is_four_datasets_four_methods_four_sizes():
+  assert len(PAPER_MIXTURES) * len(PAPER_SIZES) == 4 * 4 * 4
+  for size in PAPER_SIZES:
+    assert os.path.isfile(os.path.join(GIN_DIR, "models", f"{size}.gin")), size
+
+
+@pytest.mark.parametrize("size", PAPER_SIZES)
+@pytest.mark.parametrize("mixture", PAPER_MIXTURES)
+def test_every_paper_experiment_parses_and_names_a_registered_mixture(mixture, size):
+  paper_experiment(size, mixture)
+  assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == mixture
   seqio.get_mixture_or_task(mixture)
-  config = t5.T5Config()
-  size = name[len(mixture) + 1:-len(".gin")]
-  assert config.emb_dim == {"t5_1_1_small": 512, "t5_1_1_base": 768, "t5_1_1_large": 1024,
-                            "t5_1_1_xxl": 4096}[size]
-  options = data.TaskOptions()
+  assert t5.T5Config().emb_dim == PAPER_SIZES[size]
+  options = distillation.TaskOptions()
   assert options.vocabulary_path == "/tmp/spiece.model" and options.vocabulary_extra_ids == 100
   assert gin.query_parameter("%LEARNING_RATE") == 5e-5
   assert gin.query_parameter("%OPTIMIZER") == "adamw"
+  assert (gin.query_parameter("%BATCH_SIZE"), gin.query_parameter("%TRAIN_STEPS")) == (64, 10000)
 
 
-def test_paper_files_require_their_checkpoint_and_vocabulary():
-  gin_utils.parse_gin([PAPER_FILES[0]], ["MODEL_DIR = '/tmp/m'"])
+def test_paper_experiments_require_their_checkpoint_and_vocabulary():
+  paper_experiment("t5_1_1_small", "anli1_distill", ["MODEL_DIR = '/tmp/m'"])
   with pytest.raises(gin_utils.GinConfigError, match="train.initial_checkpoint_path"):
     train.train()
   gin.bind_parameter("train.initial_checkpoint_path", "/tmp/ckpt")
@@ -67,11 +74,23 @@ def test_paper_files_require_their_checkpoint_and_vocabulary():
     train.train()
 
 
+def test_readme_paper_command_is_one_command_that_parses():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  section = readme[readme.index("### Paper-scale runs"):readme.index("### T5X")]
+  command = next(block for block in re.findall(r"```bash\n(.*?)\n```", section, re.S)
+                 if "dsbs train" in block)
+  argv = shlex.split(command[command.index("dsbs train") + len("dsbs train"):].replace("\\\n", " "))
+  flags, bindings = gin_utils.split_gin_bindings(argv)
+  gin_utils.parse_gin([flag.split("=", 1)[1] for flag in flags], bindings)
+  seqio.get_mixture_or_task(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
+  assert gin.query_parameter("%OPTIMIZER") == "adamw"
+
+
 def test_quickstart_runs_needs_nothing_and_fits_the_shipped_vocabulary():
   gin_utils.parse_gin(["quickstart.gin"], [])
   assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "cqa_dsbs_teacher"
-  assert t5.T5Config().vocab_size >= data.OptionsVocabulary().vocab_size
-  assert data.TaskOptions().vocabulary_path == data.DEFAULT_VOCABULARY
+  assert t5.T5Config().vocab_size >= seqio_tasks.OptionsVocabulary().vocab_size
+  assert distillation.TaskOptions().vocabulary_path == str(resources.VOCABULARY_FILE)
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(GIN_DIR, "runs", "*.gin"))
@@ -95,6 +114,16 @@ def test_readme_opens_with_the_main_job_and_the_test_command_that_ci_runs():
   assert test_suite.endswith("pytest")
   ci = open(os.path.join(REPO, ".ci", "run")).read()
   assert test_suite in ci.splitlines()
+
+
+def test_readme_pieces_name_modules_that_exist():
+  readme = open(os.path.join(REPO, "README.md")).read()
+  pieces = readme[readme.index("## The pieces"):readme.index("`dsbs --help` lists")]
+  named = set(re.findall(r"`([a-z_]+\.py)`", pieces))
+  assert {"run_dir.py", "encoder_decoder.py", "records.py", "seqio_tasks.py",
+          "input_pipeline.py", "distillation.py"} <= named
+  for name in named:
+    assert os.path.isfile(os.path.join(REPO, "dsbs_jax", name)), name
 
 
 # ------------------------------------------------------------------------------
@@ -165,7 +194,8 @@ STANDIN_RUNS = {
     "train": standin_run_file("run_train", "%gin.REQUIRED", "train", "%USE_CACHED_TASKS", "train/"),
     "eval": standin_run_file("run_evaluate", "None", "test", "False"),  # lengths from the data
     "infer": standin_run_file("run_infer", "%gin.REQUIRED", "test", "False")}
-T5X_MIXTURES = [data.task_name(spec.name, suffix) for spec in tasks.DATASETS for suffix in data.MIXTURES]
+T5X_MIXTURES = [distillation.task_name(spec.name, suffix) for spec in datasets.BENCHMARKS
+                for suffix in distillation.MIXTURES]
 
 
 @pytest.fixture
@@ -193,7 +223,7 @@ def test_t5x_train_file_trains_any_mixture_from_uncached_tasks(t5x_standin, mixt
   assert dataset_cfg == DatasetConfig(mixture, {"inputs": 512, "targets": 256}, "train", False)
   # The model's vocabulary is a plain SentencePiece one, of the file the tasks read.
   assert type(model.input_vocabulary) is seqio.SentencePieceVocabulary
-  assert model.input_vocabulary.sentencepiece_model_file == data.DEFAULT_VOCABULARY
+  assert model.input_vocabulary.sentencepiece_model_file == str(resources.VOCABULARY_FILE)
 
 
 def test_t5x_train_file_sets_alpha_and_the_data_for_the_default_converter(t5x_standin):
@@ -223,13 +253,13 @@ def test_t5x_infer_file_names_lengths_and_shares_the_vocabulary(t5x_standin):
   model, dataset_cfg = t5x_run(t5x_standin, "infer", "MIXTURE_OR_TASK_NAME = 'anli1_dsbs_teacher'",
                                "VOCABULARY_EXTRA_IDS = 100")
   assert dataset_cfg.task_feature_lengths == {"inputs": 512, "targets": 256}
-  assert model.input_vocabulary.vocab_size == data.OptionsVocabulary().vocab_size == 8000 + 100
+  assert model.input_vocabulary.vocab_size == seqio_tasks.OptionsVocabulary().vocab_size == 8000 + 100
 
 
 def test_t5x_vocabularies_that_differ_are_refused_as_t5x_refuses_them(t5x_standin):
   with pytest.raises(ValueError, match="vocabularies do not match"):
     t5x_run(t5x_standin, "infer", "MIXTURE_OR_TASK_NAME = 'cqa_distill'",
-            "data.TaskOptions.vocabulary_extra_ids = 100")
+            "distillation.TaskOptions.vocabulary_extra_ids = 100")
 
 
 def test_readme_t5x_commands_name_shipped_files():

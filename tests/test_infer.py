@@ -2,11 +2,12 @@
 import numpy as np
 import seqio
 
-import tasks  # noqa: F401  (registers the tasks)
+from dsbs_jax import datasets
 from dsbs_jax import infer
 
 
 def test_raw_inputs_tokenize_as_the_training_pipeline_does():
+  datasets.register_all()
   task = seqio.get_mixture_or_task("esnli_label_gold")
   lengths = {"inputs": 96, "targets": 8}
   examples = list(task.get_dataset(lengths, split="validation", shuffle=False).take(4)

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from dsbs_jax import data
 from dsbs_jax import metrics
+from dsbs_jax import records
+from dsbs_jax import resources
 
 # Wall-clock bound for one evaluation; generous, it only catches hangs.
 HANG_GUARD_SECONDS = 2.0
@@ -153,15 +154,15 @@ def test_agrees_with_python_eval_on_random_safe_expressions():
 
 def svamp_records():
   return [record for split in ("train", "validation", "test")
-          for record in data.read_split(data.DEFAULT_RATIONALES_DIR, "svamp", split)]
+          for record in records.read_split(str(resources.RATIONALES_DIR), "svamp", split)]
 
 
 def test_shipped_teacher_labels_with_and_score_as_the_paper_scores_them():
-  records = {record.id: record for record in svamp_records()}
+  by_id = {record.id: record for record in svamp_records()}
   for record_id in ("chal-702", "chal-427"):  # `(34 + 40) and (62 - 17)`, `((29/2) and (30/2))`
-    record = records[record_id]
+    record = by_id[record_id]
     assert metrics.equation_accuracy([record.label], [record.teacher_label]) == {"accuracy": 1.0}
-  train = data.read_split(data.DEFAULT_RATIONALES_DIR, "svamp", "train")
+  train = records.read_split(str(resources.RATIONALES_DIR), "svamp", "train")
   accuracy = metrics.equation_accuracy([r.label for r in train], [r.teacher_label for r in train])
   assert round(accuracy["accuracy"] * len(train)) == 525  # 72.92%, the paper's `eval` figure
 

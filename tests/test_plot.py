@@ -5,6 +5,7 @@ import pathlib
 import pytest
 
 from dsbs_jax import plots as plot
+from dsbs_jax import run_dir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -44,7 +45,7 @@ def test_plots_written_for_every_dataset_and_run(tmp_path):
     write_run(runs / f"run{i}", mixture, fraction, accuracy)
   write_run(runs / "unfinished", "cqa_dsbs_gold", 0.5, 0.3, finished=False)
 
-  points = plot.accuracy_points(plot.find_runs(runs))
+  points = plot.accuracy_points(run_dir.find_runs(runs))
   assert points["cqa"]["Distilling step-by-step (teacher labels)"][0.25] == [0.35, 0.37]
   assert "Distilling step-by-step (gold labels)" not in points["cqa"]  # no results.json yet
 

@@ -7,8 +7,10 @@ import re
 
 import pytest
 
-from dsbs_jax import data
+from dsbs_jax import distillation
 from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(REPO, os.pardir, "shared", "data", "dsbs-release")
@@ -59,22 +61,22 @@ def paper_parse_anli(output):
 
 PAPER_PARSERS = {"cqa": paper_parse_cqa, "svamp": paper_parse_svamp,
                  "esnli": paper_parse_esnli, "anli1": paper_parse_anli}
-SPLITS = [(dataset, split) for dataset in PAPER_PARSERS for split in data.SPLITS]
+SPLITS = [(dataset, split) for dataset in PAPER_PARSERS for split in distillation.SPLITS]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dataset,split", SPLITS)
 def test_shipped_records_match_paper_parsing(dataset, split):
-  records = data.read_split(data.DEFAULT_RATIONALES_DIR, dataset, split)
+  shipped = records.read_split(str(resources.RATIONALES_DIR), dataset, split)
   mismatches = []
-  for record in records:
+  for record in shipped:
     expected = PAPER_PARSERS[dataset](record.teacher_output)
     parsed = rationales.PARSERS[dataset](record.teacher_output)
     if (parsed.rationale, parsed.label) != expected or (record.rationale, record.teacher_label) != expected:
       mismatches.append(record.id)
   assert not mismatches, f"{len(mismatches)} mismatches, first {mismatches[:5]}"
   # Every fallback of the paper's parsing is flagged, never silently blank.
-  for record in records:
+  for record in shipped:
     if record.teacher_label.strip() == "":
       assert record.parse_error, record.id
 
@@ -122,11 +124,11 @@ def write_lines(path, lines):
 
 
 def test_round_trip_plain_and_gzip(tmp_path):
-  records = [rationales.record_from_dict(dict(GOOD, id=str(i)), "t") for i in range(3)]
+  written = [rationales.record_from_dict(dict(GOOD, id=str(i)), "t") for i in range(3)]
   for name in ("r.jsonl", "r.jsonl.gz"):
     path = str(tmp_path / name)
-    assert rationales.write_records(path, records) == 3
-    assert rationales.read_records(path) == records
+    assert rationales.write_records(path, written) == 3
+    assert rationales.read_records(path) == written
 
 
 @pytest.mark.parametrize("lines,message", [
@@ -160,6 +162,7 @@ def test_shipped_rationales_equal_a_fresh_conversion(tmp_path):
   spec.loader.exec_module(convert_release)
   converted = convert_release.convert(RELEASE)
   for dataset, splits in converted.items():
-    for split, records in splits.items():
+    for split, split_records in splits.items():
       seqio_split = {"valid": "validation"}.get(split, split)
-      assert list(data.read_split(data.DEFAULT_RATIONALES_DIR, dataset, seqio_split)) == records, (dataset, split)
+      shipped = records.read_split(str(resources.RATIONALES_DIR), dataset, seqio_split)
+      assert list(shipped) == split_records, (dataset, split)

@@ -11,11 +11,11 @@ import pytest
 from flax import traverse_util
 
 from dsbs_jax import convert
-from dsbs_jax import model
+from dsbs_jax import encoder_decoder
 from dsbs_jax import resources
 from dsbs_jax.models import layers
 from dsbs_jax.models import t5
-from test_model import pack_examples, random_example
+from test_encoder_decoder import pack_examples, random_example
 
 GIN_MODEL_FILES = sorted(resources.GIN_MODELS_DIR.glob("*.gin"))
 LOGICAL_AXES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "relpos_buckets"}
@@ -181,12 +181,12 @@ def packed_batch(config, seed=0):
   rng = np.random.default_rng(seed)
   example = lambda task, targets_length: random_example(
       rng, config.vocab_size, task, int(rng.integers(3, 7)), targets_length)
-  return pack_examples([[example(model.LABEL_TASK_ID, 3), example(model.RATIONALE_TASK_ID, 9)]
-                        for _ in range(2)])
+  return pack_examples([[example(encoder_decoder.LABEL_TASK_ID, 3),
+                         example(encoder_decoder.RATIONALE_TASK_ID, 9)] for _ in range(2)])
 
 
 def loss_and_gradients(config, params, batch):
-  loss = lambda p: model.loss_terms(p, batch, None, config)[0]
+  loss = lambda p: encoder_decoder.loss_terms(p, batch, None, config)[0]
   return jax.jit(jax.value_and_grad(loss))(params)
 
 

@@ -1,9 +1,6 @@
 """Tests for `dsbs tasks`: the listing of every task and mixture and the example printout."""
-import pytest
-
 from dsbs_jax import cli
-from dsbs_jax import data
-
+from dsbs_jax import distillation
 
 
 def test_lists_every_task_and_mixture_with_counts(capsys):
@@ -26,7 +23,7 @@ def test_prints_preprocessed_examples(capsys):
   assert cli.main(["tasks", "--dataset", "esnli", "--examples", "1"]) == 0
   out = capsys.readouterr().out
   assert "[esnli_dsbs_teacher/validation] inputs" in out
-  assert data.TaskOptions().label_prefix.strip() in out and "</s>" in out
+  assert distillation.TaskOptions().label_prefix.strip() in out and "</s>" in out
 
 
 def test_gin_typo_is_a_clear_error(capsys):

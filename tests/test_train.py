@@ -1,10 +1,9 @@
 """Tests of `dsbs train`: end to end (a pulse, resume after SIGKILL, NaN stop, corrupt
-checkpoints, metrics logged once per step, a checkpoint saved before validating), and the
-loop's helpers (time left, dropping metrics a resumed run logs again).
+checkpoints, metrics logged once per step, a checkpoint saved before validating). The
+loop's pieces are tested in test_periodic_actions.py and test_run_dir.py.
 
 Runs use gin/quickstart.gin shrunk to a few steps of a very small model (conftest.py).
 """
-import glob
 import json
 import os
 import shutil
@@ -17,14 +16,13 @@ import gin
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
-from tensorflow.core.util import event_pb2
 
 from conftest import tiny_run_flags
+from test_run_dir import tensorboard_steps
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import infer
-from dsbs_jax import train
+from dsbs_jax import run_dir
 
 
 
@@ -42,19 +40,8 @@ def logged_steps(model_dir, kind="train"):
   return [r["step"] for r in metrics_rows(model_dir) if r["kind"] == kind]
 
 
-def tensorboard_steps(model_dir):
-  """{tag: [steps, repeats included]} over every event file of the run."""
-  steps = {}
-  for path in sorted(glob.glob(os.path.join(model_dir, "tensorboard", "*tfevents*"))):
-    for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
-      event = event_pb2.Event.FromString(record)
-      for value in event.summary.value:
-        steps.setdefault(value.tag, []).append(event.step)
-  return steps
-
-
 def final_params(model_dir, step):
-  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  checkpointer = run_dir.RunDir(model_dir).checkpointer()
   try:
     state, _ = checkpointer.restore(step, None)
   finally:
@@ -107,7 +94,7 @@ def run_in_subprocess(flags, **popen_kwargs):
 def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "killed")
   process = run_in_subprocess(tiny_run_flags(model_dir))
-  steps_dir = os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR)
+  steps_dir = os.path.join(model_dir, run_dir.CHECKPOINTS_DIR)
   deadline = time.time() + 240
   while time.time() < deadline and process.poll() is None:
     if os.path.isdir(os.path.join(steps_dir, "4")):
@@ -135,7 +122,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cap
   assert cli.main(tiny_run_flags(model_dir, train_steps=4,
                                  extra=["--gin.LEARNING_RATE=1e30"])) == 2
   assert "non-finite training metrics at step 4" in capsys.readouterr().err
-  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  checkpointer = run_dir.RunDir(model_dir).checkpointer()
   assert checkpointer.all_steps() == [2]
   checkpointer.close()
   assert all(np.all(np.isfinite(leaf)) for leaf in final_params(model_dir, 2))
@@ -145,7 +132,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, cap
 def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrupted, tmp_path, capsys):
   model_dir = str(tmp_path / "corrupt")
   shutil.copytree(uninterrupted, model_dir)
-  latest = os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR, "6")
+  latest = os.path.join(model_dir, run_dir.CHECKPOINTS_DIR, "6")
   for root, _, files in os.walk(os.path.join(latest, "state")):
     for name in files:
       with open(os.path.join(root, name), "wb") as f:
@@ -164,7 +151,7 @@ def test_corrupt_latest_checkpoint_is_named_and_the_previous_restores(uninterrup
 def test_a_resumed_run_keeps_the_best_validation_result_it_had(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "resumed")
   shutil.copytree(uninterrupted, model_dir)
-  best_file = os.path.join(model_dir, infer.BEST_FILE)
+  best_file = os.path.join(model_dir, run_dir.BEST_FILE)
   # Step 6 (validated at the end of the first run) as unbeatable: a resumed run that forgot
   # it would take its own first validation, at step 8, as the best.
   unbeatable = {"step": 6, "validation_accuracy": 1.0}
@@ -180,7 +167,7 @@ def test_a_resumed_run_keeps_the_best_validation_result_it_had(uninterrupted, tm
 def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "half_written")
   shutil.copytree(uninterrupted, model_dir)
-  steps_dir = os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR)
+  steps_dir = os.path.join(model_dir, run_dir.CHECKPOINTS_DIR)
   # What a kill during orbax's write of step 6 leaves: a temporary folder, not "6".
   os.rename(os.path.join(steps_dir, "6"), os.path.join(steps_dir, "6.orbax-checkpoint-tmp-1"))
   for root, _, files in os.walk(os.path.join(steps_dir, "6.orbax-checkpoint-tmp-1")):
@@ -195,7 +182,7 @@ def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_pat
 
 @pytest.mark.slow
 def test_initial_checkpoint_loads_parameters_with_a_fresh_optimizer(uninterrupted, tmp_path, capsys):
-  params, config, _ = infer.load_trained_params(uninterrupted, "latest")
+  params, config, _ = run_dir.RunDir(uninterrupted).load_params("latest")
   pretrained = str(tmp_path / "pretrained")
   checkpoints.save_model(pretrained, params, config)
   model_dir = str(tmp_path / "finetuned")
@@ -230,7 +217,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert chatter not in output, chatter
   stopped_at = int(output.split("SIGTERM at step ")[1].split(":")[0])
   assert 1 <= stopped_at < 200
-  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  checkpointer = run_dir.RunDir(model_dir).checkpointer()
   assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
 
@@ -240,7 +227,7 @@ def test_a_resumed_run_logs_each_step_once(uninterrupted, tmp_path):
   model_dir = str(tmp_path / "resumed")
   shutil.copytree(uninterrupted, model_dir)
   # As a kill after step 6 was logged and validated, but before its checkpoint was written.
-  shutil.rmtree(os.path.join(model_dir, checkpoints.TRAIN_CHECKPOINTS_DIR, "6"))
+  shutil.rmtree(os.path.join(model_dir, run_dir.CHECKPOINTS_DIR, "6"))
   assert cli.main(tiny_run_flags(model_dir)) == 0
   assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
   for kind in ("validation", "final_validation", "final_test"):
@@ -261,42 +248,6 @@ def test_a_failed_validation_keeps_the_checkpoint_of_its_step(tmp_path, monkeypa
   with pytest.raises(RuntimeError, match="validation failed"):
     cli.main(tiny_run_flags(model_dir, train_steps=2, checkpoint_period=1000,
                             extra=["--gin.EVAL_PERIOD=2"]))
-  checkpointer = checkpoints.TrainCheckpointer(model_dir)
+  checkpointer = run_dir.RunDir(model_dir).checkpointer()
   assert checkpointer.all_steps() == [2]
   checkpointer.close()
-
-
-def test_time_left_counts_validations_and_the_final_evaluation(monkeypatch):
-  now = [1000.0]
-  monkeypatch.setattr(train.time, "time", lambda: now[0])
-  remaining = train.RemainingTime(start_step=0, train_steps=100, eval_period=30,
-                                  validation_examples=10, final_examples=40)
-  assert [remaining.validations_after(step) for step in (0, 30, 95, 100)] == [4, 3, 1, 0]
-  now[0] += 20.0  # 10 steps at 0.5 steps/s: 90 steps, 180 s, to go
-  assert remaining(10) == "3m00s+eval"  # decoding not yet timed
-  remaining.add_evaluation(seconds=5.0, examples=10)  # 0.5 s per decoded example
-  now[0] += 5.0
-  # 180 s of training, 4 validations of 10 examples and 40 final examples at 0.5 s each.
-  assert remaining(10) == "3m40s"
-  assert remaining(100) == "0m20s"  # the final evaluation, not 0m00s
-
-
-def test_a_resumed_run_drops_what_it_logs_again(tmp_path):
-  path = str(tmp_path / "metrics.jsonl")
-  rows = [{"step": s, "kind": "train"} for s in (1, 2, 3, 4)] + [
-      {"step": 2, "kind": "validation"}, {"step": 4, "kind": "validation"},
-      {"step": 2, "kind": "final_test"}]
-  with open(path, "w") as f:
-    f.write("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 5, "ki')  # torn by a kill
-  train.drop_metrics_after(path, 2)
-  assert [(r["step"], r["kind"]) for r in map(json.loads, open(path))] == [
-      (1, "train"), (2, "train"), (2, "validation")]
-  tensorboard = str(tmp_path / "tensorboard")
-  writer = tf.summary.create_file_writer(tensorboard)
-  with writer.as_default():
-    for step in (1, 2, 3):
-      tf.summary.scalar("train/loss", float(step), step=step)
-    tf.summary.scalar("final_test/accuracy", 0.5, step=2)
-  writer.close()
-  train.drop_tensorboard_events_after(tensorboard, 2)
-  assert tensorboard_steps(str(tmp_path)) == {"train/loss": [1, 2]}

@@ -8,11 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from dsbs_jax import model
+from dsbs_jax import encoder_decoder
 from dsbs_jax import partitioning
 from dsbs_jax import trainer
 from dsbs_jax.models import t5
-from test_model import pack_examples, random_example
+from test_encoder_decoder import pack_examples, random_example
 
 BATCH_SIZE = 16
 
@@ -37,8 +37,8 @@ def random_batches(config, num_batches, batch_size=BATCH_SIZE, seed=0):
   rng = np.random.default_rng(seed)
   example = lambda task, targets_length: random_example(
       rng, config.vocab_size, task, int(rng.integers(2, 8)), targets_length)
-  return [pack_examples([[example(model.LABEL_TASK_ID, int(rng.integers(2, 4))),
-                          example(model.RATIONALE_TASK_ID, int(rng.integers(5, 12)))]
+  return [pack_examples([[example(encoder_decoder.LABEL_TASK_ID, int(rng.integers(2, 4))),
+                          example(encoder_decoder.RATIONALE_TASK_ID, int(rng.integers(5, 12)))]
                          for _ in range(batch_size)]) for _ in range(num_batches)]
 
 
@@ -166,7 +166,7 @@ def test_eval_step_matches_the_model(config, initial_params):
   params = jax.device_put(initial_params, step_trainer.param_shardings)
   batch = random_batches(config, 1, batch_size=8)[0]
   metrics = step_trainer.eval_step(params, step_trainer.shard_batch(batch))
-  _, expected = model.eval_loss(initial_params, batch, config)
+  _, expected = encoder_decoder.loss_terms(initial_params, batch, None, config)
   for key, value in expected.items():
     np.testing.assert_allclose(metrics[key], value, rtol=1e-5, err_msg=key)
 
@@ -196,7 +196,7 @@ def test_bfloat16_activations_keep_float32_parameters(config, initial_params):
   optimizer, learning_rate_fn = trainer.make_optimizer("adafactor")
   state, history = train(config, optimizer, "tensor", (1, 2), random_batches(config, 1),
                          jax.devices()[:2], initial_params, learning_rate_fn=learning_rate_fn)
-  summary = model.summarize_metrics(history[0])
+  summary = encoder_decoder.summarize_metrics(history[0])
   assert np.isfinite(summary["loss"]) and summary["grad_norm"] > 0
   assert summary["learning_rate"] == pytest.approx(1e-3)
   assert summary["examples"] == 2 * BATCH_SIZE

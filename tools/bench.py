@@ -62,8 +62,9 @@ import numpy as np
 
 from dsbs_jax import convert
 from dsbs_jax import decoding
+from dsbs_jax import distillation
+from dsbs_jax import encoder_decoder
 from dsbs_jax import flops
-from dsbs_jax import model
 from dsbs_jax import partitioning
 from dsbs_jax import resources
 from dsbs_jax import trainer as trainer_lib
@@ -73,7 +74,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_torch  # noqa: E402  (a sibling file; tools/ is not a package)
 
 MIXTURE = "cqa_dsbs_teacher"
-ALPHA = 0.5  # the mixture's default rates; TaskPrefixStep weighs its passes the same
+# The label-task weight the mixture's rates follow (TaskOptions' default, which the benchmark
+# does not change); TaskPrefixStep weighs its two passes the same.
+ALPHA = distillation.TaskOptions.alpha
 CONFIGS = ("tiny", "small", "base", "large", "xl")
 TINY_VOCAB_SIZE = 8000  # the shipped vocabulary's; the public sizes keep T5's 32128
 PROBE_ROWS = 16  # packed rows read to learn how many segments a row holds
@@ -145,7 +148,8 @@ def parse_variants(text: str) -> list[dict]:
 
 def unpack(features: dict[str, np.ndarray]) -> tuple[list[Segment], list[Segment]]:
   """(label segments, rationale segments) of packed rows."""
-  by_task = {model.LABEL_TASK_ID: [], model.RATIONALE_TASK_ID: []}
+  label, rationale = distillation.TASK_IDS["label"], distillation.TASK_IDS["rationale"]
+  by_task = {label: [], rationale: []}
   for row in range(features["decoder_segment_ids"].shape[0]):
     encoder_ids = features["encoder_segment_ids"][row]
     decoder_ids = features["decoder_segment_ids"][row]
@@ -154,7 +158,7 @@ def unpack(features: dict[str, np.ndarray]) -> tuple[list[Segment], list[Segment
       task = int(features["decoder_task_ids"][row][in_targets][0])
       by_task[task].append((features["encoder_input_tokens"][row][encoder_ids == segment],
                             features["decoder_target_tokens"][row][in_targets]))
-  return by_task[model.LABEL_TASK_ID], by_task[model.RATIONALE_TASK_ID]
+  return by_task[label], by_task[rationale]
 
 
 def segment_count(features: dict[str, np.ndarray]) -> int:
@@ -174,13 +178,12 @@ def read_batches(lengths: dict, examples_per_step: int, num_steps: int, num_devi
   Needs TensorFlow and SeqIO; --batches replays what --write_batches saved without them.
   """
   import gin  # pylint: disable=g-import-not-at-top
-  from dsbs_jax import data  # pylint: disable=g-import-not-at-top
+  from dsbs_jax import datasets  # pylint: disable=g-import-not-at-top
   from dsbs_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  label_prefix, rationale_prefix = data.PAPER_PREFIXES
+  label_prefix, rationale_prefix = distillation.PAPER_PREFIXES
   gin.bind_parameter("TaskOptions.label_prefix", label_prefix)
   gin.bind_parameter("TaskOptions.rationale_prefix", rationale_prefix)
-  import tasks  # registers the mixture; after gin, as train.py does
-  del tasks
+  datasets.register_all()
 
   rows: Iterator[dict] = input_pipeline.train_batches(MIXTURE, lengths, 1, seed)
   read = [next(rows)]  # the first row pays for reading and tokenizing the records
@@ -376,8 +379,8 @@ def decode_dsbs_jax(config: t5.T5Config, params, input_length: int, decode_lengt
     tokens = np.zeros((len(segments), input_length), np.int32)
     for row, (inputs, _) in enumerate(segments):
       tokens[row, :len(inputs)] = inputs
-    return np.asarray(t5.predict_batch(params, config, decoding.trim_padding(tokens),
-                                       decode_length))
+    return np.asarray(encoder_decoder.predict_batch(
+        params, config, decoding.trim_padding(tokens), decode_length))
   return decode
 
 

@@ -50,7 +50,8 @@ include 't5x/examples/t5/t5_1_1/{args.config}.gin'
 include 't5x/configs/runs/pretrain.gin'
 import __main__ as train_script
 import tasks
-from dsbs_jax import data
+from dsbs_jax import input_pipeline
+from dsbs_jax import seqio_tasks
 from t5x import models
 from t5x import utils
 from t5x.examples.t5 import network
@@ -63,9 +64,9 @@ DROPOUT_RATE = {args.dropout}
 MODEL_DIR = '{model_dir}'
 USE_CACHED_TASKS = False
 RANDOM_SEED = 0
-VOCABULARY = @data.OptionsVocabulary()
+VOCABULARY = @seqio_tasks.OptionsVocabulary()
 network.T5Config.dtype = '{args.dtype}'
-models.EncoderDecoderModel.feature_converter_cls = @data.DistillationFeatureConverter
+models.EncoderDecoderModel.feature_converter_cls = @input_pipeline.DistillationFeatureConverter
 train_script.train.eval_period = {args.steps}
 train_script.train.stats_period = {args.log_period}
 train_script.train.train_eval_dataset_cfg = None

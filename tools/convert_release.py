@@ -17,9 +17,9 @@ import sys
 
 import numpy as np
 
-from dsbs_jax import data
 from dsbs_jax import metrics
 from dsbs_jax import rationales
+from dsbs_jax import records
 
 GZIP_ABOVE_BYTES = 1 << 20
 VALID_FRACTION = 0.1  # the paper carves 10% of train as validation, seed 0
@@ -39,9 +39,9 @@ def read_teacher_outputs(release, dataset, split):
   return outputs
 
 
-def carve_validation(records):
+def carve_validation(train_records):
   """(train, valid) as the paper's `train_test_split(test_size=0.1, seed=0)`."""
-  return data.split_records(records, VALID_FRACTION, seed=0)
+  return records.split_records(train_records, VALID_FRACTION, seed=0)
 
 
 def cqa_input(example):

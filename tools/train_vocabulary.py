@@ -16,18 +16,21 @@ import sys
 
 import sentencepiece as spm
 
-from dsbs_jax import data
+from dsbs_jax import distillation
 from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
 
 DATASETS = ("cqa", "svamp", "esnli", "anli1")
-DEFAULT_PREFIX_SYMBOLS = [data.TaskOptions.label_prefix.strip(), data.TaskOptions.rationale_prefix.strip()]
+DEFAULT_PREFIX_SYMBOLS = [distillation.TaskOptions.label_prefix.strip(),
+                          distillation.TaskOptions.rationale_prefix.strip()]
 
 
 def training_text(rationales_dir):
   """Yields the lines the vocabulary is trained on."""
   for dataset in DATASETS:
     for split in ("train", "validation"):
-      for record in data.read_split(rationales_dir, dataset, split):
+      for record in records.read_split(rationales_dir, dataset, split):
         texts = [record.input, record.label] if record.input is not None else []
         if split == "train":
           texts += [record.rationale, record.teacher_label]
@@ -39,7 +42,7 @@ def training_text(rationales_dir):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--rationales", default=data.DEFAULT_RATIONALES_DIR)
+  parser.add_argument("--rationales", default=str(resources.RATIONALES_DIR))
   parser.add_argument("--vocab_size", type=int, default=8000)
   args = parser.parse_args(argv)
   out_dir = os.path.join(args.rationales, "vocab")

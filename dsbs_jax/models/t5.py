@@ -1,12 +1,14 @@
 """The T5 encoder-decoder (T5 v1.0, v1.1 and Flan-T5) in Flax, its config, and helpers to
-initialize parameters, get their logical partition specs, and predict with the cache.
+initialize parameters and get their logical partition specs.
 
 Parameter names follow T5X's minimal T5 example so T5X checkpoints load without renaming.
 With `scan_layers` the layers run as one compiled body scanned over depth, but the
 parameters keep that per-layer layout (`layers_0`, `layers_1`, ...) outside the network:
 each stack turns them into one array per kernel with a leading layer axis as it runs
 (`stack_layers`), so checkpoints, converters and optimizers never see the difference.
-This module holds no loss, optimizer, data or checkpoint-file code.
+With decode=True the decoder runs one step over its key/value cache; the generation loops
+that drive it live with the loss in encoder_decoder.py. This module holds no loss,
+generation, optimizer, data or checkpoint-file code.
 """
 import dataclasses
 import functools
@@ -19,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dsbs_jax import decoding
 from dsbs_jax.models import layers
 
 EOS_ID = 1
@@ -429,74 +430,3 @@ def param_partition_specs(config: T5Config) -> dict[str, Any]:
   Map them to a mesh with nn.logical_to_mesh_sharding(specs, mesh, rules).
   """
   return nn.get_partition_spec(_abstract_boxed_params(config))
-
-
-# ------------------------------------------------------------------------------
-# Inference with the key/value cache.
-# ------------------------------------------------------------------------------
-def init_decode_cache(params, config: T5Config, encoded, encoder_input_tokens,
-                      max_decode_length: int):
-  """The 'cache' collection for decoding up to max_decode_length tokens.
-
-  Cross-attention keys and values are computed here, once, from `encoded`.
-  """
-  dummy_targets = jnp.ones((encoded.shape[0], max_decode_length), jnp.int32)
-  _, variables = Transformer(config).apply(
-      {"params": params}, encoded, encoder_input_tokens, dummy_targets, dummy_targets,
-      enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-      mutable=["cache"], method=Transformer.decode)
-  return variables["cache"]
-
-
-def make_tokens_to_logits(params, config: T5Config, encoded, encoder_input_tokens,
-                          max_decode_length: int):
-  """The `tokens_to_logits(ids [batch, 1], cache) -> (logits [batch, vocab], cache)` step."""
-  model = Transformer(config)
-
-  def tokens_to_logits(ids, cache):
-    logits, variables = model.apply(
-        {"params": params, "cache": cache}, encoded, encoder_input_tokens, ids, ids,
-        enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-        mutable=["cache"], method=Transformer.decode)
-    return logits[:, 0], variables["cache"]
-
-  return tokens_to_logits
-
-
-@functools.partial(jax.jit, static_argnames=(
-    "config", "max_decode_length", "method", "num_beams", "top_k"))
-def predict_batch(params, config: T5Config, encoder_input_tokens, max_decode_length: int,
-                  method: str = "greedy", num_beams: int = 4, alpha: float = 0.6,
-                  temperature: float = 1.0, top_k: int = 0,
-                  rng: Optional[jax.Array] = None) -> jax.Array:
-  """Generated ids [batch, max_decode_length]: no start token, 0 after EOS.
-
-  method: 'greedy', 'beam' (best of num_beams with length penalty alpha), or 'sample'
-  (temperature, optional top_k; needs rng).
-  """
-  batch_size = encoder_input_tokens.shape[0]
-  encoded = Transformer(config).apply(
-      {"params": params}, encoder_input_tokens, enable_dropout=False,
-      method=Transformer.encode)
-  if method == "beam":
-    # Beam b of example i lives in row i * num_beams + b of everything the decoder sees.
-    encoded = jnp.repeat(encoded, num_beams, axis=0)
-    encoder_input_tokens = jnp.repeat(encoder_input_tokens, num_beams, axis=0)
-  cache = init_decode_cache(params, config, encoded, encoder_input_tokens, max_decode_length)
-  tokens_to_logits = make_tokens_to_logits(params, config, encoded, encoder_input_tokens,
-                                           max_decode_length)
-  if method == "greedy":
-    return decoding.greedy_search(tokens_to_logits, cache, batch_size, max_decode_length,
-                                  eos_id=EOS_ID)
-  if method == "sample":
-    if rng is None:
-      raise ValueError("method='sample' needs rng")
-    return decoding.temperature_sample(
-        tokens_to_logits, cache, rng, batch_size, max_decode_length,
-        temperature=temperature, top_k=top_k, eos_id=EOS_ID)
-  if method == "beam":
-    sequences, _ = decoding.beam_search(
-        tokens_to_logits, cache, batch_size, max_decode_length, num_beams=num_beams,
-        alpha=alpha, eos_id=EOS_ID)
-    return sequences[:, 0]
-  raise ValueError(f"unknown decoding method {method!r}: expected greedy, beam or sample")

@@ -1,0 +1,118 @@
+"""What distilling step-by-step is made of, named once for every stage: a dataset (`DatasetSpec`)
+and its splits, its three tasks and the ids that mark their target tokens, its four mixtures
+and how their names are formed, the paper's task prefixes, and `TaskOptions`, what a run
+chooses about its data.
+
+A command reads its TaskOptions once, from gin, and passes them down; the SeqIO tasks, which
+are registered once per process and built whenever a dataset is read, take the options a
+command put in use (`options_in_use`), or gin's where none is (T5X, scripts).
+
+This module must not import TensorFlow, SeqIO or JAX: the teacher, the model wrapper and
+the tools that run without TensorFlow import it.
+"""
+import contextlib
+import dataclasses
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+import gin
+
+from dsbs_jax import gin_utils
+from dsbs_jax import resources
+
+SPLITS = ("train", "validation", "test")
+# A dataset's tasks, by what their targets are: gold labels, the teacher's labels (gold
+# ones for evaluation), or the teacher's rationales.
+TASK_KINDS = ("label_gold", "label_teacher", "rationale")
+MIXTURES = {  # mixture suffix -> (label task kind, with the rationale task)
+    "finetune": ("label_gold", False),
+    "distill": ("label_teacher", False),
+    "dsbs_gold": ("label_gold", True),
+    "dsbs_teacher": ("label_teacher", True),
+}
+# Marks each target token with the task it belongs to, so that losses can be split; 0 is
+# padding.
+TASK_IDS = {"label": 1, "rationale": 2}
+# The feature that carries those ids through SeqIO (see seqio_tasks.add_task_ids).
+TASK_ID_FEATURE = "targets_task"
+PAPER_PREFIXES = ("predict: ", "explain: ")
+# The shipped from-scratch vocabulary, for gin files: VOCABULARY = %DSBS_VOCABULARY.
+gin.constant("DSBS_VOCABULARY", str(resources.VOCABULARY_FILE))
+
+
+def task_name(dataset: str, kind: str) -> str:
+  """The name of a dataset's task (a TASK_KINDS entry) or mixture (a MIXTURES suffix)."""
+  return f"{dataset}_{kind}"
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """What distinguishes one dataset: its name, metric, records folder and train inputs.
+
+  rationales_dir: the folder holding <name>/<split>.jsonl; None means
+  TaskOptions.rationales_dir (the shipped benchmarks).
+  train_inputs_hint: set when the records lack train inputs, saying where to get them.
+  """
+  name: str
+  metric_fn: Callable[[Sequence[str], Sequence[str]], dict]
+  train_inputs_hint: Optional[str] = None
+  rationales_dir: Optional[str] = None
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+  """What a run chooses about its data; bind fields in gin, e.g. `TaskOptions.alpha = 0.5`.
+
+  Attributes:
+    alpha: weight of the label task; mixtures sample label : rationale at alpha : 1-alpha.
+    train_fraction: fraction of the training split used (the paper's 0.125 ... 1.0).
+    subsample_seed: seed of the subsampling permutation (the paper's `--run`).
+    label_prefix, rationale_prefix: task prefixes; the paper's code uses
+      "predict: " and "explain: ".
+    vocabulary_path: SentencePiece model; the standard T5 model for pretrained students.
+    vocabulary_extra_ids: sentinel ids appended to the vocabulary (100 for T5's).
+    rationales_dir: folder of <dataset>/<split>.jsonl[.gz] record files.
+    train_inputs: for datasets whose train inputs the release lacks, {dataset: source},
+      where source is a JSONL path or "tfds:<name>[:<split>]".
+    drop_parse_failures: leave out training examples whose teacher output did not parse
+      (the paper keeps them, with blank targets).
+  """
+  alpha: float = 0.5
+  train_fraction: float = 1.0
+  subsample_seed: int = 0
+  label_prefix: str = "[label] "
+  rationale_prefix: str = "[rationale] "
+  vocabulary_path: str = str(resources.VOCABULARY_FILE)
+  vocabulary_extra_ids: int = 0
+  rationales_dir: str = str(resources.RATIONALES_DIR)
+  train_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  drop_parse_failures: bool = False
+
+  def __post_init__(self):
+    gin_utils.check_required("TaskOptions", {f.name: getattr(self, f.name)
+                                             for f in dataclasses.fields(self)})
+    if not 0.0 < self.alpha < 1.0:
+      raise gin_utils.GinConfigError(
+          f"TaskOptions.alpha must be in (0, 1), got {self.alpha} (the ALPHA macro); "
+          "for label-only training use the *_finetune or *_distill mixtures")
+    if not 0.0 < self.train_fraction <= 1.0:
+      raise gin_utils.GinConfigError(f"TaskOptions.train_fraction must be in (0, 1], got "
+                                     f"{self.train_fraction} (the TRAIN_FRACTION macro)")
+
+
+_options_in_use: list[TaskOptions] = []
+
+
+@contextlib.contextmanager
+def options_in_use(options: TaskOptions) -> Iterator[TaskOptions]:
+  """Makes `options` what the SeqIO tasks read while the block runs (for every thread)."""
+  _options_in_use.append(options)
+  try:
+    yield options
+  finally:
+    _options_in_use.pop()
+
+
+def current_options() -> TaskOptions:
+  """What the SeqIO tasks read when a dataset is built: the options in use, else gin's."""
+  return _options_in_use[-1] if _options_in_use else TaskOptions()

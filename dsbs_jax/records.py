@@ -1,0 +1,163 @@
+"""A dataset's records as a run reads them: the split files on disk, the train inputs the
+paper's release lacks joined in (with an alignment check), parse failures left out on
+request, and the training split subsampled as the paper subsamples it.
+
+The label task and the rationale task of a dataset read the same records through the same
+subsampling, so they always see exactly the same examples.
+
+This module must not build SeqIO tasks (seqio_tasks.py does) or import TensorFlow, except
+TensorFlow Datasets for a "tfds:" source of train inputs.
+"""
+import dataclasses
+import functools
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from dsbs_jax import distillation
+from dsbs_jax import rationales
+
+_SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
+# Teacher labels that agree with gold labels less often than this mean the inputs were
+# joined in an order other than the teacher outputs' (3-way NLI chance is 1/3).
+MIN_JOINED_TEACHER_ACCURACY = 0.5
+
+
+class MissingTrainInputsError(FileNotFoundError):
+  """The paper's release lacks this dataset's train inputs and no source was named."""
+
+
+def split_records(records: Sequence, held_out_fraction: float, seed: int) -> tuple[list, list]:
+  """(kept, held out) as Hugging Face's `train_test_split(test_size=held_out_fraction, seed)`.
+
+  That call permutes with `numpy.random.default_rng(seed)`, holds out the first
+  ceil(held_out_fraction * n) indices and keeps the rest, each in permuted order. The
+  paper carves CQA's and SVAMP's validation splits (fraction 0.1, seed 0) and subsamples
+  training data (fraction 1 - train_fraction, seed = run) this way.
+  """
+  permutation = np.random.default_rng(seed).permutation(len(records))
+  num_held_out = math.ceil(held_out_fraction * len(records))
+  return ([records[i] for i in permutation[num_held_out:]],
+          [records[i] for i in permutation[:num_held_out]])
+
+
+def subsample(records: list, fraction: float, seed: int) -> list:
+  """Keeps `fraction` of the records (all of them, in order, at 1.0)."""
+  if fraction >= 1.0:
+    return list(records)
+  return split_records(records, 1.0 - fraction, seed)[0]
+
+
+def split_path(rationales_dir: str, dataset: str, split: str) -> str:
+  base = os.path.join(rationales_dir, dataset, _SPLIT_FILES[split] + ".jsonl")
+  for candidate in (base, base + ".gz"):
+    if os.path.exists(candidate):
+      return candidate
+  raise FileNotFoundError(
+      f"{base}[.gz]: no rationale file for {dataset}/{split}; set TaskOptions.rationales_dir "
+      f"(now {rationales_dir!r}) or run tools/convert_release.py")
+
+
+@functools.lru_cache(maxsize=32)
+def _read_records_cached(path: str, mtime: float) -> tuple:
+  del mtime  # part of the cache key only: an edited file is read again
+  return tuple(rationales.read_records(path))
+
+
+def read_split(rationales_dir: str, dataset: str, split: str) -> tuple:
+  path = split_path(rationales_dir, dataset, split)
+  return _read_records_cached(path, os.path.getmtime(path))
+
+
+def _nli_label_text(value, where: str) -> str:
+  if isinstance(value, bool) or not isinstance(value, (int, str)):
+    raise rationales.RationaleFileError(f"{where}: 'label' must be 0, 1, 2 or a label name, got {value!r}")
+  if isinstance(value, int):
+    if value not in (0, 1, 2):
+      raise rationales.RationaleFileError(f"{where}: label {value} is not 0, 1 or 2")
+    return rationales.NLI_LABELS[value]
+  if value not in rationales.NLI_LABELS:
+    raise rationales.RationaleFileError(f"{where}: label {value!r} is not one of {rationales.NLI_LABELS}")
+  return value
+
+
+def _nli_example(obj, where: str) -> tuple[str, str]:
+  """(input, label) from an NLI example: premise (or context), hypothesis, label."""
+  if not isinstance(obj, dict):
+    raise rationales.RationaleFileError(f"{where}: expected a JSON object")
+  premise = obj.get("premise", obj.get("context"))
+  for field, value in (("premise", premise), ("hypothesis", obj.get("hypothesis"))):
+    if not isinstance(value, str):
+      raise rationales.RationaleFileError(f"{where}: field {field!r} missing or not a string")
+  if "label" not in obj:
+    raise rationales.RationaleFileError(f"{where}: missing field 'label'")
+  return (f"{premise}{rationales.NLI_SEPARATOR}{obj['hypothesis']}",
+          _nli_label_text(obj["label"], where))
+
+
+def _read_tfds_examples(spec: str) -> list[tuple[str, str]]:
+  import tensorflow_datasets as tfds  # imported here: only this path needs it
+  _, name, *rest = spec.split(":")
+  split = rest[0] if rest else "train"
+  dataset = tfds.load(name, split=split, shuffle_files=False)
+  examples = []
+  for index, example in enumerate(tfds.as_numpy(dataset)):
+    decoded = {k: (v.decode("utf-8") if isinstance(v, bytes) else int(v)) for k, v in example.items()
+               if k in ("premise", "context", "hypothesis", "label")}
+    examples.append(_nli_example(decoded, f"{spec}[{index}]"))
+  return examples
+
+
+def read_train_inputs(source: str) -> list[tuple[str, str]]:
+  """Reads (input, label) pairs from a JSONL path or a "tfds:<name>[:<split>]" source."""
+  if source.startswith("tfds:"):
+    return _read_tfds_examples(source)
+  examples = [_nli_example(obj, where) for where, obj in rationales.iter_json_lines(source)]
+  if not examples:
+    raise rationales.RationaleFileError(f"{source}: file holds no examples")
+  return examples
+
+
+@functools.lru_cache(maxsize=4)
+def _joined_train_records(rationales_dir: str, dataset: str, source: str) -> tuple:
+  records = read_split(rationales_dir, dataset, "train")
+  examples = read_train_inputs(source)
+  if len(examples) != len(records):
+    raise ValueError(
+        f"{dataset} train inputs from {source}: {len(examples):,} examples, but the teacher outputs "
+        f"in {split_path(rationales_dir, dataset, 'train')} cover {len(records):,}; the inputs must be "
+        "the full train split in the paper's order")
+  joined = tuple(dataclasses.replace(r, input=text, label=label)
+                 for r, (text, label) in zip(records, examples))
+  agreement = np.mean([r.teacher_label == r.label for r in joined])
+  if agreement < MIN_JOINED_TEACHER_ACCURACY:
+    raise ValueError(
+        f"{dataset} train inputs from {source} look misaligned with the teacher outputs: teacher "
+        f"labels agree with their gold labels on {agreement:.1%} of examples (chance level), against "
+        f"~70% on the shipped validation split; give the inputs in the paper's order")
+  return joined
+
+
+def records_for(spec: distillation.DatasetSpec, split: str,
+                options: distillation.TaskOptions) -> list:
+  """The records a task reads for `split` under `options`: joined, filtered, subsampled."""
+  if split not in distillation.SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {distillation.SPLITS}")
+  rationales_dir = spec.rationales_dir or options.rationales_dir
+  if split == "train" and spec.train_inputs_hint:
+    source = options.train_inputs.get(spec.name)
+    if not source:
+      raise MissingTrainInputsError(
+          f"{spec.name} train inputs are not in the paper's release (only its teacher outputs are "
+          f"shipped). Name them in gin: TaskOptions.train_inputs = {{'{spec.name}': SOURCE}}, where "
+          f"SOURCE is {spec.train_inputs_hint}")
+    records = list(_joined_train_records(rationales_dir, spec.name, source))
+  else:
+    records = list(read_split(rationales_dir, spec.name, split))
+  if split == "train":
+    if options.drop_parse_failures:
+      records = [r for r in records if r.parse_error is None]
+    records = subsample(records, options.train_fraction, options.subsample_seed)
+  return records

@@ -1,0 +1,399 @@
+"""MODEL_DIR, the folder of one training run: every file in it is named here, and read and
+written here. train, infer, export and plots ask a `RunDir`; none of them spells a name.
+
+    MODEL_DIR/
+      config.json           the network (a T5Config, in checkpoints.py's model format)
+      run.json              RunSpec: what prediction must reproduce (mixture, lengths, prefixes)
+      vocabulary.model      the SentencePiece model the run tokenized with
+      checkpoints/<step>/   training checkpoints (checkpoints.TrainCheckpointer)
+      best_step.json        the step best on validation so far, with its accuracy
+      metrics.jsonl         one row per logged step or evaluation: {"step", "kind", values}
+      tensorboard/          the same rows as TensorBoard scalars
+      results.json          a finished run's final scores, majority baseline and data choices
+      predictions.jsonl     the final test predictions; predictions_<split>[_step<N>].jsonl
+      config.gin            gin's operative config of the run
+      learning_curves.png   the run's curves (drawn by plots.py)
+
+The rules a run keeps here: everything is checked before anything is written, so a refused
+run leaves MODEL_DIR as it was (`check_fits`, `check_input_state`, `check_writable`); files
+are replaced atomically, and identical ones left untouched; a resumed run first drops what
+it will log again (`MetricsLog`); best_step.json never names a step whose checkpoint is not
+on disk (the caller waits for the checkpointer first).
+
+This module must not train, evaluate or draw. TensorFlow is imported only to write and trim
+the TensorBoard log, so that `dsbs plot` reads runs without it.
+"""
+import dataclasses
+import filecmp
+import glob
+import json
+import os
+import pathlib
+import tempfile
+from typing import Any, Optional
+
+import jax
+
+from dsbs_jax import checkpoints
+from dsbs_jax import gin_utils
+from dsbs_jax.models import t5
+
+SPEC_FILE = "run.json"
+VOCABULARY_FILE = "vocabulary.model"
+CHECKPOINTS_DIR = "checkpoints"
+BEST_FILE = "best_step.json"
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+RESULTS_FILE = "results.json"
+GIN_CONFIG_FILE = "config.gin"
+LEARNING_CURVES_FILE = "learning_curves.png"
+# What makes a folder a run to `dsbs plot`: it has logged, or it has finished.
+RUN_MARKERS = (METRICS_FILE, RESULTS_FILE)
+# T5Config fields a run may change on a pretrained checkpoint or a resumed run; the rest is
+# architecture.
+RUN_TIME_CONFIG_FIELDS = ("dropout_rate", "dtype") + t5.EXECUTION_FIELDS
+
+
+class ModelDirError(ValueError):
+  """A MODEL_DIR file that is malformed, or an output that cannot be written; named in the message."""
+
+
+class ModelDirMismatchError(ValueError):
+  """MODEL_DIR holds a run trained with other settings; nothing in it was changed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """How a student was trained: what prediction must reproduce (MODEL_DIR/run.json)."""
+  mixture_or_task_name: str
+  input_length: int
+  target_length: int
+  label_prefix: str
+  rationale_prefix: str
+  vocabulary_extra_ids: int = 0
+
+  def to_json(self) -> str:
+    return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+
+def _write_if_changed(path: pathlib.Path, content: bytes) -> None:
+  """Writes `content` to `path` atomically, leaving an identical file untouched."""
+  if path.is_file() and path.read_bytes() == content:
+    return
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(content)
+  os.replace(tmp, path)
+
+
+def _differences(pairs: list[tuple[str, object, object]], where: str) -> list[str]:
+  return [f"{name} is {there!r} in {where}, {now!r} now" for name, there, now in pairs
+          if there != now]
+
+
+def architecture_differences(there: t5.T5Config, now: t5.T5Config) -> list[tuple[str, Any, Any]]:
+  """(field, there, now) for each T5Config field outside RUN_TIME_CONFIG_FIELDS that differs."""
+  return [(f.name, getattr(there, f.name), getattr(now, f.name))
+          for f in dataclasses.fields(t5.T5Config)
+          if f.name not in RUN_TIME_CONFIG_FIELDS and getattr(there, f.name) != getattr(now, f.name)]
+
+
+class RunDir:
+  """One MODEL_DIR: the paths of its files and their reading and writing."""
+
+  def __init__(self, path):
+    self.path = pathlib.Path(path).absolute()
+    self.config_path = self.path / checkpoints.CONFIG_FILE
+    self.spec_path = self.path / SPEC_FILE
+    self.vocabulary_path = self.path / VOCABULARY_FILE
+    self.checkpoints_dir = self.path / CHECKPOINTS_DIR
+    self.best_path = self.path / BEST_FILE
+    self.metrics_path = self.path / METRICS_FILE
+    self.tensorboard_dir = self.path / TENSORBOARD_DIR
+    self.results_path = self.path / RESULTS_FILE
+    self.gin_config_path = self.path / GIN_CONFIG_FILE
+    self.learning_curves_path = self.path / LEARNING_CURVES_FILE
+
+  def __repr__(self) -> str:
+    return f"RunDir({str(self.path)!r})"
+
+  def predictions_path(self, split: str, step: Optional[int] = None) -> pathlib.Path:
+    """The final evaluation's predictions of `split` (the test split's is predictions.jsonl),
+    or with `step` those `dsbs eval` writes for that checkpoint."""
+    if step is not None:
+      return self.path / f"predictions_{split}_step{step}.jsonl"
+    return self.path / ("predictions.jsonl" if split == "test" else f"predictions_{split}.jsonl")
+
+  # ----------------------------------------------------------------------------
+  # What a trained run holds for prediction and export.
+  # ----------------------------------------------------------------------------
+  def spec(self) -> RunSpec:
+    if not self.spec_path.is_file():
+      raise FileNotFoundError(f"{self.spec_path}: not found; is {self.path} a MODEL_DIR written "
+                              "by dsbs train?")
+    try:
+      return RunSpec(**json.loads(self.spec_path.read_text()))
+    except (TypeError, json.JSONDecodeError) as error:
+      raise ModelDirError(f"{self.spec_path}: not a run spec written by dsbs train ({error})") from None
+
+  def vocabulary_file(self) -> pathlib.Path:
+    """The run's SentencePiece model, which must be there."""
+    if not self.vocabulary_path.is_file():
+      raise FileNotFoundError(f"{self.vocabulary_path}: vocabulary missing from the model dir")
+    return self.vocabulary_path
+
+  def tokenization(self, spec: RunSpec) -> dict[str, Any]:
+    """The TaskOptions fields that make the data pipeline tokenize as this run did."""
+    return {"vocabulary_path": str(self.vocabulary_file()),
+            "vocabulary_extra_ids": spec.vocabulary_extra_ids,
+            "label_prefix": spec.label_prefix, "rationale_prefix": spec.rationale_prefix}
+
+  def config(self) -> t5.T5Config:
+    """The network, set to run as suits this machine (see checkpoints.load_config)."""
+    return checkpoints.load_config(self.path)
+
+  def checkpointer(self, keep: int = 3, keep_step: Optional[int] = None,
+                   asynchronous: bool = True) -> checkpoints.TrainCheckpointer:
+    return checkpoints.TrainCheckpointer(self.checkpoints_dir, keep=keep, keep_step=keep_step,
+                                         asynchronous=asynchronous)
+
+  def load_params(self, step: str = "best") -> tuple[Any, t5.T5Config, int]:
+    """(params, config, step) on this host's first device: 'best' (by validation), 'latest'
+    or a step number."""
+    config = self.config()
+    checkpointer = self.checkpointer()
+    try:
+      steps = checkpointer.all_steps()
+      if not steps:
+        raise FileNotFoundError(f"{checkpointer.directory}: no checkpoints")
+      if step == "latest":
+        chosen = steps[-1]
+      elif step == "best":
+        chosen = self.best_step() or steps[-1]
+      else:
+        chosen = int(step)
+      state, _ = checkpointer.restore_on_one_device(chosen)
+    finally:
+      checkpointer.close()
+    return state["params"], config, chosen
+
+  # ----------------------------------------------------------------------------
+  # JSON files: the best step so far and the final results.
+  # ----------------------------------------------------------------------------
+  def _read_object(self, path: pathlib.Path) -> Optional[dict]:
+    if not path.is_file():
+      return None
+    try:
+      values = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+      raise ModelDirError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(values, dict):
+      raise ModelDirError(f"{path}: expected a JSON object")
+    return values
+
+  def best(self) -> Optional[dict]:
+    """The best validation result so far ({"step": N, "validation_accuracy": x}), if any."""
+    best = self._read_object(self.best_path)
+    if best is not None:
+      try:
+        int(best["step"])
+      except (ValueError, TypeError, KeyError) as error:
+        raise ModelDirError(f"{self.best_path}: expected {{\"step\": N, ...}} ({error!r})") from None
+    return best
+
+  def best_step(self) -> Optional[int]:
+    best = self.best()
+    return best["step"] if best else None
+
+  def write_best(self, best: dict) -> None:
+    _write_if_changed(self.best_path, json.dumps(best).encode())
+
+  def forget_best(self) -> None:
+    self.best_path.unlink(missing_ok=True)
+
+  def results(self) -> Optional[dict]:
+    """A finished run's results.json; None if the run has not finished."""
+    return self._read_object(self.results_path)
+
+  def write_results(self, results: dict) -> None:
+    _write_if_changed(self.results_path, json.dumps(results, indent=2).encode())
+
+  def write_gin_config(self, text: str) -> None:
+    _write_if_changed(self.gin_config_path, text.encode())
+
+  # ----------------------------------------------------------------------------
+  # Before a run writes: does this folder take it?
+  # ----------------------------------------------------------------------------
+  def check_fits(self, config: t5.T5Config, spec: RunSpec, vocabulary_path: str) -> None:
+    """Refuses a MODEL_DIR whose run files say it was trained with other settings.
+
+    Nothing is written before this check, so a refused run leaves MODEL_DIR as it was.
+    """
+    differences = []
+    if self.config_path.is_file():
+      there = self.config()
+      differences += _differences([(f"T5Config.{name}", was, now) for name, was, now
+                                   in architecture_differences(there, config)],
+                                  checkpoints.CONFIG_FILE)
+    if self.spec_path.is_file():
+      there = self.spec()
+      differences += _differences([
+          ("MIXTURE_OR_TASK_NAME", there.mixture_or_task_name, spec.mixture_or_task_name),
+          ("TASK_FEATURE_LENGTHS['inputs']", there.input_length, spec.input_length),
+          ("TASK_FEATURE_LENGTHS['targets']", there.target_length, spec.target_length),
+          ("TaskOptions.label_prefix", there.label_prefix, spec.label_prefix),
+          ("TaskOptions.rationale_prefix", there.rationale_prefix, spec.rationale_prefix),
+          ("VOCABULARY_EXTRA_IDS", there.vocabulary_extra_ids, spec.vocabulary_extra_ids)],
+          SPEC_FILE)
+    if (self.vocabulary_path.is_file()
+        and not filecmp.cmp(self.vocabulary_path, vocabulary_path, shallow=False)):
+      differences.append(f"VOCABULARY {vocabulary_path} is not the {VOCABULARY_FILE} there")
+    if differences:
+      raise ModelDirMismatchError(self._mismatch_message(differences))
+
+  def check_input_state(self, saved: dict, current: dict, step: int) -> None:
+    """Refuses to resume a checkpoint whose batches were drawn with other data settings."""
+    names = {"mixture_or_task_name": "MIXTURE_OR_TASK_NAME", "seed": "train.seed",
+             "batch_size": "BATCH_SIZE", "task_feature_lengths": "TASK_FEATURE_LENGTHS"}
+    differences = _differences([(names.get(key, key), saved.get(key), current.get(key))
+                                for key in sorted(set(saved) | set(current))],
+                               f"{CHECKPOINTS_DIR}/{step}")
+    if differences:
+      raise ModelDirMismatchError(self._mismatch_message(differences))
+
+  def _mismatch_message(self, differences: list[str]) -> str:
+    return (f"MODEL_DIR {self.path} holds a run trained with other settings ("
+            + "; ".join(differences) + "); nothing in it was changed. Rerun with its settings "
+            "to resume it, or give a new MODEL_DIR")
+
+  def check_writable(self) -> None:
+    """Creates MODEL_DIR if needed and proves a file can be written in it."""
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+      with tempfile.TemporaryFile(dir=self.path):
+        pass
+    except OSError as error:
+      raise gin_utils.GinConfigError(f"MODEL_DIR={self.path}: cannot write there "
+                                     f"({error.strerror or error})") from None
+
+  def write_run_files(self, config: t5.T5Config, spec: RunSpec, vocabulary_path: str) -> None:
+    """config.json, run.json and vocabulary.model: what eval, predict and export read."""
+    self.path.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(self.config_path, (config.to_json() + "\n").encode())
+    _write_if_changed(self.spec_path, spec.to_json().encode())
+    _write_if_changed(self.vocabulary_path, pathlib.Path(vocabulary_path).read_bytes())
+
+  # ----------------------------------------------------------------------------
+  # The metrics log.
+  # ----------------------------------------------------------------------------
+  def metrics(self) -> list[dict]:
+    """The rows of metrics.jsonl; a row that is not a JSON object is an error naming its line."""
+    if not self.metrics_path.is_file():
+      return []
+    rows = []
+    for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as error:
+        raise ModelDirError(f"{self.metrics_path}:{number}: not valid JSON ({error.msg})") from None
+      if not isinstance(row, dict):
+        raise ModelDirError(f"{self.metrics_path}:{number}: expected a JSON object")
+      rows.append(row)
+    return rows
+
+  def metrics_log(self, start_step: int) -> "MetricsLog":
+    return MetricsLog(self, start_step)
+
+
+def find_runs(root) -> list[RunDir]:
+  """Every folder under `root` (itself included) holding one of RUN_MARKERS."""
+  root = pathlib.Path(root)
+  return [RunDir(path) for path in sorted({marker.parent for name in RUN_MARKERS
+                                           for marker in root.rglob(name)})]
+
+
+def _logged_again(kind: str, row_step: int, step: int) -> bool:
+  """Whether a run resumed at `step` logs this row again: rows of later steps, and the
+  final evaluation's (it runs again at the end)."""
+  return kind.startswith("final_") or row_step > step
+
+
+def drop_metrics_after(path: pathlib.Path, step: int) -> None:
+  """Rewrites metrics.jsonl without the rows a run resumed at `step` will write again, and
+  without a last line torn by a kill."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return
+  lines = path.read_text(encoding="utf-8").splitlines()
+  kept = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      if number == len(lines):
+        continue  # torn by a kill mid-write
+      raise ModelDirError(f"{path}:{number}: not a JSON line; fix or remove it") from None
+    if not _logged_again(str(row.get("kind", "")), int(row.get("step", 0)), step):
+      kept.append(line)
+  if kept != lines:
+    _write_if_changed(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+
+
+def drop_tensorboard_events_after(directory: pathlib.Path, step: int) -> None:
+  """Rewrites the event files without the summaries a run resumed at `step` will write
+  again (TensorBoard would draw both), and without a torn last record."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see the module docstring)
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  for path in sorted(glob.glob(os.path.join(directory, "*tfevents*"))):
+    kept, changed = [], False
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        event = event_pb2.Event.FromString(record)
+        if any(_logged_again(value.tag, event.step, step) for value in event.summary.value):
+          changed = True
+        else:
+          kept.append(record)
+    except tf.errors.DataLossError:  # a record torn by a kill mid-write
+      changed = True
+    if changed:
+      tmp = os.path.join(directory, ".rewriting")
+      with tf.io.TFRecordWriter(tmp) as writer:
+        for record in kept:
+          writer.write(record)
+      os.replace(tmp, path)
+
+
+class MetricsLog:
+  """Writes each summary to MODEL_DIR/metrics.jsonl and TensorBoard (on process 0 only).
+
+  A run resumed at `start_step` first drops what earlier runs logged past that step, so
+  that every step is logged once.
+  """
+
+  def __init__(self, run: RunDir, start_step: int):
+    self._active = jax.process_index() == 0
+    if self._active:
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see the module docstring)
+      self._tf = tf
+      drop_metrics_after(run.metrics_path, start_step)
+      drop_tensorboard_events_after(run.tensorboard_dir, start_step)
+      self._jsonl = open(run.metrics_path, "a", encoding="utf-8")
+      self._writer = tf.summary.create_file_writer(str(run.tensorboard_dir))
+
+  def write(self, step: int, kind: str, values: dict) -> None:
+    if not self._active:
+      return
+    self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+    self._jsonl.flush()
+    with self._writer.as_default(step=step):
+      for key, value in values.items():
+        if isinstance(value, (int, float)):
+          self._tf.summary.scalar(f"{kind}/{key}", value)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._active:
+      self._jsonl.close()
+      self._writer.close()
+

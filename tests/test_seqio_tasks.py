@@ -1,0 +1,186 @@
+"""Tests for dsbs_jax.seqio_tasks: every task and mixture yields packed batches, rates follow
+alpha, both tasks see the same examples, prefixes, separators, the vocabulary TaskOptions
+names, and the options a command puts in use winning over gin's."""
+import math
+import shutil
+
+import gin
+import numpy as np
+import pytest
+import seqio
+
+from dsbs_jax import datasets
+from dsbs_jax import distillation
+from dsbs_jax import rationales
+from dsbs_jax import records
+from dsbs_jax import resources
+
+LENGTHS = {"inputs": 256, "targets": 128}
+VOCABULARY = str(resources.VOCABULARY_FILE)
+RATIONALES = str(resources.RATIONALES_DIR)
+datasets.register_all()
+
+
+def bind(**options):
+  """Binds TaskOptions fields in gin: what the tasks read when no command put options in use."""
+  for key, value in options.items():
+    gin.bind_parameter(f"TaskOptions.{key}", value)
+
+
+def use_small_nli(small_nli_dir, **options):
+  root, inputs = small_nli_dir
+  bind(rationales_dir=root, train_inputs=inputs, **options)
+
+
+def ids_of(name, split="train", **kwargs):
+  dataset = seqio.get_mixture_or_task(name).get_dataset(
+      LENGTHS, split=split, shuffle=False, use_cached=False, **kwargs)
+  return [example["id"].decode() for example in dataset.as_numpy_iterator()]
+
+
+ALL_NAMES = [distillation.task_name(spec.name, kind) for spec in datasets.BENCHMARKS
+             for kind in (*distillation.TASK_KINDS, *distillation.MIXTURES)]
+
+
+@pytest.mark.parametrize("name", ALL_NAMES)
+def test_every_task_and_mixture_yields_packed_batches(name, small_nli_dir):
+  use_small_nli(small_nli_dir)
+  provider = seqio.get_mixture_or_task(name)
+  dataset = provider.get_dataset(LENGTHS, split="train", shuffle=True, seed=1, use_cached=False)
+  batches = seqio.EncDecFeatureConverter(pack=True)(dataset, LENGTHS).batch(4)
+  batch = next(batches.as_numpy_iterator())
+  assert batch["encoder_input_tokens"].shape == (4, 256)
+  assert batch["decoder_target_tokens"].shape == (4, 128)
+  assert batch["encoder_segment_ids"].max() >= 2, "examples were not packed"
+  assert (batch["decoder_loss_weights"] > 0).sum() > 0
+
+
+def test_tasks_work_with_the_plain_converter_and_lengths_inferred_from_the_data():
+  # What T5X's evaluation does with TASK_FEATURE_LENGTHS = None: the task-id feature is
+  # not an output feature, so it neither gets a length nor upsets EncDecFeatureConverter.
+  evaluator = seqio.Evaluator("svamp_dsbs_teacher", seqio.EncDecFeatureConverter(pack=False),
+                              eval_split="validation", sequence_length=None, logger_cls=())
+  assert [task.name for task in evaluator.eval_tasks] == ["svamp_label_teacher"]
+  assert set(evaluator.model_feature_shapes) == set(seqio.EncDecFeatureConverter.MODEL_FEATURES)
+  assert set(seqio.get_mixture_or_task("svamp_dsbs_teacher").output_features) == {"inputs", "targets"}
+
+
+def test_options_vocabulary_equals_the_sentencepiece_vocabulary_it_resolves_to(tmp_path):
+  options_vocabulary = seqio.get_mixture_or_task("cqa_label_teacher").output_features["inputs"].vocabulary
+  shipped = seqio.SentencePieceVocabulary(VOCABULARY)
+  copy = tmp_path / "copy.model"
+  shutil.copy(VOCABULARY, copy)
+  assert options_vocabulary == shipped and shipped == options_vocabulary
+  assert not options_vocabulary != shipped  # T5X's check: task vocabulary != model vocabulary
+  assert options_vocabulary == seqio.SentencePieceVocabulary(str(copy))  # same model, other path
+  assert options_vocabulary != seqio.SentencePieceVocabulary(VOCABULARY, extra_ids=100)
+  assert options_vocabulary != seqio.ByteVocabulary()
+  bind(vocabulary_path=str(copy), vocabulary_extra_ids=100)
+  assert options_vocabulary == seqio.SentencePieceVocabulary(VOCABULARY, extra_ids=100)
+  assert options_vocabulary.extra_ids == 100 and options_vocabulary.vocab_size == shipped.vocab_size + 100
+  assert options_vocabulary.encode("[label] a cat") == shipped.encode("[label] a cat")
+
+
+def label_share(mixture, num_examples=2000) -> float:
+  dataset = mixture.get_dataset(LENGTHS, split="train", shuffle=True, seed=0, use_cached=False)
+  label_piece = mixture.output_features["inputs"].vocabulary.encode("[label]")[-1]
+  firsts = [ex["inputs"][:2] for ex in dataset.take(num_examples).as_numpy_iterator()]
+  return np.mean([label_piece in first for first in firsts])
+
+
+def test_mixture_rates_follow_alpha():
+  bind(alpha=0.3)
+  mixture = seqio.get_mixture_or_task("cqa_dsbs_teacher")
+  rates = {task.name: mixture.get_rate(task) for task in mixture.tasks}
+  assert rates == pytest.approx({"cqa_label_teacher": 0.3, "cqa_rationale": 0.7})
+  assert abs(label_share(mixture) - 0.3) < 0.04
+
+
+def test_options_put_in_use_win_over_gin():
+  bind(alpha=0.3, label_prefix="gin: ")
+  mixture = seqio.get_mixture_or_task("cqa_dsbs_teacher")
+  with distillation.options_in_use(distillation.TaskOptions(alpha=0.8, label_prefix="[label] ")):
+    assert [mixture.get_rate(task) for task in mixture.tasks] == pytest.approx([0.8, 0.2])
+    assert abs(label_share(mixture, 1000) - 0.8) < 0.05
+  assert [mixture.get_rate(task) for task in mixture.tasks] == pytest.approx([0.3, 0.7])
+
+
+def test_subsampling_is_deterministic_and_shared_between_tasks():
+  bind(train_fraction=0.25, subsample_seed=3)
+  label_ids = ids_of("svamp_label_teacher")
+  assert label_ids == ids_of("svamp_label_teacher")
+  assert label_ids == ids_of("svamp_rationale")
+  full = len(records.read_split(RATIONALES, "svamp", "train"))
+  assert len(label_ids) == full - math.ceil(0.75 * full)
+  gin.clear_config()
+  bind(train_fraction=0.25, subsample_seed=4)
+  assert set(ids_of("svamp_rationale")) != set(label_ids)
+
+
+def test_mixture_sees_the_same_examples_in_both_tasks():
+  bind(train_fraction=0.5, subsample_seed=0)
+  mixture = seqio.get_mixture_or_task("svamp_dsbs_gold")
+  assert ids_of(mixture.tasks[0].name) == ids_of(mixture.tasks[1].name)
+
+
+def test_teacher_labels_train_and_gold_labels_evaluate():
+  train = {r.id: r for r in records.read_split(RATIONALES, "cqa", "train")}
+  task = seqio.get_mixture_or_task("cqa_label_teacher")
+  example = next(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+  assert example["targets_pretokenized"].decode() == train[example["id"].decode()].teacher_label
+  valid = {r.id: r for r in records.read_split(RATIONALES, "cqa", "validation")}
+  example = next(task.get_dataset(LENGTHS, split="validation", shuffle=False).as_numpy_iterator())
+  assert example["targets_pretokenized"].decode() == valid[example["id"].decode()].label
+
+
+def test_prefixes_are_configurable_to_the_papers():
+  bind(label_prefix=distillation.PAPER_PREFIXES[0], rationale_prefix=distillation.PAPER_PREFIXES[1])
+  for name, prefix in (("cqa_label_gold", "predict: "), ("cqa_rationale", "explain: ")):
+    dataset = seqio.get_mixture_or_task(name).get_dataset(LENGTHS, split="test", shuffle=False)
+    assert next(dataset.as_numpy_iterator())["inputs_pretokenized"].decode().startswith(prefix)
+
+
+def test_nli_separator_becomes_eos_between_premise_and_hypothesis():
+  task = seqio.get_mixture_or_task("esnli_label_gold")
+  example = next(task.get_dataset(LENGTHS, split="validation", shuffle=False).as_numpy_iterator())
+  eos = task.output_features["inputs"].vocabulary.eos_id
+  positions = np.flatnonzero(example["inputs"] == eos)
+  assert len(positions) == 2 and positions[-1] == len(example["inputs"]) - 1
+  premise, hypothesis = example["inputs_pretokenized"].decode().split(rationales.NLI_SEPARATOR)
+  vocabulary = task.output_features["inputs"].vocabulary
+  assert example["inputs"][:positions[0]].tolist() == vocabulary.encode(premise)
+  assert example["inputs"][positions[0] + 1:-1].tolist() == vocabulary.encode(hypothesis)
+
+
+def test_tasks_read_joined_nli_train_inputs_with_their_prefix(small_nli_dir):
+  use_small_nli(small_nli_dir)
+  task = seqio.get_mixture_or_task("anli1_label_gold")
+  examples = list(task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+  assert len(examples) == len(records.read_split(small_nli_dir[0], "anli1", "train"))
+  assert examples[0]["id"].decode() == "anli1-train-00000"
+  assert examples[0]["inputs_pretokenized"].decode() == "[label] premise 0</s>hypothesis 0"
+
+
+def test_missing_nli_train_inputs_stop_the_task_saying_what_to_set():
+  with pytest.raises(records.MissingTrainInputsError, match=r"TaskOptions.train_inputs = \{'esnli'"):
+    ids_of("esnli_label_gold")
+
+
+def test_drop_parse_failures_drops_from_both_tasks():
+  bind(drop_parse_failures=True)
+  kept = ids_of("svamp_label_teacher")
+  assert kept == ids_of("svamp_rationale")
+  failures = {r.id for r in records.read_split(RATIONALES, "svamp", "train") if r.parse_error}
+  assert failures and not failures & set(kept)
+
+
+def test_missing_vocabulary_is_named(tmp_path):
+  bind(vocabulary_path=str(tmp_path / "none.model"))
+  with pytest.raises(FileNotFoundError, match="none.model"):
+    ids_of("svamp_label_gold", split="test")
+
+
+def test_missing_rationales_dir_is_named(tmp_path):
+  bind(rationales_dir=str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="run tools/convert_release.py"):
+    ids_of("cqa_label_gold", split="test")

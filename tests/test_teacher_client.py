@@ -1,0 +1,88 @@
+"""Tests of dsbs_jax.teacher_client: endpoint URLs and the backoff schedule, connection
+failures counted in a row, the API key kept out of reprs and errors, and the request, token
+and retry budgets, against a stand-in teacher (fake_teacher.py)."""
+import pytest
+
+from dsbs_jax import cli
+from dsbs_jax import rationales
+from dsbs_jax import teacher_client
+from fake_teacher import (FakeTeacher, KEY_ENV, SECRET, assert_matches_shipped, generate_args,
+                          write_inputs)
+
+
+def test_endpoint_urls_and_backoff_schedule():
+  assert teacher_client.endpoint_url("http://h:1", "completions") == "http://h:1/v1/completions"
+  assert teacher_client.endpoint_url("http://h:1/v1/", "chat") == "http://h:1/v1/chat/completions"
+  assert teacher_client.endpoint_url("http://h/x/v1/completions", "chat") == "http://h/x/v1/completions"
+  with pytest.raises(teacher_client.TeacherError):
+    teacher_client.endpoint_url("localhost:8000", "chat")
+  policy = teacher_client.RetryPolicy(base_delay_s=1.0, max_delay_s=5.0)
+  rng = teacher_client.random.Random(0)
+  delays = [policy.delay(attempt, rng) for attempt in range(6)]
+  assert all(0.5 * min(5.0, 2 ** i) <= d <= min(5.0, 2 ** i) for i, d in enumerate(delays))
+  assert policy.delay(0, rng, retry_after=3.0) == 3.0 and policy.delay(0, rng, retry_after=60) == 5.0
+  assert teacher_client.estimate_tokens("a" * 10, "b" * 6) == 4
+
+
+def test_connection_failures_count_in_a_row_and_any_reply_resets_them():
+  budget = teacher_client.Budget(max_connection_failures=3)
+  for error in ("refused", "refused", None, "refused", "reset"):  # None: the server answered
+    budget.record_connection(error)
+  assert budget.exhausted_reason() is None
+  budget.record_connection("refused")
+  assert budget.exhausted_reason() == ("3 attempts in a row could not connect "
+                                       "(--max_connection_failures=3); last: refused")
+  with pytest.raises(teacher_client.BudgetExhausted):
+    budget.start_request()
+
+
+def test_key_is_not_in_repr_and_is_redacted_from_errors(cqa_records, monkeypatch, capsys, tmp_path):
+  client = teacher_client.TeacherClient("http://127.0.0.1:9/v1", "m", api_key=SECRET)
+  assert SECRET not in repr(client) and "api_key=set" in repr(client)
+  monkeypatch.setenv(KEY_ENV, SECRET + "-wrong")
+  inputs = write_inputs(tmp_path / "in.jsonl", cqa_records[:2])
+  with FakeTeacher({"cqa": cqa_records}) as fake:
+    assert cli.main(generate_args(fake, inputs, tmp_path / "out.jsonl", "cqa")) == 2
+  err = capsys.readouterr().err
+  assert "HTTP 401" in err and "[API key]" in err and SECRET not in err
+
+
+def test_request_cap_stops_cleanly_and_resumes(cqa_records, key_env, tmp_path, capsys):
+  records = cqa_records[:8]
+  inputs = write_inputs(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  with FakeTeacher({"cqa": records}) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "cqa", "--concurrency", "1", "--max_requests", "3")) == 1
+    assert "request cap reached (--max_requests=3)" in capsys.readouterr().err
+    assert len(rationales.read_records(str(out))) == 3
+    assert cli.main(generate_args(fake, inputs, out, "cqa")) == 0
+  assert fake.requests == len(records)
+  assert_matches_shipped(out, records)
+
+
+def test_token_cap_counts_usage_and_falls_back_to_an_estimate(cqa_records, key_env, tmp_path, capsys):
+  records = cqa_records[:8]
+  inputs = write_inputs(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  with FakeTeacher({"cqa": records}, tokens_per_reply=1000) as fake:
+    args = generate_args(fake, inputs, out, "cqa", "--concurrency", "1", "--max_tokens_total", "2500")
+    assert cli.main(args) == 1
+  captured = capsys.readouterr()
+  assert "token cap reached" in captured.err and "3,000 tokens" in captured.out
+  assert len(rationales.read_records(str(out))) == 3
+  with FakeTeacher({"cqa": records}, tokens_per_reply=None) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "cqa")) == 0
+  assert "estimated" in capsys.readouterr().out
+  assert_matches_shipped(out, records)
+
+
+def test_exhausted_retries_leave_the_example_for_a_rerun(cqa_records, key_env, tmp_path, capsys):
+  records = cqa_records[:3]
+  inputs = write_inputs(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  with FakeTeacher({"cqa": records}, faults={n: "500" for n in range(1, 4)}) as fake:
+    args = generate_args(fake, inputs, out, "cqa", "--concurrency", "1", "--max_attempts", "3")
+    assert cli.main(args) == 1
+    assert "1 example(s) failed" in capsys.readouterr().err
+    assert cli.main(args) == 0
+  assert_matches_shipped(out, records)
