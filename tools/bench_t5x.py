@@ -10,8 +10,9 @@ dependencies, and name that environment's python and the T5X checkout:
         --config small --dtype bfloat16 --batch_size 8 --steps 40 --rounds 2
 
 Both sides train T5 v1.1 (`--config`) from scratch with Adafactor on `cqa_dsbs_teacher`
-through this project's tasks and feature converter (packed rows of --input_length /
---target_length tokens), dropout as --dropout, no evaluation, no checkpoints until the
+through this project's tasks, packed by SeqIO's encoder-decoder feature converter (rows of
+--input_length / --target_length tokens; T5X's default converter, which ours extends with
+the task ids only), dropout as --dropout, no evaluation, no checkpoints until the
 end. T5X runs `t5x.train` with its own `examples/t5/t5_1_1/<config>.gin` and
 `configs/runs/pretrain.gin`, unpatched, in a subprocess under the same glibc allocator
 settings that `dsbs` gives itself. Each side logs steps/s over windows of --log_period
@@ -50,7 +51,6 @@ include 't5x/examples/t5/t5_1_1/{args.config}.gin'
 include 't5x/configs/runs/pretrain.gin'
 import __main__ as train_script
 import tasks
-from dsbs_jax import input_pipeline
 from dsbs_jax import seqio_tasks
 from t5x import models
 from t5x import utils
@@ -66,7 +66,6 @@ USE_CACHED_TASKS = False
 RANDOM_SEED = 0
 VOCABULARY = @seqio_tasks.OptionsVocabulary()
 network.T5Config.dtype = '{args.dtype}'
-models.EncoderDecoderModel.feature_converter_cls = @input_pipeline.DistillationFeatureConverter
 train_script.train.eval_period = {args.steps}
 train_script.train.stats_period = {args.log_period}
 train_script.train.train_eval_dataset_cfg = None
