@@ -41,6 +41,7 @@ from typing import Optional
 import gin
 
 from dsbs_jax import checkpoints
+from dsbs_jax import console
 from dsbs_jax import custom_tasks
 from dsbs_jax import datasets
 from dsbs_jax import distillation
@@ -255,8 +256,9 @@ def annotate(args, plan: Plan, layout: Layout) -> int:
   for flag, examples, path in _annotation_jobs(plan, layout):
     _check_records_match(flag, getattr(args, flag[2:]), examples, path)
   budget = teacher_command.make_budget(args, str(layout.ledger), TOKEN_CAP_FLAG)
+  api_key = teacher_command.api_key_from_env(args)
   for _, examples, path in _annotation_jobs(plan, layout):
-    client = teacher_command.make_client(args, plan.template, budget)
+    client = teacher_command.make_client(args, plan.template, budget, api_key)
     result = teacher.generate(examples, plan.template, client, str(path),
                               concurrency=args.concurrency, progress=args.progress)
     code = teacher_command.summarize_generation("dsbs distill", str(path), result, client,
@@ -346,7 +348,7 @@ def train_student(args, layout: Layout, gin_text: str) -> int:
     try:
       train.train()
     except train.TrainingInterrupted as interrupted:
-      print(f"dsbs distill: {interrupted}", file=sys.stderr)
+      print(f"dsbs distill: {console.one_line(interrupted)}", file=sys.stderr)
       return EXIT_TRAINING_INTERRUPTED
   return 0
 
@@ -385,10 +387,11 @@ def _teacher_accuracy(metric: str, split_records: list) -> Optional[float]:
 
 def commands(args, plan: Plan, layout: Layout) -> list[tuple[str, str]]:
   """(what, shell command) that redo each stage by hand."""
-  teacher_flags = ["--prompt", args.prompt, "--teacher", args.teacher, "--model", args.model,
-                   "--api", args.api, "--api_key_env", args.api_key_env]
+  teacher_flags = ["--prompt", os.path.abspath(args.prompt), "--teacher", args.teacher,
+                   "--model", args.model, "--api", args.api, "--api_key_env", args.api_key_env]
   listed = [(f"rationales for {flag}", shlex.join(
-      ["dsbs", "rationales", "generate", "--input", getattr(args, flag[2:]), *teacher_flags,
+      ["dsbs", "rationales", "generate", "--input", os.path.abspath(getattr(args, flag[2:])),
+       *teacher_flags,
        "--out", str(path)])) for flag, _, path in _annotation_jobs(plan, layout)]
   search = [f"--gin_search_path={p}" for p in args.gin_search_path]
   gin_flags = [f"--gin_file={layout.train_gin}", *search]
@@ -500,7 +503,7 @@ def add_parser(subparsers) -> None:
              "  dsbs distill --inputs examples/distill/questions.jsonl \\\n"
              "    --test examples/distill/test.jsonl --prompt rationales/prompts/cqa.json \\\n"
              "    --teacher http://127.0.0.1:8000/v1 --teacher_model palm-replay \\\n"
-             "    --student t5_1_1_tiny --gin.T5Config.vocab_size=8000 --steps 200 \\\n"
+             "    --student t5_1_1_tiny --gin_file=examples/distill/cpu.gin --steps 200 \\\n"
              "    --out /tmp/dsbs_distill --export hf")
   parser.add_argument("--inputs", required=True, metavar="FILE.jsonl",
                       help='examples, one {"id", "input", "label"?} per line; labels all or none')

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Optional
 
 from dsbs_jax import distillation
 from dsbs_jax import flags
@@ -72,12 +73,17 @@ def make_budget(args: argparse.Namespace, ledger_path=None,
                                args.max_connection_failures, ledger_path, token_flag)
 
 
-def make_client(args: argparse.Namespace, template: teacher.PromptTemplate,
-                budget: teacher_client.Budget) -> teacher_client.TeacherClient:
-  """The client that the flags of `add_client_arguments` describe, drawing on `budget`."""
+def api_key_from_env(args: argparse.Namespace) -> Optional[str]:
+  """The key in the variable --api_key_env names; a warning if it is unset."""
   api_key = os.environ.get(args.api_key_env)
   if not api_key:
     logging.warning("$%s is not set; sending requests without an API key", args.api_key_env)
+  return api_key
+
+
+def make_client(args: argparse.Namespace, template: teacher.PromptTemplate,
+                budget: teacher_client.Budget, api_key: Optional[str]) -> teacher_client.TeacherClient:
+  """The client that the flags of `add_client_arguments` describe, drawing on `budget`."""
   return teacher_client.TeacherClient(
       args.teacher, args.model, api=args.api, api_key=api_key, timeout_s=args.timeout,
       max_tokens=args.max_tokens, temperature=args.temperature,
@@ -171,7 +177,7 @@ def run_generate(args: argparse.Namespace) -> int:
     return 2
   template = teacher.PromptTemplate.load(prompt_path)
   examples = _read_examples(args)
-  client = make_client(args, template, make_budget(args))
+  client = make_client(args, template, make_budget(args), api_key_from_env(args))
   result = teacher.generate(examples, template, client, args.out, parser=args.parser,
                             concurrency=args.concurrency, progress=args.progress)
   return summarize_generation("dsbs rationales generate", args.out, result, client,

@@ -34,14 +34,11 @@ TINY_STUDENT = [
 
 @pytest.fixture(scope="module")
 def cqa_teacher():
-  """The replay teacher over every shipped CQA record, requiring the test key."""
-  with fake_teacher.FakeTeacher({"cqa": replay_teacher.shipped_records("cqa")}) as fake:
-    yield fake
-
-
-@pytest.fixture(autouse=True)
-def _key(key_env):
-  del key_env
+  """The replay teacher over every shipped CQA record, and the key it requires set."""
+  with pytest.MonkeyPatch.context() as monkeypatch:
+    monkeypatch.setenv(fake_teacher.KEY_ENV, fake_teacher.SECRET)
+    with fake_teacher.FakeTeacher({"cqa": replay_teacher.shipped_records("cqa")}) as fake:
+      yield fake
 
 
 def distill_args(fake, out, inputs=QUESTIONS, *extra) -> list[str]:
@@ -72,6 +69,19 @@ def test_dry_run_counts_requests_and_tokens_and_sends_none(cqa_teacher, tmp_path
   assert "dry run: 64 requests" in printed  # 48 inputs + 16 test examples
   assert "at most 16,384 completion tokens" in printed  # 64 x --max_tokens 256
   assert cqa_teacher.requests == before and not out.exists()
+
+
+def test_the_readmes_command_runs_dry_against_the_stand_in(cqa_teacher, monkeypatch, capsys,
+                                                           tmp_path):
+  readme = (REPO / "README.md").read_text()
+  command = readme[readme.index("dsbs distill --inputs"):]
+  command = command[:command.index("\n", command.index("--out"))].replace("\\\n", " ")
+  argv = shlex.split(command)[1:]
+  argv[argv.index("--teacher") + 1] = cqa_teacher.url
+  argv[argv.index("--out") + 1] = str(tmp_path / "run")
+  monkeypatch.chdir(REPO)  # the README's paths are the checkout's
+  assert cli.main([*argv, "--api_key_env", fake_teacher.KEY_ENV, "--dry_run"]) == 0
+  assert "dry run: 64 requests" in capsys.readouterr().out
 
 
 def test_token_budget_holds_across_resumes(cqa_teacher, tmp_path, capsys):
