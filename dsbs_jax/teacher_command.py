@@ -98,9 +98,10 @@ def summarize_generation(prog: str, out: str, result: teacher.GenerationResult,
   on; returns the exit code: 0 when done."""
   budget = client.budget
   estimated = f", {budget.estimated_tokens:,} of them estimated" if budget.estimated_tokens else ""
+  earlier = f", {budget.earlier_tokens:,} of them by earlier runs" if budget.earlier_tokens else ""
   print(f"{out}: {result.total - result.remaining:,} of {result.total:,} examples done "
         f"({result.written:,} written now, {result.already_done:,} already there); "
-        f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}")
+        f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}{earlier}")
   if result.remaining == 0:
     return 0
   if budget.unreachable:
