@@ -35,6 +35,9 @@ SUBCOMMANDS = {
     "export": ("dsbs_jax.export",
                "export a trained student as a Hugging Face directory or a TF SavedModel"),
     "plot": ("dsbs_jax.plots", "the paper's figures (PNG) from a folder of runs"),
+    "distill": ("dsbs_jax.distill",
+                "all of it for your own inputs: teacher rationales, training, evaluation, "
+                "export and a report, resumable"),
 }
 EPILOG = ("Run `dsbs COMMAND --help` for a command's flags. Start with\n"
           "  dsbs train --gin_file=quickstart.gin\n"

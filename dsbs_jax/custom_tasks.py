@@ -2,9 +2,14 @@
 
 `register_custom_dataset` lays a record file (e.g. from `dsbs rationales generate`) out as
 <layout_dir>/<name>/{train,valid,test}.jsonl (layout_dir defaults to the record file's
-folder), carving validation from train as the paper carves CQA's, and registers the
-dataset's three tasks and four mixtures as the shipped benchmarks have
-(<name>_dsbs_teacher and so on). `register_custom_datasets` is the gin-configurable form:
+folder), carving validation from train as the paper carves CQA's (and test too, when no
+test file is given), and registers the dataset's three tasks and four mixtures as the
+shipped benchmarks have (<name>_dsbs_teacher and so on). Records are split in id order,
+so a file that concurrent, resumed generation wrote in any order gives the same splits.
+
+A file's records carry gold labels all or none. Without them the teacher's labels are the
+only ones: the `*_distill` and `*_dsbs_teacher` mixtures train on them and score that
+file's splits against them (agreement with the teacher); the gold-label tasks refuse it. `register_custom_datasets` is the gin-configurable form:
 
     register_custom_datasets.datasets = [
         {"name": "mydata", "rationales_file": "/data/mydata.jsonl", "metric": "exact_match"}]
@@ -36,20 +41,31 @@ _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
 _REGISTERED: dict[str, tuple[dict, list[str]]] = {}
 
 
-def _read_labelled(path: str) -> list:
-  labelled = rationales.read_records(path)
-  for record in labelled:
-    if record.input is None or record.label is None:
+def read_custom_records(path: str) -> list:
+  """The records of `path` in id order; each needs an input, and gold labels are all or none."""
+  read = rationales.read_records(path)
+  for number, record in enumerate(read, start=1):
+    if record.input is None:
+      raise rationales.RationaleFileError(f"{path}: record {number} ({record.id!r}) has no input")
+    if (record.label is None) != (read[0].label is None):
       raise rationales.RationaleFileError(
-          f"{path}: record {record.id!r} has no {'input' if record.input is None else 'gold label'}; "
-          "custom datasets need both")
-  return labelled
+          f"{path}: record {number} ({record.id!r}) has {'no' if record.label is None else 'a'} "
+          f"gold label, record 1 ({read[0].id!r}) {'has' if record.label is None else 'has none'}; "
+          "give every record a gold label or none")
+  return sorted(read, key=lambda record: record.id)
 
 
 def register_custom_dataset(name: str, rationales_file: str, metric: str = "exact_match",
                             valid_fraction: float = 0.1, test_file: Optional[str] = None,
-                            layout_dir: Optional[str] = None) -> list[str]:
-  """Writes the record layout of dataset `name` and registers its tasks; returns their names."""
+                            layout_dir: Optional[str] = None,
+                            drop_parse_failures: bool = False) -> list[str]:
+  """Writes the record layout of dataset `name` and registers its tasks; returns their names.
+
+  Validation is `valid_fraction` of the records; without `test_file`, test is the same
+  fraction of the rest. `drop_parse_failures` leaves out the records of `rationales_file`
+  whose teacher output did not parse (from every split carved from it); a test file is
+  kept whole.
+  """
   if not _NAME_PATTERN.fullmatch(name):
     raise ValueError(f"custom dataset name {name!r}: use lowercase letters, digits and '_'")
   if metric not in METRICS:
@@ -58,16 +74,25 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
     raise ValueError(f"custom dataset {name}: valid_fraction must be in (0, 1), got {valid_fraction}")
   if distillation.task_name(name, "rationale") in seqio.TaskRegistry.names():
     raise ValueError(f"custom dataset {name}: tasks named {name}_* are already registered")
-  train, valid = records.split_records(_read_labelled(rationales_file), valid_fraction, seed=0)
-  if not train:
-    raise rationales.RationaleFileError(f"{rationales_file}: too few records to carve a validation split")
+  train = read_custom_records(rationales_file)
+  if drop_parse_failures:
+    train = [record for record in train if record.parse_error is None]
+  splits = {"test": read_custom_records(test_file)} if test_file else {}
+  train, splits["valid"] = records.split_records(train, valid_fraction, seed=0)
+  if not test_file:
+    train, splits["test"] = records.split_records(train, valid_fraction, seed=0)
+  splits["train"] = train
+  for split, kept in splits.items():
+    if not kept:
+      raise rationales.RationaleFileError(
+          f"{test_file if split == 'test' and test_file else rationales_file}: too few records "
+          f"{'left after dropping parse failures ' if drop_parse_failures else ''}"
+          f"for a {split} split of custom dataset {name}")
   layout_dir = layout_dir or os.path.dirname(os.path.abspath(rationales_file))
   dataset_dir = os.path.join(layout_dir, name)
   os.makedirs(dataset_dir, exist_ok=True)
-  rationales.write_records(os.path.join(dataset_dir, "train.jsonl"), train)
-  rationales.write_records(os.path.join(dataset_dir, "valid.jsonl"), valid)
-  if test_file:
-    rationales.write_records(os.path.join(dataset_dir, "test.jsonl"), _read_labelled(test_file))
+  for split, kept in splits.items():
+    rationales.write_records(os.path.join(dataset_dir, f"{split}.jsonl"), kept)
   return seqio_tasks.register_dataset(
       distillation.DatasetSpec(name=name, metric_fn=METRICS[metric], rationales_dir=layout_dir))
 

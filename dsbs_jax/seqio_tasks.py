@@ -22,8 +22,10 @@ from dsbs_jax import records
 
 TARGETS = {  # task kind -> the target text of a record in a split
     "label_gold": lambda record, split: record.label,
-    # Teacher labels train the student; evaluation is always against gold labels.
-    "label_teacher": lambda record, split: record.teacher_label if split == "train" else record.label,
+    # Teacher labels train the student; evaluation is against gold labels, or against the
+    # teacher's in a split that has none (custom data that only the teacher labeled).
+    "label_teacher": lambda record, split: (
+        record.teacher_label if split == "train" or record.label is None else record.label),
     "rationale": lambda record, split: record.rationale,
 }
 
@@ -39,8 +41,14 @@ class RecordDataSource(seqio.FunctionDataSource):
   def _examples(self, split: str) -> dict:
     read = records.records_for(self._spec, split, distillation.current_options())
     target_of = TARGETS[self._target_kind]
-    return {"id": [r.id for r in read], "input": [r.input for r in read],
-            "target": [target_of(r, split) for r in read]}
+    targets = [target_of(r, split) for r in read]
+    if None in targets:
+      raise rationales.RationaleFileError(
+          f"{self._spec.name}/{split}: record {read[targets.index(None)].id!r} has no gold label, "
+          f"which {distillation.task_name(self._spec.name, self._target_kind)} needs; train "
+          f"{distillation.task_name(self._spec.name, 'dsbs_teacher')} or "
+          f"{distillation.task_name(self._spec.name, 'distill')} (the teacher's labels) instead")
+    return {"id": [r.id for r in read], "input": [r.input for r in read], "target": targets}
 
   def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one in-memory shard; seqio shuffles examples

@@ -69,21 +69,63 @@ class RetryPolicy:
     return capped * (0.5 + 0.5 * rng.random())
 
 
+def read_ledger(path: str) -> tuple[int, int, int]:
+  """(requests, tokens, estimated tokens) that a spend ledger records, 0s if it is absent.
+
+  A last line without its newline (a run killed mid-write) is cut off: at most one
+  request's spending is forgotten.
+  """
+  try:
+    with open(path, "rb") as f:
+      content = f.read()
+  except FileNotFoundError:
+    return 0, 0, 0
+  complete_end = content.rfind(b"\n") + 1
+  if complete_end < len(content):
+    with open(path, "r+b") as f:
+      f.truncate(complete_end)
+  totals = [0, 0, 0]
+  for number, line in enumerate(content[:complete_end].decode("utf-8").splitlines(), start=1):
+    try:
+      entry = json.loads(line)
+      totals[0] += int(entry.get("requests", 0))
+      totals[1] += int(entry.get("tokens", 0))
+      totals[2] += int(entry.get("tokens", 0)) if entry.get("estimated") else 0
+    except (ValueError, TypeError, AttributeError):
+      raise TeacherError(f"{path}:{number}: not a spend ledger line ({line[:60]!r}); the file "
+                         "must hold what earlier runs spent") from None
+  return tuple(totals)
+
+
 class Budget:
   """Caps shared by all workers: HTTP requests sent (retries included), tokens spent, and
-  attempts in a row, across workers, that could not connect to the server."""
+  attempts in a row, across workers, that could not connect to the server.
+
+  With `ledger_path`, the requests and tokens of earlier runs recorded there count too, and
+  every request and every reply's tokens are appended to it as they happen, so that caps
+  hold across resumed runs, even killed ones. `token_flag` is the flag named when the token
+  cap is reached.
+  """
 
   def __init__(self, max_requests: Optional[int] = None, max_tokens: Optional[int] = None,
-               max_connection_failures: Optional[int] = None):
+               max_connection_failures: Optional[int] = None, ledger_path: Optional[str] = None,
+               token_flag: str = "--max_tokens_total"):
     self.max_requests = max_requests
     self.max_tokens = max_tokens
     self.max_connection_failures = max_connection_failures
-    self.requests = 0
-    self.tokens = 0
-    self.estimated_tokens = 0  # the part of `tokens` estimated from text lengths
+    self.token_flag = token_flag
+    self.ledger_path = ledger_path
+    self.requests, self.tokens, self.estimated_tokens = (
+        read_ledger(ledger_path) if ledger_path else (0, 0, 0))  # estimated: from text lengths
+    self.earlier_tokens = self.tokens  # what earlier runs spent
     self.connection_failures = 0  # in a row; any reply from the server resets it
     self.last_connection_error = None
     self._lock = threading.Lock()
+
+  def _record(self, entry: dict) -> None:
+    if self.ledger_path:
+      with open(self.ledger_path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
 
   def record_connection(self, error: Optional[str]) -> None:
     """Counts an attempt that could not connect (`error`), or resets the count (None)."""
@@ -105,18 +147,20 @@ class Budget:
       if reason:
         raise BudgetExhausted(reason)
       self.requests += 1
+      self._record({"requests": 1})
 
   def add_tokens(self, tokens: int, estimated: bool) -> None:
     with self._lock:
       self.tokens += tokens
       if estimated:
         self.estimated_tokens += tokens
+      self._record({"tokens": tokens, "estimated": estimated})
 
   def exhausted_reason(self) -> Optional[str]:
     if self.max_requests is not None and self.requests >= self.max_requests:
       return f"request cap reached (--max_requests={self.max_requests})"
     if self.max_tokens is not None and self.tokens >= self.max_tokens:
-      return f"token cap reached (--max_tokens_total={self.max_tokens}; {self.tokens:,} spent)"
+      return f"token cap reached ({self.token_flag}={self.max_tokens}; {self.tokens:,} spent)"
     if self.unreachable:
       return (f"{self.connection_failures} attempts in a row could not connect "
               f"(--max_connection_failures={self.max_connection_failures}); last: "

@@ -8,6 +8,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Optional
 
 from dsbs_jax import distillation
 from dsbs_jax import flags
@@ -29,6 +30,93 @@ def _teacher_url(text: str) -> str:
   except teacher_client.TeacherError as error:
     raise argparse.ArgumentTypeError(str(error).removeprefix("--teacher ")) from None
   return text
+
+
+def add_client_arguments(parser, model_flag: str = "--model",
+                         token_cap_flag: str = "--max_tokens_total") -> None:
+  """The teacher and client flags, shared with `dsbs distill` (which names two differently)."""
+  parser.add_argument("--teacher", required=True, metavar="URL", type=_teacher_url,
+                      help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
+  parser.add_argument(model_flag, dest="model", required=True,
+                      help="model name sent with each request")
+  parser.add_argument("--api", choices=teacher_client.APIS, default="completions",
+                      help="/v1/completions with the prompt text, or /v1/chat/completions with messages")
+  parser.add_argument("--api_key_env", default="OPENAI_API_KEY", metavar="VAR",
+                      help="environment variable holding the API key (default OPENAI_API_KEY)")
+  parser.add_argument("--concurrency", type=flags.positive_int, default=4,
+                      help="requests in flight (default 4)")
+  parser.add_argument("--max_requests", type=flags.positive_int, default=None,
+                      help="stop after this many HTTP requests, retries included")
+  parser.add_argument(token_cap_flag, dest="max_tokens_total", type=flags.positive_int, default=None,
+                      help="stop once this many tokens are spent (from replies' usage, else about "
+                           f"{teacher_client.CHARS_PER_TOKEN_ESTIMATE} characters per token)")
+  parser.add_argument("--temperature", type=float, default=0.0,
+                      help="sampling temperature (default 0: greedy, as the paper's PaLM outputs)")
+  parser.add_argument("--max_tokens", type=flags.positive_int, default=256, help="completion length cap")
+  parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                      help="stop sequence (repeatable; default: the prompt file's, e.g. '\\n\\nQ:')")
+  parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply")
+  parser.add_argument("--max_attempts", type=flags.positive_int, default=6, help="attempts per example")
+  parser.add_argument("--max_connection_failures", type=flags.positive_int, default=10, metavar="N",
+                      help="stop after N attempts in a row, across all requests, could not "
+                           "connect to the teacher (refused, reset, unknown host); default 10")
+  parser.add_argument("--retry_base_delay", type=float, default=1.0,
+                      help="first backoff in seconds; doubles per attempt, with jitter")
+  parser.add_argument("--retry_max_delay", type=float, default=30.0, help="backoff cap in seconds")
+  parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                      help="show a progress bar (default: when stderr is a terminal)")
+
+
+def make_budget(args: argparse.Namespace, ledger_path=None,
+                token_flag: str = "--max_tokens_total") -> teacher_client.Budget:
+  return teacher_client.Budget(args.max_requests, args.max_tokens_total,
+                               args.max_connection_failures, ledger_path, token_flag)
+
+
+def api_key_from_env(args: argparse.Namespace) -> Optional[str]:
+  """The key in the variable --api_key_env names; a warning if it is unset."""
+  api_key = os.environ.get(args.api_key_env)
+  if not api_key:
+    logging.warning("$%s is not set; sending requests without an API key", args.api_key_env)
+  return api_key
+
+
+def make_client(args: argparse.Namespace, template: teacher.PromptTemplate,
+                budget: teacher_client.Budget, api_key: Optional[str]) -> teacher_client.TeacherClient:
+  """The client that the flags of `add_client_arguments` describe, drawing on `budget`."""
+  return teacher_client.TeacherClient(
+      args.teacher, args.model, api=args.api, api_key=api_key, timeout_s=args.timeout,
+      max_tokens=args.max_tokens, temperature=args.temperature,
+      stop=template.stop if args.stop is None else args.stop,
+      retry=teacher_client.RetryPolicy(args.max_attempts, args.retry_base_delay, args.retry_max_delay),
+      budget=budget)
+
+
+def summarize_generation(prog: str, out: str, result: teacher.GenerationResult,
+                         client: teacher_client.TeacherClient, max_attempts: int) -> int:
+  """Prints what a generation run did and, unless every example is done, why and how to go
+  on; returns the exit code: 0 when done."""
+  budget = client.budget
+  estimated = f", {budget.estimated_tokens:,} of them estimated" if budget.estimated_tokens else ""
+  earlier = f", {budget.earlier_tokens:,} of them by earlier runs" if budget.earlier_tokens else ""
+  print(f"{out}: {result.total - result.remaining:,} of {result.total:,} examples done "
+        f"({result.written:,} written now, {result.already_done:,} already there); "
+        f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}{earlier}")
+  if result.remaining == 0:
+    return 0
+  if budget.unreachable:
+    print(f"{prog}: error: {client.url}: {budget.exhausted_reason()}; "
+          f"{result.written:,} record(s) written to {out} this time, "
+          f"{result.remaining:,} example(s) remain: rerun the same command to resume once the "
+          "teacher answers", file=sys.stderr)
+    return EXIT_UNREACHABLE
+  if result.failed:
+    print(f"{result.failed:,} example(s) failed after {max_attempts} attempts each (see the "
+          "warnings above)", file=sys.stderr)
+  if result.stopped:
+    print(f"stopped early: {result.stopped}", file=sys.stderr)
+  print(f"{result.remaining:,} example(s) remain; rerun the same command to continue", file=sys.stderr)
+  return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_INCOMPLETE
 
 
 def add_parser(subparsers) -> None:
@@ -54,36 +142,8 @@ def add_parser(subparsers) -> None:
                         help="prompt file (default with --dataset: rationales/prompts/<DATASET>.json)")
   generate.add_argument("--parser", choices=sorted(rationales.PARSERS),
                         help="teacher-output parser (default: the prompt file's)")
-  generate.add_argument("--teacher", required=True, metavar="URL", type=_teacher_url,
-                        help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
-  generate.add_argument("--model", required=True, help="model name sent with each request")
-  generate.add_argument("--api", choices=teacher_client.APIS, default="completions",
-                        help="/v1/completions with the prompt text, or /v1/chat/completions with messages")
   generate.add_argument("--out", required=True, metavar="FILE.jsonl", help="output records, appended to")
-  generate.add_argument("--api_key_env", default="OPENAI_API_KEY", metavar="VAR",
-                        help="environment variable holding the API key (default OPENAI_API_KEY)")
-  generate.add_argument("--concurrency", type=flags.positive_int, default=4,
-                        help="requests in flight (default 4)")
-  generate.add_argument("--max_requests", type=flags.positive_int, default=None,
-                        help="stop after this many HTTP requests, retries included")
-  generate.add_argument("--max_tokens_total", type=flags.positive_int, default=None,
-                        help="stop once this many tokens are spent (from replies' usage, else about "
-                             f"{teacher_client.CHARS_PER_TOKEN_ESTIMATE} characters per token)")
-  generate.add_argument("--temperature", type=float, default=0.0,
-                        help="sampling temperature (default 0: greedy, as the paper's PaLM outputs)")
-  generate.add_argument("--max_tokens", type=flags.positive_int, default=256, help="completion length cap")
-  generate.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                        help="stop sequence (repeatable; default: the prompt file's, e.g. '\\n\\nQ:')")
-  generate.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply")
-  generate.add_argument("--max_attempts", type=flags.positive_int, default=6, help="attempts per example")
-  generate.add_argument("--max_connection_failures", type=flags.positive_int, default=10, metavar="N",
-                        help="stop after N attempts in a row, across all requests, could not "
-                             "connect to the teacher (refused, reset, unknown host); default 10")
-  generate.add_argument("--retry_base_delay", type=float, default=1.0,
-                        help="first backoff in seconds; doubles per attempt, with jitter")
-  generate.add_argument("--retry_max_delay", type=float, default=30.0, help="backoff cap in seconds")
-  generate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="show a progress bar (default: when stderr is a terminal)")
+  add_client_arguments(generate)
   generate.add_argument("--verbose", action="store_true", help="log every retry")
   generate.set_defaults(func=run_generate)
 
@@ -118,38 +178,11 @@ def run_generate(args: argparse.Namespace) -> int:
     return 2
   template = teacher.PromptTemplate.load(prompt_path)
   examples = _read_examples(args)
-  api_key = os.environ.get(args.api_key_env)
-  if not api_key:
-    logging.warning("$%s is not set; sending requests without an API key", args.api_key_env)
-  client = teacher_client.TeacherClient(
-      args.teacher, args.model, api=args.api, api_key=api_key, timeout_s=args.timeout,
-      max_tokens=args.max_tokens, temperature=args.temperature,
-      stop=template.stop if args.stop is None else args.stop,
-      retry=teacher_client.RetryPolicy(args.max_attempts, args.retry_base_delay, args.retry_max_delay),
-      budget=teacher_client.Budget(args.max_requests, args.max_tokens_total,
-                                   args.max_connection_failures))
+  client = make_client(args, template, make_budget(args), api_key_from_env(args))
   result = teacher.generate(examples, template, client, args.out, parser=args.parser,
                             concurrency=args.concurrency, progress=args.progress)
-  budget = client.budget
-  estimated = f", {budget.estimated_tokens:,} of them estimated" if budget.estimated_tokens else ""
-  print(f"{args.out}: {result.total - result.remaining:,} of {result.total:,} examples done "
-        f"({result.written:,} written now, {result.already_done:,} already there); "
-        f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}")
-  if result.remaining == 0:
-    return 0
-  if budget.unreachable:
-    print(f"dsbs rationales generate: error: {client.url}: {budget.exhausted_reason()}; "
-          f"{result.written:,} record(s) written to {args.out} this time, "
-          f"{result.remaining:,} example(s) remain: rerun the same command to resume once the "
-          "teacher answers", file=sys.stderr)
-    return EXIT_UNREACHABLE
-  if result.failed:
-    print(f"{result.failed:,} example(s) failed after {args.max_attempts} attempts each (see the "
-          "warnings above)", file=sys.stderr)
-  if result.stopped:
-    print(f"stopped early: {result.stopped}", file=sys.stderr)
-  print(f"{result.remaining:,} example(s) remain; rerun the same command to continue", file=sys.stderr)
-  return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_INCOMPLETE
+  return summarize_generation("dsbs rationales generate", args.out, result, client,
+                              args.max_attempts)
 
 
 def _default_stats_parser(path: str):

@@ -67,3 +67,33 @@ def test_custom_dataset_becomes_trainable_mixtures(svamp_records, tmp_path):
     assert len(examples) == 4 and all(len(e["inputs"]) and len(e["targets"]) for e in examples)
   finally:
     gin.clear_config()
+
+
+def test_records_without_gold_labels_train_and_validate_on_the_teachers(cqa_records, tmp_path):
+  unlabeled = [dataclasses.replace(r, id=f"u{i:02d}", label=None) for i, r in enumerate(cqa_records)]
+  # Written in another order than the ids': the splits must not depend on it.
+  rationales.write_records(str(tmp_path / "unlabeled.jsonl"), unlabeled[::-1])
+  names = custom_tasks.register_custom_dataset("custom_unlabeled", str(tmp_path / "unlabeled.jsonl"),
+                                               layout_dir=str(tmp_path / "dir"))
+  assert "custom_unlabeled_dsbs_teacher" in names
+  split = lambda name: rationales.read_records(str(tmp_path / "dir/custom_unlabeled" / name))
+  valid, test, train = split("valid.jsonl"), split("test.jsonl"), split("train.jsonl")
+  assert (len(valid), len(test), len(train)) == (4, 4, 32)  # 10% of 40, then 10% of 36
+  _, expected_valid = records.split_records(sorted(r.id for r in unlabeled), 0.1, seed=0)
+  assert sorted(r.id for r in valid) == sorted(expected_valid)
+  task = seqio.get_mixture_or_task("custom_unlabeled_label_teacher")
+  targets = [e["targets_pretokenized"].decode() for e in task.get_dataset(
+      {"inputs": 128, "targets": 32}, split="validation", shuffle=False).as_numpy_iterator()]
+  assert sorted(targets) == sorted(r.teacher_label for r in valid)
+  with pytest.raises(rationales.RationaleFileError, match="has no gold label, which "
+                     "custom_unlabeled_label_gold needs; train custom_unlabeled_dsbs_teacher"):
+    seqio.get_mixture_or_task("custom_unlabeled_label_gold").get_dataset(
+        {"inputs": 128, "targets": 32}, split="train", shuffle=False)
+
+
+def test_gold_labels_must_be_all_or_none(cqa_records, tmp_path):
+  mixed = [cqa_records[0], dataclasses.replace(cqa_records[1], label=None), *cqa_records[2:5]]
+  rationales.write_records(str(tmp_path / "mixed.jsonl"), mixed)
+  with pytest.raises(rationales.RationaleFileError,
+                     match=r"mixed.jsonl: record 2 .* has no gold label, record 1 .* has"):
+    custom_tasks.register_custom_dataset("custom_mixed", str(tmp_path / "mixed.jsonl"))

@@ -86,3 +86,23 @@ def test_exhausted_retries_leave_the_example_for_a_rerun(cqa_records, key_env, t
     assert "1 example(s) failed" in capsys.readouterr().err
     assert cli.main(args) == 0
   assert_matches_shipped(out, records)
+
+
+def test_a_ledger_carries_spending_across_budgets_and_survives_a_torn_line(tmp_path):
+  ledger = str(tmp_path / "spend.jsonl")
+  first = teacher_client.Budget(max_tokens=250, ledger_path=ledger, token_flag="--cap")
+  for _ in range(2):
+    first.start_request()
+    first.add_tokens(100, estimated=False)
+  with open(ledger, "a") as f:
+    f.write('{"tokens": 7')  # a run killed mid-write
+  second = teacher_client.Budget(max_tokens=250, ledger_path=ledger, token_flag="--cap")
+  assert (second.requests, second.tokens, second.earlier_tokens) == (2, 200, 200)
+  second.start_request()
+  second.add_tokens(60, estimated=True)
+  assert second.exhausted_reason() == "token cap reached (--cap=250; 260 spent)"
+  assert teacher_client.read_ledger(ledger) == (3, 260, 60)
+  with open(ledger, "a") as f:
+    f.write("garbage\n")
+  with pytest.raises(teacher_client.TeacherError, match=r"spend.jsonl:7: not a spend ledger line"):
+    teacher_client.read_ledger(ledger)
