@@ -500,10 +500,10 @@ def add_parser(subparsers) -> None:
       "distill", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="example (README, 'Your own data, end to end'):\n"
              "  python -m dsbs_jax.replay_teacher --dataset cqa --port 8000 &\n"
-             "  dsbs distill --inputs examples/distill/questions.jsonl \\\n"
-             "    --test examples/distill/test.jsonl --prompt rationales/prompts/cqa.json \\\n"
+             "  dsbs distill --inputs rationales/examples/distill/questions.jsonl \\\n"
+             "    --test rationales/examples/distill/test.jsonl --prompt rationales/prompts/cqa.json \\\n"
              "    --teacher http://127.0.0.1:8000/v1 --teacher_model palm-replay \\\n"
-             "    --student t5_1_1_tiny --gin_file=examples/distill/cpu.gin --steps 200 \\\n"
+             "    --student t5_1_1_tiny --gin_file=distill_cpu.gin --steps 200 \\\n"
              "    --out /tmp/dsbs_distill --export hf")
   parser.add_argument("--inputs", required=True, metavar="FILE.jsonl",
                       help='examples, one {"id", "input", "label"?} per line; labels all or none')

@@ -24,8 +24,8 @@ from dsbs_jax import run_dir
 from dsbs_jax import teacher
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-QUESTIONS = str(REPO / "examples/distill/questions.jsonl")  # the README's: no labels
-TEST = str(REPO / "examples/distill/test.jsonl")  # with gold labels
+QUESTIONS = str(REPO / "rationales/examples/distill/questions.jsonl")  # the README's: no labels
+TEST = str(REPO / "rationales/examples/distill/test.jsonl")  # with gold labels
 TINY_STUDENT = [
     "--student", "t5_1_1_tiny", "--steps", "6", "--gin.T5Config.vocab_size=8000",
     "--gin.BATCH_SIZE=8", "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
