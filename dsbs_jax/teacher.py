@@ -263,11 +263,14 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
             raise
           except (teacher_client.RetriesExhausted, ValueError) as e:
             result.failed += 1
+            if isinstance(e, teacher_client.RetriesExhausted):  # not a bad input
+              client.budget.record_example(str(e))
             logger.warning("%s: failed: %s", example.id, e)
             bar.set_postfix(failed=result.failed)
             continue
           out.write(record.to_json() + "\n")
           out.flush()
+          client.budget.record_example(None)
           result.written += 1
           bar.update(1)
         if client.budget.exhausted_reason() and not client.stop_event.is_set():

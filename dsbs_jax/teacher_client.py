@@ -98,8 +98,9 @@ def read_ledger(path: str) -> tuple[int, int, int]:
 
 
 class Budget:
-  """Caps shared by all workers: HTTP requests sent (retries included), tokens spent, and
-  attempts in a row, across workers, that could not connect to the server.
+  """Caps shared by all workers: HTTP requests sent (retries included), tokens spent,
+  attempts in a row, across workers, that could not connect to the server, and examples in a
+  row whose every attempt failed (a server that answers, but only with errors).
 
   With `ledger_path`, the requests and tokens of earlier runs recorded there count too, and
   every request and every reply's tokens are appended to it as they happen, so that caps
@@ -109,10 +110,11 @@ class Budget:
 
   def __init__(self, max_requests: Optional[int] = None, max_tokens: Optional[int] = None,
                max_connection_failures: Optional[int] = None, ledger_path: Optional[str] = None,
-               token_flag: str = "--max_tokens_total"):
+               token_flag: str = "--max_tokens_total", max_failed_examples: Optional[int] = None):
     self.max_requests = max_requests
     self.max_tokens = max_tokens
     self.max_connection_failures = max_connection_failures
+    self.max_failed_examples = max_failed_examples
     self.token_flag = token_flag
     self.ledger_path = ledger_path
     self.requests, self.tokens, self.estimated_tokens = (
@@ -120,6 +122,8 @@ class Budget:
     self.earlier_tokens = self.tokens  # what earlier runs spent
     self.connection_failures = 0  # in a row; any reply from the server resets it
     self.last_connection_error = None
+    self.failed_examples = 0  # in a row; any completed example resets it
+    self.last_example_error = None
     self._lock = threading.Lock()
 
   def _record(self, entry: dict) -> None:
@@ -136,10 +140,22 @@ class Budget:
         self.connection_failures += 1
         self.last_connection_error = error
 
+  def record_example(self, error: Optional[str]) -> None:
+    """Counts an example whose attempts all failed (`error`), or resets the count (None)."""
+    with self._lock:
+      if error is None:
+        self.failed_examples = 0
+      else:
+        self.failed_examples += 1
+        self.last_example_error = error
+
   @property
   def unreachable(self) -> bool:
-    return (self.max_connection_failures is not None
-            and self.connection_failures >= self.max_connection_failures)
+    """Whether the teacher cannot be reached or answers only with errors."""
+    return ((self.max_connection_failures is not None
+             and self.connection_failures >= self.max_connection_failures)
+            or (self.max_failed_examples is not None
+                and self.failed_examples >= self.max_failed_examples))
 
   def start_request(self) -> None:
     with self._lock:
@@ -161,10 +177,15 @@ class Budget:
       return f"request cap reached (--max_requests={self.max_requests})"
     if self.max_tokens is not None and self.tokens >= self.max_tokens:
       return f"token cap reached ({self.token_flag}={self.max_tokens}; {self.tokens:,} spent)"
-    if self.unreachable:
+    if (self.max_connection_failures is not None
+        and self.connection_failures >= self.max_connection_failures):
       return (f"{self.connection_failures} attempts in a row could not connect "
               f"(--max_connection_failures={self.max_connection_failures}); last: "
               f"{self.last_connection_error}")
+    if self.max_failed_examples is not None and self.failed_examples >= self.max_failed_examples:
+      return (f"{self.failed_examples} examples in a row failed every attempt "
+              f"(--max_failed_examples={self.max_failed_examples}); last: "
+              f"{self.last_example_error}")
     return None
 
 

@@ -60,6 +60,9 @@ def add_client_arguments(parser, model_flag: str = "--model",
   parser.add_argument("--max_connection_failures", type=flags.positive_int, default=10, metavar="N",
                       help="stop after N attempts in a row, across all requests, could not "
                            "connect to the teacher (refused, reset, unknown host); default 10")
+  parser.add_argument("--max_failed_examples", type=flags.positive_int, default=10, metavar="N",
+                      help="stop after N examples in a row failed every attempt (a teacher "
+                           "that answers only with errors); default 10")
   parser.add_argument("--retry_base_delay", type=float, default=1.0,
                       help="first backoff in seconds; doubles per attempt, with jitter")
   parser.add_argument("--retry_max_delay", type=float, default=30.0, help="backoff cap in seconds")
@@ -70,7 +73,8 @@ def add_client_arguments(parser, model_flag: str = "--model",
 def make_budget(args: argparse.Namespace, ledger_path=None,
                 token_flag: str = "--max_tokens_total") -> teacher_client.Budget:
   return teacher_client.Budget(args.max_requests, args.max_tokens_total,
-                               args.max_connection_failures, ledger_path, token_flag)
+                               args.max_connection_failures, ledger_path, token_flag,
+                               args.max_failed_examples)
 
 
 def api_key_from_env(args: argparse.Namespace) -> Optional[str]:

@@ -1,8 +1,10 @@
 """Tests for dsbs_jax.distill (`dsbs distill`): a labeled and an unlabeled input file through
 every stage to an exported student that answers as `dsbs predict`; a run killed in stage 1
-and again in training resuming to the uninterrupted run's parameters; a dead teacher, a
-dry run and a token budget across resumes; bad input named in one line. The teacher is
-the replay stand-in (dsbs_jax.replay_teacher) that the README's example uses."""
+and again in training resuming to the uninterrupted run's parameters; a teacher that cannot
+be reached or answers only errors stopped after the failures allowed; a dry run and a token
+budget across resumes; bad input named in one line. The teacher is the replay stand-in
+(dsbs_jax.replay_teacher) that the README's example uses."""
+import contextlib
 import json
 import os
 import pathlib
@@ -108,24 +110,36 @@ def test_token_budget_holds_across_resumes(cqa_teacher, tmp_path, capsys):
   assert len(lines_of(records)) == 5 and cqa_teacher.requests == before + 5
 
 
-def test_a_dead_teacher_stops_the_run_after_the_failures_allowed_keeping_the_records(
-    cqa_teacher, tmp_path, capsys):
+@pytest.mark.parametrize("failure", ["unreachable", "answers 500"])
+def test_a_failing_teacher_stops_the_run_after_the_failures_allowed_keeping_the_records(
+    cqa_teacher, tmp_path, capsys, failure):
   out = tmp_path / "run"
   assert cli.main(distill_args(cqa_teacher, out, QUESTIONS, "--concurrency", "1",
                                "--max_teacher_tokens", "200", *TINY_STUDENT)) == 1
   records = out / "teacher" / "inputs.jsonl"
   written = records.read_bytes()
   capsys.readouterr()
-  dead = f"http://127.0.0.1:{free_port()}/v1"
-  argv = distill_args(cqa_teacher, out, QUESTIONS, "--max_connection_failures", "3",
-                      "--concurrency", "1", *TINY_STUDENT)
-  argv[argv.index(cqa_teacher.url)] = dead
-  assert cli.main(argv) == 2
+  with contextlib.ExitStack() as stack:
+    if failure == "unreachable":
+      failing = None
+      url, limit = f"http://127.0.0.1:{free_port()}/v1", "--max_connection_failures"
+      reason = "3 attempts in a row could not connect (--max_connection_failures=3)"
+    else:
+      failing = stack.enter_context(fake_teacher.FakeTeacher(
+          {"cqa": replay_teacher.shipped_records("cqa")}, faults=dict.fromkeys(range(1, 99), "500")))
+      url, limit = failing.url, "--max_failed_examples"
+      reason = "3 examples in a row failed every attempt (--max_failed_examples=3)"
+    argv = distill_args(cqa_teacher, out, QUESTIONS, limit, "3", "--max_attempts", "2",
+                        "--concurrency", "1", *TINY_STUDENT)
+    argv[argv.index(cqa_teacher.url)] = url
+    assert cli.main(argv) == 2
   errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-  assert len(errors) == 1 and errors[0].startswith(f"dsbs distill: error: {dead}"), errors
-  assert "3 attempts in a row could not connect (--max_connection_failures=3)" in errors[0]
+  assert len(errors) == 1 and errors[0].startswith(f"dsbs distill: error: {url}"), errors
+  assert reason in errors[0]
   assert "rerun the same command to resume" in errors[0]
   assert records.read_bytes() == written
+  if failing is not None:  # three examples given both their attempts, then no more
+    assert failing.requests == 3 * 2
 
 
 @pytest.mark.parametrize("problem, flags, message", [

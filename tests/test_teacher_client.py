@@ -36,6 +36,17 @@ def test_connection_failures_count_in_a_row_and_any_reply_resets_them():
     budget.start_request()
 
 
+def test_failed_examples_count_in_a_row_and_any_completed_example_resets_them():
+  budget = teacher_client.Budget(max_failed_examples=2)
+  for error in ("HTTP 500", None, "HTTP 500"):  # None: an example was completed
+    budget.record_example(error)
+  assert budget.exhausted_reason() is None and not budget.unreachable
+  budget.record_example("HTTP 503")
+  assert budget.unreachable
+  assert budget.exhausted_reason() == ("2 examples in a row failed every attempt "
+                                       "(--max_failed_examples=2); last: HTTP 503")
+
+
 def test_key_is_not_in_repr_and_is_redacted_from_errors(cqa_records, monkeypatch, capsys, tmp_path):
   client = teacher_client.TeacherClient("http://127.0.0.1:9/v1", "m", api_key=SECRET)
   assert SECRET not in repr(client) and "api_key=set" in repr(client)
