@@ -97,6 +97,30 @@ def read_ledger(path: str) -> tuple[int, int, int]:
   return tuple(totals)
 
 
+class FailuresInARow:
+  """Failures counted in a row against a limit (None: no limit); a success resets them."""
+
+  def __init__(self, limit: Optional[int], flag: str, what: str):
+    self.limit, self.flag, self.what = limit, flag, what
+    self.count = 0
+    self.last_error = None
+
+  def record(self, error: Optional[str]) -> None:
+    """Counts a failure (`error`), or resets the count (None)."""
+    if error is None:
+      self.count = 0
+    else:
+      self.count += 1
+      self.last_error = error
+
+  @property
+  def reached(self) -> bool:
+    return self.limit is not None and self.count >= self.limit
+
+  def reason(self) -> str:
+    return f"{self.count} {self.what} ({self.flag}={self.limit}); last: {self.last_error}"
+
+
 class Budget:
   """Caps shared by all workers: HTTP requests sent (retries included), tokens spent,
   attempts in a row, across workers, that could not connect to the server, and examples in a
@@ -113,17 +137,16 @@ class Budget:
                token_flag: str = "--max_tokens_total", max_failed_examples: Optional[int] = None):
     self.max_requests = max_requests
     self.max_tokens = max_tokens
-    self.max_connection_failures = max_connection_failures
-    self.max_failed_examples = max_failed_examples
     self.token_flag = token_flag
     self.ledger_path = ledger_path
     self.requests, self.tokens, self.estimated_tokens = (
         read_ledger(ledger_path) if ledger_path else (0, 0, 0))  # estimated: from text lengths
     self.earlier_tokens = self.tokens  # what earlier runs spent
-    self.connection_failures = 0  # in a row; any reply from the server resets it
-    self.last_connection_error = None
-    self.failed_examples = 0  # in a row; any completed example resets it
-    self.last_example_error = None
+    # Any reply from the server resets the first; any completed example the second.
+    self.connection_failures = FailuresInARow(
+        max_connection_failures, "--max_connection_failures", "attempts in a row could not connect")
+    self.failed_examples = FailuresInARow(
+        max_failed_examples, "--max_failed_examples", "examples in a row failed every attempt")
     self._lock = threading.Lock()
 
   def _record(self, entry: dict) -> None:
@@ -134,28 +157,17 @@ class Budget:
   def record_connection(self, error: Optional[str]) -> None:
     """Counts an attempt that could not connect (`error`), or resets the count (None)."""
     with self._lock:
-      if error is None:
-        self.connection_failures = 0
-      else:
-        self.connection_failures += 1
-        self.last_connection_error = error
+      self.connection_failures.record(error)
 
   def record_example(self, error: Optional[str]) -> None:
     """Counts an example whose attempts all failed (`error`), or resets the count (None)."""
     with self._lock:
-      if error is None:
-        self.failed_examples = 0
-      else:
-        self.failed_examples += 1
-        self.last_example_error = error
+      self.failed_examples.record(error)
 
   @property
   def unreachable(self) -> bool:
     """Whether the teacher cannot be reached or answers only with errors."""
-    return ((self.max_connection_failures is not None
-             and self.connection_failures >= self.max_connection_failures)
-            or (self.max_failed_examples is not None
-                and self.failed_examples >= self.max_failed_examples))
+    return self.connection_failures.reached or self.failed_examples.reached
 
   def start_request(self) -> None:
     with self._lock:
@@ -177,15 +189,9 @@ class Budget:
       return f"request cap reached (--max_requests={self.max_requests})"
     if self.max_tokens is not None and self.tokens >= self.max_tokens:
       return f"token cap reached ({self.token_flag}={self.max_tokens}; {self.tokens:,} spent)"
-    if (self.max_connection_failures is not None
-        and self.connection_failures >= self.max_connection_failures):
-      return (f"{self.connection_failures} attempts in a row could not connect "
-              f"(--max_connection_failures={self.max_connection_failures}); last: "
-              f"{self.last_connection_error}")
-    if self.max_failed_examples is not None and self.failed_examples >= self.max_failed_examples:
-      return (f"{self.failed_examples} examples in a row failed every attempt "
-              f"(--max_failed_examples={self.max_failed_examples}); last: "
-              f"{self.last_example_error}")
+    for failures in (self.connection_failures, self.failed_examples):
+      if failures.reached:
+        return failures.reason()
     return None
 
 
