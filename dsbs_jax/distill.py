@@ -42,7 +42,6 @@ import gin
 
 from dsbs_jax import checkpoints
 from dsbs_jax import console
-from dsbs_jax import custom_tasks
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import export
@@ -377,14 +376,6 @@ def _percent(value) -> str:
   return "n/a" if value is None else f"{value:.1%}"
 
 
-def _teacher_accuracy(metric: str, split_records: list) -> Optional[float]:
-  """The teacher's labels scored against gold ones; None without gold labels."""
-  if not split_records or split_records[0].label is None:
-    return None
-  return custom_tasks.METRICS[metric]([r.label for r in split_records],
-                                      [r.teacher_label for r in split_records])["accuracy"]
-
-
 def commands(args, plan: Plan, layout: Layout) -> list[tuple[str, str]]:
   """(what, shell command) that redo each stage by hand."""
   teacher_flags = ["--prompt", os.path.abspath(args.prompt), "--teacher", args.teacher,
@@ -417,8 +408,10 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   with run_config(args, layout), distillation.options_in_use(distillation.TaskOptions()):
     baseline_validation = train.majority_baseline(results["label_task"], lengths, "validation")
   split_dir = layout.data_dir / plan.name
-  splits = {split: rationales.read_records(str(split_dir / f"{file}.jsonl"))
-            for split, file in (("train", "train"), ("validation", "valid"), ("test", "test"))}
+  # Per split: its size and the teacher's accuracy against gold labels (None without them).
+  splits = {split: teacher.record_stats(path, rationales.read_records(path), plan.template.parser)
+            for split, path in ((split, str(split_dir / f"{file}.jsonl")) for split, file in
+                                (("train", "train"), ("validation", "valid"), ("test", "test")))}
   inputs_records = rationales.read_records(str(layout.inputs_records))
   stats = teacher.record_stats(str(layout.inputs_records), inputs_records, plan.template.parser)
   requests, tokens, estimated = teacher_client.read_ledger(str(layout.ledger))
@@ -449,9 +442,9 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
       f"{f' ({estimated:,} estimated from text length)' if estimated else ''} in {requests:,} "
       f"requests (retries included){f'; {TOKEN_CAP_FLAG} {args.max_tokens_total:,}' if args.max_tokens_total else ''}.",
       "", "## Data (stage 2)", "",
-      f"- Custom dataset `{plan.name}` in `{split_dir}`: train {len(splits['train']):,}, "
-      f"validation {len(splits['validation']):,} ({VALID_FRACTION:.0%} of the inputs, held out), "
-      f"test {len(splits['test']):,} "
+      f"- Custom dataset `{plan.name}` in `{split_dir}`: train {splits['train'].records:,}, "
+      f"validation {splits['validation'].records:,} ({VALID_FRACTION:.0%} of the inputs, held out), "
+      f"test {splits['test'].records:,} "
       + (f"(`{args.test}`)." if plan.test else f"({VALID_FRACTION:.0%} of the rest of the inputs, held out)."),
       f"- Trained on `{plan.mixture}`: {trained_on} labels and the teacher's rationales, alpha "
       f"{args.alpha}.",
@@ -464,7 +457,7 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   baselines = {"validation": baseline_validation, "test": results["majority_baseline_test"]}
   for split in ("validation", "test"):
     gold = against[split]
-    teacher_value = (_percent(_teacher_accuracy(plan.metric, splits[split])) if gold
+    teacher_value = (_percent(splits[split].teacher_accuracy) if gold
                      else "100% (the reference)")
     lines.append(f"| {split} | {'gold labels' if gold else 'teacher labels: agreement with the teacher'} | "
                  f"{_percent(results[split].get('accuracy'))} | {teacher_value} | "
