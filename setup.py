@@ -40,10 +40,15 @@ setuptools.setup(
         "matplotlib>=3.8,<4",  # tools/plot.py
     ],
     extras_require={
+        # libtpu, pinned by JAX's own extra to the release matching the installed jax: TPU
+        # VMs run on it, and `dsbs compile` compiles for TPU slices with it on any machine.
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
         # torch==2.13.0 is the CPU wheel this project's machines carry; a looser
         # range would pull several GB of CUDA wheels.
         # setuptools builds the wheel that tests/test_resources.py installs.
-        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5,<6", "setuptools>=70.1"],
+        # jax[tpu]: the tests compile for TPU topologies (tests/test_compile_report.py).
+        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5,<6", "setuptools>=70.1",
+                 "jax[tpu]>=0.10,<0.13"],
     },
     entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},
 )

@@ -16,6 +16,7 @@ from dsbs_jax import console
 from dsbs_jax import gin_utils
 from dsbs_jax import host_allocator
 from dsbs_jax import rationales
+from dsbs_jax import tpu_runtime
 
 # Errors that mean bad input rather than a bug. Subcommand modules add theirs as `USER_ERRORS`.
 BASE_USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError,
@@ -30,6 +31,9 @@ SUBCOMMANDS = {
     "convert": ("dsbs_jax.convert", "import a pretrained Hugging Face or T5X T5 checkpoint"),
     "train": ("dsbs_jax.train",
               "train a student as gin files say; rerun the same command to resume"),
+    "compile": ("dsbs_jax.compile_report",
+                "compile a run's steps for a TPU slice (or cpu:N) without one: memory per chip, "
+                "fit, collectives, roofline"),
     "eval": ("dsbs_jax.infer", "decode and score a task's split with a trained student"),
     "predict": ("dsbs_jax.infer", "label (and explain) raw inputs with a trained student"),
     "export": ("dsbs_jax.export",
@@ -92,6 +96,7 @@ def main(argv=None) -> int:
   if argv is None:  # a real command line, which can be run again under tuned settings
     host_allocator.reexec_with_tuned_allocator()
   argv = sys.argv[1:] if argv is None else list(argv)
+  tpu_runtime.keep_off_hosts_without_chips()
   verbose = "--verbose" in argv
   console.configure(verbose)
   command = command_of(argv)

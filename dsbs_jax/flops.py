@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from dsbs_jax import targets
 from dsbs_jax.models import t5
 
 
@@ -74,17 +75,7 @@ def parameter_count(config: t5.T5Config) -> int:
 
 
 # Dense bf16 matmul peaks per chip, from the vendors' data sheets.
-KNOWN_PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100 80GB HBM3": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12,
-    "NVIDIA A100-SXM4-40GB": 312e12,
-}
+KNOWN_PEAK_FLOPS = {kind: sheet.peak_flops for kind, sheet in targets.DATA_SHEETS.items()}
 
 
 def best_matmul_flops(run_matmul: Callable[[], object], size: int, repeats: int) -> float:

@@ -217,6 +217,17 @@ class Trainer:
     """Metric sums of encoder_decoder.loss_terms without dropout."""
     return self._in_mesh(self._jit_eval_step, params, batch)
 
+  def lower_train_step(self, batch: encoder_decoder.Batch) -> jax.stages.Lowered:
+    """The train step lowered for `batch` (ShapeDtypeStructs with the batch sharding), ready
+    to compile ahead of time for the mesh's devices, which need not be attached."""
+    rng = jax.ShapeDtypeStruct((), jax.eval_shape(jax.random.key, 0).dtype,
+                               sharding=self.partitioner.sharding())
+    return self._in_mesh(self._jit_train_step.lower, self.abstract_state(), batch, rng)
+
+  def lower_eval_step(self, batch: encoder_decoder.Batch) -> jax.stages.Lowered:
+    """The eval step lowered for `batch`, as `lower_train_step`."""
+    return self._in_mesh(self._jit_eval_step.lower, self.abstract_state().params, batch)
+
   # ----------------------------------------------------------------------------
   # Traced functions.
   # ----------------------------------------------------------------------------

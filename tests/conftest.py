@@ -14,6 +14,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
 
+from dsbs_jax import tpu_runtime
+
+tpu_runtime.keep_off_hosts_without_chips()  # before jax starts: libtpu loads only to compile
+
 import gin
 import pytest
 

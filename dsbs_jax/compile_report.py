@@ -1,0 +1,491 @@
+"""`dsbs compile`: does this run fit on that slice? Compiles a run's real steps ahead of time
+for a target it need not have (a TPU slice through libtpu, or N CPU devices) and reports,
+per chip, what the compiler says.
+
+The run is the one `dsbs train` would start with the same gin flags: the network (resolved
+for the target's platform: layers scanned and XLA's dense backward on accelerators), the
+optimizer, the parallelism and mesh, the batch, microbatches, rematerialization and feature
+lengths. For each step (train, eval, decode) the report holds the HBM needed per chip
+(arguments, outputs less what they alias, temporaries, code) against the chip's data-sheet
+capacity, the collectives in the compiled program (count and bytes per kind, each loop body
+counted as many times as it runs), the compiler's FLOP and byte counts (XLA counts a loop
+body once), the lower and compile seconds, and a roofline lower bound on the step's time
+with the best MFU it allows (model FLOPs against the data-sheet peak FLOP/s; every argument
+and output crossing HBM once against the data-sheet bandwidth; interconnect time not
+counted). A train step that does not fit is compiled again with one knob changed at a time
+(more microbatches, full rematerialization, FSDP, twice the chips) and the report says
+which of them fit.
+
+This module compiles and reports; it must not run steps, read data or write checkpoints.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import re
+import time
+from typing import Any, Optional
+
+import gin
+import jax
+import jax.numpy as jnp
+
+from dsbs_jax import encoder_decoder
+from dsbs_jax import flops
+from dsbs_jax import gin_utils
+from dsbs_jax import partitioning
+from dsbs_jax import targets
+from dsbs_jax import train
+from dsbs_jax import trainer as trainer_lib
+
+STEPS = ("train", "eval", "decode")
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+# Features of a packed training batch (input_pipeline's converter), all int32.
+ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
+DECODER_FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
+                    "decoder_segment_ids", "decoder_positions", "decoder_task_ids")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2,
+                "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
+                "c64": 8, "c128": 16}
+_ARRAY_TYPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_COLLECTIVE_OP = re.compile(r"=\s(?P<type>.*?)\s(?P<kind>" + "|".join(COLLECTIVES)
+                            + r")(?:-start)?\(")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
+_WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
+_CALLED = re.compile(r"\b(?:calls|to_apply|branch_computations)=\{?(?P<names>%?[\w.\-]+"
+                     r"(?:,\s*%?[\w.\-]+)*)\}?")
+
+
+class CompileError(ValueError):
+  """A run that cannot be compiled as configured (e.g. a batch that does not divide)."""
+
+
+USER_ERRORS = (targets.TargetError, CompileError)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunShape:
+  """What of a run decides its compiled steps, as gin sets it for `dsbs train`."""
+  config: Any  # t5.T5Config
+  batch_size: int
+  input_length: int
+  target_length: int
+  eval_batch_size: int
+  decode_length: int
+  parallelism: str
+  mesh_shape: tuple
+  num_microbatches: int
+  train_steps: int
+
+  def describe(self) -> str:
+    config = self.config
+    return (f"{config.num_encoder_layers}+{config.num_decoder_layers} layers, "
+            f"emb {config.emb_dim}, mlp {config.mlp_dim}, {config.dtype}; "
+            f"{self.parallelism} mesh {self.mesh_shape}, batch {self.batch_size} x "
+            f"{self.input_length}/{self.target_length}, microbatches {self.num_microbatches}, "
+            f"layers {'scanned' if config.scan_layers else 'unrolled'}, "
+            f"remat {config.remat_policy}")
+
+
+def _bound(configurable, name: str, default=None):
+  """A gin binding of `configurable`, or its function's default."""
+  bindings = gin.get_bindings(configurable)
+  if name in bindings:
+    return bindings[name]
+  signature = inspect.signature(configurable)
+  value = signature.parameters[name].default
+  return default if value is inspect.Parameter.empty else value
+
+
+def run_shape_from_gin(platform: str) -> RunShape:
+  """The run gin describes, its network resolved for `platform`."""
+  config = for_platform(train.model_config_for(_bound(train.train, "initial_checkpoint_path")),
+                        platform)
+  lengths = _bound(train.train, "task_feature_lengths")
+  batch_size = _bound(train.train, "batch_size")
+  if not isinstance(lengths, dict) or not isinstance(batch_size, int):
+    raise CompileError("the gin files set no TASK_FEATURE_LENGTHS or BATCH_SIZE: include "
+                       "runs/train.gin (or a file that includes it)")
+  train_steps = _bound(train.train, "train_steps")
+  return RunShape(
+      config=config, batch_size=batch_size, input_length=lengths["inputs"],
+      target_length=lengths["targets"],
+      eval_batch_size=_bound(train.train, "eval_batch_size"),
+      decode_length=min(_bound(train.train, "eval_decode_length"), lengths["targets"]),
+      parallelism=_bound(partitioning.make_partitioner, "parallelism"),
+      mesh_shape=tuple(_bound(partitioning.make_partitioner, "mesh_shape")),
+      num_microbatches=_bound(trainer_lib.Trainer, "num_microbatches"),
+      train_steps=train_steps if isinstance(train_steps, int) else 1)
+
+
+def for_platform(config, platform: str):
+  """`config` with the execution choices left to the backend made for `platform` (the
+  compiling host's backend is not the target's)."""
+  on_cpu = platform == "cpu"
+  return dataclasses.replace(
+      config,
+      scan_layers=(not on_cpu) if config.scan_layers is None else config.scan_layers,
+      dense_backward=(("materialized" if on_cpu else "xla") if config.dense_backward == "auto"
+                      else config.dense_backward))
+
+
+# ------------------------------------------------------------------------------
+# What the compiled program says.
+# ------------------------------------------------------------------------------
+def array_bytes(type_text: str) -> int:
+  """Bytes of the largest array in an HLO type (`f32[8,128]{1,0}`, or a tuple of them)."""
+  sizes = [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
+           for dtype, dims in _ARRAY_TYPE.findall(type_text)]
+  return max(sizes, default=0)
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], Optional[str]]:
+  """{computation name: its instruction lines}, and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    stripped = line.strip()
+    if current is None:
+      match = _COMPUTATION.match(stripped)
+      if match and not stripped.startswith("HloModule"):
+        current = match["name"]
+        computations[current] = []
+        if stripped.startswith("ENTRY"):
+          entry = current
+    elif stripped == "}":
+      current = None
+    else:
+      computations[current].append(stripped)
+  return computations, entry
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes"}} of the collectives a compiled program runs per call.
+
+  A collective inside a loop counts once per iteration when XLA knows the trip count
+  (scanned layers, microbatches); `bytes` adds up each one's largest result array.
+  """
+  computations, entry = _computations(hlo_text)
+  totals = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+
+  def visit(name: str, times: int, seen: tuple):
+    for line in computations.get(name, ()):
+      if match := _COLLECTIVE_OP.search(line):
+        totals[match["kind"]]["count"] += times
+        totals[match["kind"]]["bytes"] += times * array_bytes(match["type"])
+      if match := _WHILE_BODY.search(line):
+        trips = _TRIP_COUNT.search(line)
+        if match["body"] not in seen:
+          visit(match["body"], times * (int(trips["n"]) if trips else 1), seen + (name,))
+      for called in _CALLED.finditer(line):
+        for callee in re.split(r",\s*", called["names"]):
+          callee = callee.lstrip("%")
+          if callee not in seen:
+            visit(callee, times, seen + (name,))
+
+  if entry is not None:
+    visit(entry, 1, ())
+  return {kind: value for kind, value in totals.items() if value["count"]}
+
+
+@dataclasses.dataclass
+class StepReport:
+  """What the compiler says of one step on one chip."""
+  step: str
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  lower_seconds: float
+  compile_seconds: float
+  xla_flops: float
+  xla_bytes_accessed: float
+  collectives: dict
+  model_flops: float  # per chip, as dsbs_jax.flops counts them (train and eval only)
+
+  @property
+  def hbm_bytes(self) -> int:
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  def roofline(self, sheet: Optional[targets.DataSheet]) -> Optional[dict]:
+    """The step's lower bound on time and the best MFU it allows, from data-sheet peaks."""
+    if sheet is None or not self.model_flops:
+      return None
+    compute = self.model_flops / sheet.peak_flops
+    memory = (self.argument_bytes + self.output_bytes) / sheet.hbm_bytes_per_second
+    seconds = max(compute, memory)
+    return {"seconds": seconds, "bound": "compute" if compute >= memory else "memory",
+            "best_mfu": compute / seconds}
+
+  def to_json(self, sheet: Optional[targets.DataSheet], capacity: Optional[int]) -> dict:
+    values = dataclasses.asdict(self)
+    values["hbm_bytes"] = self.hbm_bytes
+    if capacity is not None:
+      values["hbm_capacity_bytes"] = capacity
+      values["fits"] = self.hbm_bytes <= capacity
+    values["roofline"] = self.roofline(sheet)
+    return values
+
+
+def analyze(step: str, lowered, lower_seconds: float, model_flops: float) -> StepReport:
+  """Compiles `lowered` and reads the compiler's memory and cost analyses and HLO."""
+  start = time.time()
+  compiled = lowered.compile()
+  compile_seconds = time.time() - start
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis() or {}
+  if isinstance(cost, list):  # older JAX: one dict per program
+    cost = cost[0] if cost else {}
+  return StepReport(
+      step=step, argument_bytes=memory.argument_size_in_bytes,
+      output_bytes=memory.output_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
+      temp_bytes=memory.temp_size_in_bytes, code_bytes=memory.generated_code_size_in_bytes,
+      lower_seconds=lower_seconds, compile_seconds=compile_seconds,
+      xla_flops=float(cost.get("flops", 0.0)),
+      xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+      collectives=collectives(compiled.as_text()), model_flops=model_flops)
+
+
+# ------------------------------------------------------------------------------
+# Building and lowering the run's steps for a target.
+# ------------------------------------------------------------------------------
+def _batch_shapes(rows: int, input_length: int, target_length: int, sharding) -> dict:
+  shape = lambda length: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+  return {**{name: shape(input_length) for name in ENCODER_FEATURES},
+          **{name: shape(target_length) for name in DECODER_FEATURES}}
+
+
+def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepReport]:
+  """Lowers and compiles `steps` of the run `shape` describes on a mesh over `devices`."""
+  try:
+    partitioner = partitioning.make_partitioner(shape.parallelism, shape.mesh_shape,
+                                                devices=devices)
+    optimizer, learning_rate_fn = trainer_lib.make_optimizer(total_steps=shape.train_steps)
+    trainer = trainer_lib.Trainer(shape.config, partitioner, optimizer, learning_rate_fn,
+                                  num_microbatches=shape.num_microbatches)
+    partitioner.check_batch_size(shape.batch_size, shape.num_microbatches)
+    partitioner.check_batch_size(shape.eval_batch_size)
+  except ValueError as error:
+    raise CompileError(str(error)) from error
+  chips = len(devices)
+  reports = []
+  for step in steps:
+    start = time.time()
+    if step in ("train", "eval"):
+      rows = shape.batch_size if step == "train" else shape.eval_batch_size
+      batch = _batch_shapes(rows, shape.input_length, shape.target_length,
+                            partitioner.batch_sharding)
+      forward = flops.forward_flops(shape.config, rows, shape.input_length, shape.target_length)
+      model_flops = (3 * forward if step == "train" else forward) / chips
+      lowered = (trainer.lower_train_step(batch) if step == "train"
+                 else trainer.lower_eval_step(batch))
+    else:
+      tokens = jax.ShapeDtypeStruct((shape.eval_batch_size, shape.input_length), "int32",
+                                    sharding=partitioner.batch_sharding)
+      lowered = encoder_decoder.predict_batch.lower(
+          trainer.abstract_state().params, shape.config, tokens, shape.decode_length)
+      model_flops = 0.0
+    reports.append(analyze(step, lowered, time.time() - start, model_flops))
+  return reports
+
+
+# ------------------------------------------------------------------------------
+# Knobs that might make a train step fit, each tried by compiling.
+# ------------------------------------------------------------------------------
+def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, RunShape, Optional[str]]]:
+  """(what changes, the changed run, the other target it needs or None), most local first;
+  `shape`'s mesh resolved for `target`."""
+  variants = []
+  # The most microbatches (up to 8x today's) that split each data-parallel share evenly.
+  data_size = max(shape.mesh_shape[0], 1)
+  counts = [shape.num_microbatches * factor for factor in (8, 4, 2)
+            if shape.batch_size % (data_size * shape.num_microbatches * factor) == 0]
+  if counts:
+    variants.append((f"NUM_MICROBATCHES={counts[0]}",
+                     dataclasses.replace(shape, num_microbatches=counts[0]), None))
+  if shape.config.remat_policy != "full":
+    variants.append(("REMAT_POLICY='full'", dataclasses.replace(
+        shape, config=dataclasses.replace(shape.config, remat_policy="full")), None))
+  if shape.parallelism != "fsdp":
+    variants.append(("PARALLELISM='fsdp'", dataclasses.replace(shape, parallelism="fsdp"), None))
+  larger = larger_slice(target)
+  if larger is not None:
+    variants.append((f"--topology={larger}", shape, larger))
+  return variants
+
+
+def larger_slice(target: targets.Target) -> Optional[str]:
+  """The slice with twice the chips (its longest-growing axis doubled), if any."""
+  if target.platform != "tpu":
+    return None
+  generation, dims = target.name.split(":")
+  sizes = [int(d) for d in dims.split("x")]
+  smallest = sizes.index(min(sizes))
+  sizes[smallest] *= 2
+  return f"{generation}:{'x'.join(map(str, sizes))}"
+
+
+# ------------------------------------------------------------------------------
+# The report.
+# ------------------------------------------------------------------------------
+def gib(n: float) -> str:
+  return f"{n / targets.GIB:.3g}"
+
+
+def format_step(report: StepReport, sheet: Optional[targets.DataSheet], capacity: Optional[int],
+                chips: str) -> list[str]:
+  of = "" if capacity is None else f" of {gib(capacity)} GiB"
+  fits = "" if capacity is None else ("  fits" if report.hbm_bytes <= capacity
+                                      else "  DOES NOT FIT")
+  lines = [f"{report.step}: {gib(report.hbm_bytes)} GiB per chip{of}{fits}  "
+           f"(arguments {gib(report.argument_bytes)}, outputs {gib(report.output_bytes)} less "
+           f"{gib(report.alias_bytes)} aliased, temporaries {gib(report.temp_bytes)}, code "
+           f"{gib(report.code_bytes)}); lowered in {report.lower_seconds:.1f}s, compiled in "
+           f"{report.compile_seconds:.1f}s"]
+  if report.collectives:
+    lines.append("  collectives per step: " + ", ".join(
+        f"{kind} {value['count']} x ({value['bytes'] / 2**20:.1f} MiB in all)"
+        for kind, value in report.collectives.items()))
+  else:
+    lines.append(f"  collectives per step: none (nothing crosses {chips})")
+  lines.append(f"  compiler's count per chip: {report.xla_flops:.3g} FLOPs, "
+               f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once)")
+  roofline = report.roofline(sheet)
+  if roofline:
+    lines.append(f"  roofline: step >= {roofline['seconds'] * 1e3:.3g} ms "
+                 f"({roofline['bound']}-bound: {report.model_flops:.3g} model FLOPs per chip "
+                 f"at {sheet.peak_flops:.3g} FLOP/s, arguments and outputs once at "
+                 f"{sheet.hbm_bytes_per_second:.3g} B/s; data-sheet figures, interconnect "
+                 f"not counted), so MFU <= {roofline['best_mfu']:.0%}")
+  return lines
+
+
+def _with_resolved_mesh(shape: RunShape, num_devices: int) -> RunShape:
+  try:
+    mesh_shape = partitioning.resolve_mesh_shape(shape.mesh_shape, num_devices)
+  except ValueError as error:
+    raise CompileError(f"MESH_SHAPE: {error}") from error
+  return dataclasses.replace(shape, mesh_shape=mesh_shape)
+
+
+def _devices_for(target: targets.Target, capacity: Optional[int]):
+  """(devices, data sheet or None, HBM per chip to fit in or None)."""
+  devices = targets.target_devices(target)
+  sheet = targets.data_sheet(devices[0].device_kind)
+  if capacity is None and sheet is not None:
+    capacity = sheet.hbm_bytes
+  return devices, sheet, capacity
+
+
+def compile_and_report(shape: RunShape, target: targets.Target, steps, try_knobs: bool,
+                       capacity: Optional[int] = None, print_fn=print) -> dict:
+  """Compiles, prints the report, and returns it as JSON-ready values. `capacity`: the HBM
+  per chip to fit in, instead of the data sheet's."""
+  devices, sheet, capacity = _devices_for(target, capacity)
+  shape = _with_resolved_mesh(shape, len(devices))
+  hosts = len({getattr(d, "process_index", 0) for d in devices})
+  sheet_name = sheet.name if sheet else devices[0].device_kind
+  print_fn(f"target {target.name}: {len(devices)} {sheet_name} {target.chips} on {hosts} "
+           f"host(s); run: {shape.describe()}")
+  reports = compile_steps(shape, devices, steps)
+  for report in reports:
+    for line in format_step(report, sheet, capacity, target.chips):
+      print_fn(line)
+  result = {"target": target.name, "device_kind": devices[0].device_kind,
+            "chips": len(devices), "hosts": hosts, "run": shape.describe(),
+            "steps": [report.to_json(sheet, capacity) for report in reports]}
+  train_report = next((r for r in reports if r.step == "train"), None)
+  fits = train_report is None or capacity is None or train_report.hbm_bytes <= capacity
+  if not fits and try_knobs:
+    result["knobs"] = try_knobs_until_fit(shape, target, capacity, print_fn)
+  return result
+
+
+def try_knobs_until_fit(shape: RunShape, target: targets.Target, capacity: Optional[int],
+                        print_fn) -> list[dict]:
+  """Compiles the train step once per knob variant; reports which ones fit."""
+  print_fn("the train step does not fit; trying one change at a time:")
+  tried = []
+  for change, variant, other_target in knob_variants(shape, target):
+    variant_target = targets.parse_target(other_target) if other_target else target
+    try:
+      devices, _, variant_capacity = _devices_for(variant_target, capacity)
+      if other_target:  # the same model axis, the data axis grown to the larger slice
+        variant = dataclasses.replace(variant, mesh_shape=(-1, variant.mesh_shape[1]))
+      variant = _with_resolved_mesh(variant, len(devices))
+      report = compile_steps(variant, devices, ("train",))[0]
+    except (CompileError, targets.TargetError) as error:
+      print_fn(f"  {change}: cannot compile ({error})")
+      tried.append({"change": change, "error": str(error)})
+      continue
+    fits = variant_capacity is not None and report.hbm_bytes <= variant_capacity
+    print_fn(f"  {change}: {gib(report.hbm_bytes)} GiB per chip, "
+             f"{'fits' if fits else 'does not fit'} (compiled in {report.compile_seconds:.0f}s)")
+    tried.append({"change": change, "hbm_bytes": report.hbm_bytes, "fits": fits})
+  return tried
+
+
+DESCRIPTION = """\
+Compiles a run's train, eval and decode steps ahead of time for a target you need not have
+(a TPU slice, through libtpu, on any machine; or cpu:N) with the same gin flags as
+`dsbs train`, and prints per chip: the HBM needed against the chip's capacity and whether
+it fits, the collectives, the compiler's FLOP and byte counts, compile time, and a roofline
+bound on step time and MFU from data-sheet peaks. A train step that does not fit is
+compiled again with one change at a time (microbatches, rematerialization, FSDP, a larger
+slice) to say which would fit."""
+EXAMPLES = """\
+examples:
+  dsbs compile --topology=v5p:2x2x2 --gin_file=models/t5_1_1_base.gin --gin_file=runs/paper.gin \\
+      --gin.MIXTURE_OR_TASK_NAME="'anli1_dsbs_teacher'" --gin.MODEL_DIR="'gs://bucket/run'"
+  dsbs compile --topology=v5e:2x4 --gin_file=quickstart.gin --gin.PARALLELISM="'fsdp'"
+  dsbs compile --topology=cpu:8 --gin_file=quickstart.gin --steps train"""
+
+
+def _step_list(text: str) -> tuple:
+  steps = tuple(step.strip() for step in text.split(",") if step.strip())
+  unknown = [step for step in steps if step not in STEPS]
+  if unknown or not steps:
+    raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
+                                     f"{', '.join(STEPS)}")
+  return steps
+
+
+def add_parser(subparsers) -> None:
+  parser = subparsers.add_parser("compile", description=DESCRIPTION, epilog=EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+  gin_utils.add_gin_arguments(parser)
+  parser.add_argument("--topology", required=True,
+                      help="target: a TPU slice as <generation>:<chips per axis> (v4, v5e, "
+                           "v5p, v6e; e.g. v5p:4x4x4) or cpu:N")
+  parser.add_argument("--steps", type=_step_list, default=STEPS, metavar="LIST",
+                      help="which steps to compile, comma-separated (default: train,eval,decode)")
+  parser.add_argument("--no_knobs", action="store_true",
+                      help="when the train step does not fit, do not try other settings")
+  parser.add_argument("--hbm_gib", type=float, default=None, metavar="GIB",
+                      help="memory per chip to fit in, instead of the chip's data-sheet HBM "
+                           "(e.g. what other work on the chips leaves free)")
+  parser.add_argument("--json", metavar="FILE",
+                      help="also append the report to FILE as one JSON line")
+  parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+  target = targets.parse_target(args.topology)
+  if target.platform == "cpu":
+    try:
+      jax.config.update("jax_num_cpu_devices", target.num_devices)
+    except RuntimeError:  # JAX already started: its CPU devices must do (target_devices checks)
+      pass
+  gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+  shape = run_shape_from_gin(target.platform)
+  capacity = None if args.hbm_gib is None else int(args.hbm_gib * targets.GIB)
+  result = compile_and_report(shape, target, args.steps, not args.no_knobs, capacity,
+                              print_fn=lambda *a: print(*a, flush=True))
+  if args.json:
+    with open(args.json, "a", encoding="utf-8") as f:
+      f.write(json.dumps(result) + "\n")
+  fits = all(step.get("fits", True) for step in result["steps"])
+  return 0 if fits else 1

@@ -1,0 +1,108 @@
+"""The hardware a run can be compiled for without having it, and the chips' data sheets.
+
+A target is named as `dsbs compile --topology` takes it: a TPU slice in libtpu's
+`<generation>:<chips per axis>` form (`v5e:2x4`, `v5p:4x4x4`, `v4:2x2x4`, `v6e:4x4`), or
+`cpu:N`, N simulated CPU devices. `target_devices` returns the devices a mesh is built on;
+for a TPU they come from libtpu's description of the topology (every host's chips, with
+their process indices), so `jit(...).lower(...).compile()` runs the TPU compiler for a slice
+that is not there. The data sheets give each chip's HBM, peak dense bfloat16 FLOP/s and HBM
+bandwidth as the vendors publish them (Google Cloud TPU and NVIDIA documentation): capacity
+to check a fit against and peaks for a roofline, not measurements.
+
+This module must not build models, meshes or steps.
+"""
+import dataclasses
+import math
+import re
+from typing import Optional
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSheet:
+  name: str  # as people call the chip
+  hbm_bytes: int
+  peak_flops: float  # dense bfloat16, per chip
+  hbm_bytes_per_second: float
+
+
+# Keyed by JAX's device_kind: v5e chips report "TPU v5 lite", v6e "TPU v6 lite", v5p "TPU v5p"
+# (and "TPU v5" in libtpu's topology descriptions).
+DATA_SHEETS = {
+    "TPU v4": DataSheet("TPU v4", 32 * GIB, 275e12, 1228e9),
+    "TPU v5 lite": DataSheet("TPU v5e", 16 * GIB, 197e12, 819e9),
+    "TPU v5": DataSheet("TPU v5p", 95 * GIB, 459e12, 2765e9),  # as libtpu's topologies say
+    "TPU v5p": DataSheet("TPU v5p", 95 * GIB, 459e12, 2765e9),
+    "TPU v6 lite": DataSheet("TPU v6e", 32 * GIB, 918e12, 1640e9),
+    "NVIDIA H100 80GB HBM3": DataSheet("NVIDIA H100 SXM", 80 * 10 ** 9, 989e12, 3350e9),
+    "NVIDIA H200": DataSheet("NVIDIA H200", 141 * 10 ** 9, 989e12, 4800e9),
+    "NVIDIA A100-SXM4-80GB": DataSheet("NVIDIA A100 80GB", 80 * 10 ** 9, 312e12, 2039e9),
+    "NVIDIA A100-SXM4-40GB": DataSheet("NVIDIA A100 40GB", 40 * 10 ** 9, 312e12, 1555e9),
+}
+# The generations `--topology` names, and the device_kind each one's chips report.
+TPU_GENERATIONS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+_TOPOLOGY = re.compile(r"^(?P<generation>v\d+[a-z]*):(?P<shape>\d+(x\d+){1,2})$")
+_CPU = re.compile(r"^cpu:(?P<count>\d+)$")
+
+
+class TargetError(ValueError):
+  """A --topology that names no target this machine can compile for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  name: str  # as given, e.g. 'v5p:4x4x4'
+  platform: str  # 'tpu' or 'cpu'
+  num_devices: int
+
+  @property
+  def chips(self) -> str:
+    return "chips" if self.platform == "tpu" else "devices"
+
+
+def parse_target(name: str) -> Target:
+  """The target `--topology=name` means; TargetError naming the forms otherwise."""
+  name = name.strip()
+  if match := _CPU.match(name):
+    count = int(match["count"])
+    if count < 1:
+      raise TargetError(f"--topology={name}: a CPU target needs at least one device")
+    return Target(name, "cpu", count)
+  if match := _TOPOLOGY.match(name):
+    if match["generation"] not in TPU_GENERATIONS:
+      raise TargetError(f"--topology={name}: unknown TPU generation {match['generation']!r}; "
+                        f"known: {', '.join(TPU_GENERATIONS)}")
+    chips = math.prod(int(size) for size in match["shape"].split("x"))
+    return Target(name, "tpu", chips)
+  raise TargetError(f"--topology={name}: expected a TPU slice as <generation>:<chips per axis> "
+                    f"(e.g. v5e:2x4, v5p:4x4x4, v4:2x2x4, v6e:4x4; generations "
+                    f"{', '.join(TPU_GENERATIONS)}) or cpu:N")
+
+
+def target_devices(target: Target) -> list:
+  """The devices of `target` to build a mesh on (TPU: every host's chips, without a TPU).
+
+  A CPU target needs N CPU devices in this process: set them before JAX starts
+  (`jax.config.update("jax_num_cpu_devices", N)`), as `dsbs compile` does.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if target.platform == "cpu":
+    devices = jax.devices("cpu")
+    if len(devices) < target.num_devices:
+      raise TargetError(f"--topology={target.name}: this process has {len(devices)} CPU "
+                        "device(s); set jax_num_cpu_devices before JAX starts")
+    return devices[:target.num_devices]
+  from dsbs_jax import tpu_runtime  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  tpu_runtime.load_for_compilation()
+  try:
+    description = topologies.get_topology_desc(topology_name=target.name, platform="tpu")
+  except Exception as error:  # libtpu's refusal of a shape it does not know
+    raise TargetError(f"--topology={target.name}: libtpu cannot describe this slice "
+                      f"({str(error).splitlines()[0]})") from error
+  return list(description.devices)
+
+
+def data_sheet(device_kind: str) -> Optional[DataSheet]:
+  return DATA_SHEETS.get(device_kind)

@@ -1,0 +1,208 @@
+"""`dsbs compile`: the run's real steps compiled for a multi-host TPU slice that is not here
+(libtpu's topology of v5p:2x2x2, 8 chips on 2 hosts) and for CPU devices; what the report
+says checked against what the project computes itself."""
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsbs_jax import cli
+from dsbs_jax import compile_report
+from dsbs_jax import flops
+from dsbs_jax import partitioning
+from dsbs_jax import targets
+from dsbs_jax import trainer as trainer_lib
+from dsbs_jax.models import t5
+
+# Dimensions that are whole TPU tiles (multiples of 128 on the minor axis), so that the
+# compiler's per-chip bytes can be compared with unpadded shard sizes.
+TILED_TINY = dict(vocab_size=256, emb_dim=128, num_heads=2, head_dim=64, mlp_dim=256,
+                  num_encoder_layers=2, num_decoder_layers=2, mlp_activations=("gelu", "linear"),
+                  dropout_rate=0.0, dtype="bfloat16")
+TOPOLOGY = "v5p:2x2x2"
+
+
+def run_shape(parallelism, mesh_shape, **changes):
+  config = compile_report.for_platform(t5.T5Config(**TILED_TINY), "tpu")
+  values = dict(config=config, batch_size=16, input_length=128, target_length=128,
+                eval_batch_size=16, decode_length=8, parallelism=parallelism,
+                mesh_shape=mesh_shape, num_microbatches=1, train_steps=10)
+  values.update(changes)
+  return compile_report.RunShape(**values)
+
+
+@pytest.fixture(scope="module")
+def tpu_devices():
+  return targets.target_devices(targets.parse_target(TOPOLOGY))
+
+
+def shard_bytes(abstract_tree) -> int:
+  """Bytes one device holds of arrays with shardings (ShapeDtypeStructs)."""
+  return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+             for leaf in jax.tree.leaves(abstract_tree))
+
+
+def padded_shard_bytes(abstract_tree) -> int:
+  """At most what the shards take in TPU layouts: the minor dimension in tiles of 128, the
+  one before it in tiles of 8 (32-bit) or 16 (16-bit), vectors and scalars in 512 bytes."""
+  total = 0
+  for leaf in jax.tree.leaves(abstract_tree):
+    shape = list(leaf.sharding.shard_shape(leaf.shape))
+    itemsize = leaf.dtype.itemsize
+    if len(shape) < 2:
+      total += math.ceil(math.prod(shape) * itemsize / 512) * 512
+      continue
+    sublanes = 32 // itemsize
+    shape[-1] = math.ceil(shape[-1] / 128) * 128
+    shape[-2] = math.ceil(shape[-2] / sublanes) * sublanes
+    total += math.prod(shape) * itemsize
+  return total
+
+
+def test_the_topology_has_every_hosts_chips(tpu_devices):
+  assert len(tpu_devices) == 8
+  assert {device.process_index for device in tpu_devices} == {0, 1}
+  assert targets.data_sheet(tpu_devices[0].device_kind).name == "TPU v5p"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallelism, mesh_shape", [("fsdp", (4, 2)), ("tensor", (4, 2)),
+                                                     ("data", (8, 1))])
+def test_train_step_compiles_for_a_multi_host_slice_with_the_state_it_shards(
+    tpu_devices, parallelism, mesh_shape):
+  shape = run_shape(parallelism, mesh_shape)
+  report, = compile_report.compile_steps(shape, tpu_devices, ("train",))
+  partitioner = partitioning.make_partitioner(parallelism, mesh_shape, devices=tpu_devices)
+  optimizer, _ = trainer_lib.make_optimizer(total_steps=10)
+  state = trainer_lib.Trainer(shape.config, partitioner, optimizer).abstract_state()
+  batch = compile_report._batch_shapes(16, 128, 128, partitioner.batch_sharding)  # pylint: disable=protected-access
+  for unused in ("encoder_positions", "decoder_positions"):  # jit drops what T5 ignores
+    del batch[unused]
+  # The compiler's arguments are this chip's shards of the state and the batch, as laid out
+  # in TPU tiles (which pad the many small arrays: norms' scales, Adafactor's statistics).
+  assert shard_bytes((state, batch)) <= report.argument_bytes <= padded_shard_bytes(
+      (state, batch)) + 512
+  # The new state is written over the old one.
+  assert report.alias_bytes >= shard_bytes(state)
+  full_params = shard_bytes(jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=partitioner.sharding()),
+      state.params))
+  if parallelism == "data":  # parameters whole on every chip, gradients summed over all
+    assert shard_bytes(state.params) == full_params
+    assert report.collectives["all-reduce"]["count"] >= 1
+    assert "all-gather" not in report.collectives
+  else:  # parameters split, and gathered for use
+    assert shard_bytes(state.params) < full_params / 1.9
+    assert report.collectives["all-gather"]["count"] >= 1
+  assert report.model_flops == flops.train_step_flops(shape.config, 16, 128, 128) / 8
+
+
+@pytest.mark.slow
+def test_decode_step_compiles_for_a_multi_host_slice(tpu_devices):
+  shape = run_shape("fsdp", (4, 2))
+  report, = compile_report.compile_steps(shape, tpu_devices, ("decode",))
+  params = trainer_lib.Trainer(
+      shape.config, partitioning.make_partitioner("fsdp", (4, 2), devices=tpu_devices),
+      trainer_lib.make_optimizer()[0]).abstract_state().params
+  tokens = jax.ShapeDtypeStruct((16, 128), jnp.int32, sharding=jax.sharding.NamedSharding(
+      partitioning.make_mesh((4, 2), tpu_devices), jax.sharding.PartitionSpec("data")))
+  assert shard_bytes((params, tokens)) <= report.argument_bytes <= padded_shard_bytes(
+      (params, tokens))
+  assert report.hbm_bytes > report.argument_bytes
+
+
+def test_the_command_reports_and_tries_knobs_when_a_step_does_not_fit(tmp_path, capfd):
+  out = tmp_path / "report.jsonl"
+  code = cli.main(["compile", "--topology=cpu:8", "--gin_file=quickstart.gin", "--steps", "train",
+                   "--hbm_gib=0.0001", f"--json={out}"])
+  printed = capfd.readouterr()
+  assert code == 1
+  assert "target cpu:8: 8 cpu devices on 1 host(s)" in printed.out
+  assert "DOES NOT FIT" in printed.out
+  tried = [line.split(":")[0].strip() for line in printed.out.splitlines()
+           if line.startswith("  ") and "GiB per chip" in line]
+  # 32 rows over 8 devices: 4 microbatches of one row per device at most.
+  assert tried == ["NUM_MICROBATCHES=4", "REMAT_POLICY='full'", "PARALLELISM='fsdp'"]
+  result = json.loads(out.read_text())
+  train, = result["steps"]
+  assert train["fits"] is False and train["hbm_capacity_bytes"] == int(0.0001 * targets.GIB)
+  assert train["hbm_bytes"] == (train["argument_bytes"] + train["output_bytes"]
+                                - train["alias_bytes"] + train["temp_bytes"] + train["code_bytes"])
+  assert [knob["fits"] for knob in result["knobs"]] == [False, False, False]
+  assert "TPU" not in printed.err and "E0000" not in printed.err
+
+
+@pytest.mark.parametrize("topology, message", [
+    ("v9:2x2", "unknown TPU generation 'v9'"), ("v5p", "expected a TPU slice"),
+    ("cpu:64", "this process has 8 CPU device(s)")])  # the tests' (conftest.py)
+def test_a_bad_topology_is_one_line(topology, message, capsys):
+  assert cli.main(["compile", f"--topology={topology}", "--gin_file=quickstart.gin"]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("dsbs compile: error: --topology=") and message in err
+  assert len(err.splitlines()) == 1
+
+
+def test_targets_parse_and_grow():
+  assert targets.parse_target("v5p:4x4x4") == targets.Target("v5p:4x4x4", "tpu", 64)
+  assert targets.parse_target("cpu:8") == targets.Target("cpu:8", "cpu", 8)
+  assert compile_report.larger_slice(targets.parse_target("v5e:2x4")) == "v5e:4x4"
+  assert compile_report.larger_slice(targets.parse_target("v5p:2x2x1")) == "v5p:2x2x2"
+  assert compile_report.larger_slice(targets.parse_target("cpu:8")) is None
+
+
+def test_execution_left_to_the_backend_is_resolved_for_the_target(tiny_config):
+  on_tpu = compile_report.for_platform(tiny_config, "tpu")
+  on_cpu = compile_report.for_platform(tiny_config, "cpu")
+  assert (on_tpu.scan_layers, on_tpu.dense_backward) == (True, "xla")
+  assert (on_cpu.scan_layers, on_cpu.dense_backward) == (False, "materialized")
+  chosen = dataclasses.replace(tiny_config, scan_layers=False, dense_backward="materialized")
+  assert compile_report.for_platform(chosen, "tpu") == chosen
+
+
+HLO_WITH_A_LOOP = """\
+HloModule train_step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %sum = f32[] add(f32[] %a, f32[] %b)
+}
+
+%body (p: (s32[], bf16[128,256])) -> (s32[], bf16[128,256]) {
+  %ag = bf16[128,256]{1,0:T(8,128)(2,1)} all-gather(bf16[64,256]{1,0} %x), dimensions={0}
+  %ar-start = f32[8]{0} all-reduce-start(f32[8]{0} %y), to_apply=%add
+  %ar-done = f32[8]{0} all-reduce-done(f32[8]{0} %ar-start)
+}
+
+%cond (p: (s32[], bf16[128,256])) -> pred[] {
+  ROOT %lt = pred[] compare(s32[] %i, s32[] %n), direction=LT
+}
+
+ENTRY %main (a: f32[1024]) -> f32[1024] {
+  %w = (s32[], bf16[128,256]) while((s32[], bf16[128,256]) %t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"12"}}
+  %rs = (f32[256]{0}, f32[1024]{0}) reduce-scatter(f32[1024]{0} %a), to_apply=%add
+  ROOT %cp = f32[1024]{0} collective-permute(f32[1024]{0} %a), source_target_pairs={{0,1}}
+}
+"""
+
+
+def test_collectives_count_each_loop_iteration():
+  assert compile_report.collectives(HLO_WITH_A_LOOP) == {
+      "all-gather": {"count": 12, "bytes": 12 * 128 * 256 * 2},
+      "all-reduce": {"count": 12, "bytes": 12 * 8 * 4},
+      "reduce-scatter": {"count": 1, "bytes": 1024 * 4},
+      "collective-permute": {"count": 1, "bytes": 1024 * 4}}
+
+
+def test_roofline_is_the_slower_of_compute_and_memory():
+  report = compile_report.StepReport(
+      step="train", argument_bytes=2 * 10 ** 9, output_bytes=10 ** 9, alias_bytes=10 ** 9,
+      temp_bytes=5 * 10 ** 8, code_bytes=0, lower_seconds=1, compile_seconds=1, xla_flops=0,
+      xla_bytes_accessed=0, collectives={}, model_flops=1e11)
+  sheet = targets.DataSheet("chip", 16 * targets.GIB, 1e14, 1e12)
+  assert report.hbm_bytes == 2.5 * 10 ** 9
+  roofline = report.roofline(sheet)
+  assert roofline["bound"] == "memory" and roofline["seconds"] == pytest.approx(3e-3)
+  assert roofline["best_mfu"] == pytest.approx(1 / 3)  # 1 ms of products in a 3 ms step
