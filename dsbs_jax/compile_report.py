@@ -38,6 +38,7 @@ from dsbs_jax import partitioning
 from dsbs_jax import targets
 from dsbs_jax import train
 from dsbs_jax import trainer as trainer_lib
+from dsbs_jax.models import t5
 
 STEPS = ("train", "eval", "decode")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
@@ -51,6 +52,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16":
 _ARRAY_TYPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _COLLECTIVE_OP = re.compile(r"=\s(?P<type>.*?)\s(?P<kind>" + "|".join(COLLECTIVES)
                             + r")(?:-start)?\(")
+_COMPILER_OUT_OF_MEMORY = re.compile(
+    r"RESOURCE_EXHAUSTED: .*temporaries \((?P<needed>[\d.]+)G\) exceeds available HBM "
+    r"\((?P<available>[\d.]+)G\)")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
@@ -101,8 +105,10 @@ def _bound(configurable, name: str, default=None):
 
 def run_shape_from_gin(platform: str) -> RunShape:
   """The run gin describes, its network resolved for `platform`."""
-  config = for_platform(train.model_config_for(_bound(train.train, "initial_checkpoint_path")),
-                        platform)
+  # The model gin file's network: a run from INITIAL_CHECKPOINT_PATH must match it anyway
+  # (dsbs train refuses one that does not), and the checkpoint need not be reachable here.
+  with gin_utils.as_config_errors(ValueError, TypeError, configurable="T5Config"):
+    config = for_platform(t5.T5Config(), platform)
   lengths = _bound(train.train, "task_feature_lengths")
   batch_size = _bound(train.train, "batch_size")
   if not isinstance(lengths, dict) or not isinstance(batch_size, int):
@@ -204,11 +210,19 @@ class StepReport:
   xla_bytes_accessed: float
   collectives: dict
   model_flops: float  # per chip, as dsbs_jax.flops counts them (train and eval only)
+  # The TPU compiler's own refusal when the temporaries alone exceed its HBM (then only
+  # temp_bytes is known, from its message): the step does not fit.
+  out_of_memory: str = ""
 
   @property
   def hbm_bytes(self) -> int:
     return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
             + self.code_bytes)
+
+  def fits(self, capacity: Optional[int]) -> Optional[bool]:
+    if self.out_of_memory:
+      return False
+    return None if capacity is None else self.hbm_bytes <= capacity
 
   def roofline(self, sheet: Optional[targets.DataSheet]) -> Optional[dict]:
     """The step's lower bound on time and the best MFU it allows, from data-sheet peaks."""
@@ -225,7 +239,7 @@ class StepReport:
     values["hbm_bytes"] = self.hbm_bytes
     if capacity is not None:
       values["hbm_capacity_bytes"] = capacity
-      values["fits"] = self.hbm_bytes <= capacity
+    values["fits"] = self.fits(capacity)
     values["roofline"] = self.roofline(sheet)
     return values
 
@@ -233,7 +247,19 @@ class StepReport:
 def analyze(step: str, lowered, lower_seconds: float, model_flops: float) -> StepReport:
   """Compiles `lowered` and reads the compiler's memory and cost analyses and HLO."""
   start = time.time()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as error:
+    needed = _COMPILER_OUT_OF_MEMORY.search(str(error))
+    if not needed:
+      raise
+    return StepReport(
+        step=step, argument_bytes=0, output_bytes=0, alias_bytes=0,
+        temp_bytes=int(float(needed["needed"]) * targets.GIB), code_bytes=0,
+        lower_seconds=lower_seconds, compile_seconds=time.time() - start, xla_flops=0.0,
+        xla_bytes_accessed=0.0, collectives={}, model_flops=model_flops,
+        out_of_memory=f"the TPU compiler refused it: its temporaries alone need "
+                      f"{needed['needed']} GiB, {needed['available']} GiB is available")
   compile_seconds = time.time() - start
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
@@ -337,9 +363,11 @@ def gib(n: float) -> str:
 
 def format_step(report: StepReport, sheet: Optional[targets.DataSheet], capacity: Optional[int],
                 chips: str) -> list[str]:
+  if report.out_of_memory:
+    return [f"{report.step}: DOES NOT FIT: {report.out_of_memory} (compiled for "
+            f"{report.compile_seconds:.1f}s)"]
   of = "" if capacity is None else f" of {gib(capacity)} GiB"
-  fits = "" if capacity is None else ("  fits" if report.hbm_bytes <= capacity
-                                      else "  DOES NOT FIT")
+  fits = {None: "", True: "  fits", False: "  DOES NOT FIT"}[report.fits(capacity)]
   lines = [f"{report.step}: {gib(report.hbm_bytes)} GiB per chip{of}{fits}  "
            f"(arguments {gib(report.argument_bytes)}, outputs {gib(report.output_bytes)} less "
            f"{gib(report.alias_bytes)} aliased, temporaries {gib(report.temp_bytes)}, code "
@@ -398,8 +426,7 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps, try_knobs
             "chips": len(devices), "hosts": hosts, "run": shape.describe(),
             "steps": [report.to_json(sheet, capacity) for report in reports]}
   train_report = next((r for r in reports if r.step == "train"), None)
-  fits = train_report is None or capacity is None or train_report.hbm_bytes <= capacity
-  if not fits and try_knobs:
+  if train_report is not None and train_report.fits(capacity) is False and try_knobs:
     result["knobs"] = try_knobs_until_fit(shape, target, capacity, print_fn)
   return result
 
@@ -421,9 +448,11 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, capacity: Optio
       print_fn(f"  {change}: cannot compile ({error})")
       tried.append({"change": change, "error": str(error)})
       continue
-    fits = variant_capacity is not None and report.hbm_bytes <= variant_capacity
-    print_fn(f"  {change}: {gib(report.hbm_bytes)} GiB per chip, "
-             f"{'fits' if fits else 'does not fit'} (compiled in {report.compile_seconds:.0f}s)")
+    fits = report.fits(variant_capacity)
+    needs = (f"over {gib(report.hbm_bytes)} GiB per chip (the TPU compiler refused it)"
+             if report.out_of_memory else f"{gib(report.hbm_bytes)} GiB per chip")
+    print_fn(f"  {change}: {needs}, {'fits' if fits else 'does not fit'} (compiled in "
+             f"{report.compile_seconds:.0f}s)")
     tried.append({"change": change, "hbm_bytes": report.hbm_bytes, "fits": fits})
   return tried
 
@@ -439,7 +468,7 @@ slice) to say which would fit."""
 EXAMPLES = """\
 examples:
   dsbs compile --topology=v5p:2x2x2 --gin_file=models/t5_1_1_base.gin --gin_file=runs/paper.gin \\
-      --gin.MIXTURE_OR_TASK_NAME="'anli1_dsbs_teacher'" --gin.MODEL_DIR="'gs://bucket/run'"
+      --gin.PARALLELISM="'fsdp'" --gin.MESH_SHAPE="(-1, 1)"
   dsbs compile --topology=v5e:2x4 --gin_file=quickstart.gin --gin.PARALLELISM="'fsdp'"
   dsbs compile --topology=cpu:8 --gin_file=quickstart.gin --steps train"""
 
@@ -487,5 +516,4 @@ def run(args) -> int:
   if args.json:
     with open(args.json, "a", encoding="utf-8") as f:
       f.write(json.dumps(result) + "\n")
-  fits = all(step.get("fits", True) for step in result["steps"])
-  return 0 if fits else 1
+  return 1 if any(step["fits"] is False for step in result["steps"]) else 0

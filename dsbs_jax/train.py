@@ -39,6 +39,7 @@ from dsbs_jax import plots
 from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
+from dsbs_jax import tpu_runtime
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
@@ -404,7 +405,9 @@ def add_parser(subparsers) -> None:
                                  epilog=macros_help() + "\n\n" + EXAMPLES,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
   gin_utils.add_gin_arguments(parser)
-  hosts = parser.add_argument_group("several hosts (jax.distributed; start the same command on each)")
+  hosts = parser.add_argument_group(
+      "several hosts (jax.distributed; start the same command on each; not needed on Cloud "
+      "TPU VMs, where the slice's workers are found by JAX)")
   hosts.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
                      help="address of process 0")
   hosts.add_argument("--num_processes", type=flags.positive_int, default=None,
@@ -415,10 +418,14 @@ def add_parser(subparsers) -> None:
 
 
 def initialize_distributed(args) -> None:
+  """jax.distributed from the flags; on a Cloud TPU VM without them, from what JAX detects
+  there itself (every worker of the slice, one process each), as JAX's documentation asks."""
   if args.coordinator_address:
     # Only the CPU backend reads this; it lets CPU-only hosts (and tests) run collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+  elif tpu_runtime.has_tpu_chips():
+    jax.distributed.initialize()
 
 
 def run(args) -> int:

@@ -206,3 +206,21 @@ def test_roofline_is_the_slower_of_compute_and_memory():
   roofline = report.roofline(sheet)
   assert roofline["bound"] == "memory" and roofline["seconds"] == pytest.approx(3e-3)
   assert roofline["best_mfu"] == pytest.approx(1 / 3)  # 1 ms of products in a 3 ms step
+
+
+class RefusedByTheCompiler:
+  """A lowered step whose compilation fails as libtpu's does when temporaries exceed HBM."""
+
+  def compile(self):
+    raise jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (21.98G) exceeds available HBM (15.75G).")
+
+
+def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit():
+  report = compile_report.analyze("train", RefusedByTheCompiler(), 1.0, 1e12)
+  assert report.fits(None) is False and report.fits(100 * targets.GIB) is False
+  assert report.temp_bytes == int(21.98 * targets.GIB)
+  line, = compile_report.format_step(report, None, None, "chips")
+  assert "DOES NOT FIT" in line and "21.98 GiB, 15.75 GiB is available" in line
+  assert report.to_json(None, None)["fits"] is False

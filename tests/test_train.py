@@ -4,6 +4,7 @@ loop's pieces are tested in test_periodic_actions.py and test_run_dir.py.
 
 Runs use gin/quickstart.gin shrunk to a few steps of a very small model (conftest.py).
 """
+import argparse
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import infer
 from dsbs_jax import run_dir
-
+from dsbs_jax import train
 
 
 def metrics_rows(model_dir):
@@ -251,3 +252,19 @@ def test_a_failed_validation_keeps_the_checkpoint_of_its_step(tmp_path, monkeypa
   checkpointer = run_dir.RunDir(model_dir).checkpointer()
   assert checkpointer.all_steps() == [2]
   checkpointer.close()
+
+
+@pytest.mark.parametrize("has_chips, flags, expected", [
+    (True, {}, [()]),  # a Cloud TPU worker: JAX finds the slice's other workers itself
+    (False, {}, []),  # one CPU or GPU host
+    (True, {"coordinator_address": "host0:1234", "num_processes": 2, "process_id": 1},
+     [("host0:1234", 2, 1)])])
+def test_jax_distributed_starts_by_itself_on_tpu_workers(monkeypatch, has_chips, flags, expected):
+  calls = []
+  monkeypatch.setattr(train.tpu_runtime, "has_tpu_chips", lambda: has_chips)
+  monkeypatch.setattr(train.jax.distributed, "initialize", lambda *args: calls.append(args))
+  monkeypatch.setattr(train.jax.config, "update", lambda *args: None)
+  args = argparse.Namespace(**{"coordinator_address": None, "num_processes": None,
+                               "process_id": None, **flags})
+  train.initialize_distributed(args)
+  assert calls == expected

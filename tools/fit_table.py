@@ -1,0 +1,127 @@
+"""The README's TPU fit table: `dsbs compile` of the paper's recipe (runs/paper.gin: batch 64,
+inputs 1024, targets 256, AdamW, bfloat16) for each model size on a few TPU slices and meshes,
+one process per row (a compiler crash ends only its row), printed as a Markdown table and
+written as JSON lines.
+
+  python tools/fit_table.py --out fit_table.jsonl              # every row (hours of CPU)
+  python tools/fit_table.py --rows 'base|large' --out f.jsonl  # rows whose label matches
+
+Each row compiles the train step (the largest); a row that does not fit is compiled again
+with one knob changed at a time (`dsbs compile`'s search) and says which fit. A row that does
+not fit is a finding, not a failure; a row whose compiler crashed or ran past
+--timeout_minutes says so.
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+# (model gin file, topology, parallelism, mesh (data, model)).
+ROWS = (
+    ("t5_1_1_small", "v5e:2x2", "data", (4, 1)),
+    ("t5_1_1_base", "v5e:2x4", "data", (8, 1)),
+    ("t5_1_1_base", "v5e:2x4", "tensor", (4, 2)),
+    ("t5_1_1_large", "v5e:2x4", "fsdp", (8, 1)),
+    ("t5_1_1_large", "v5p:2x2x2", "data", (8, 1)),
+    ("t5_1_1_xl", "v5p:2x2x2", "fsdp", (8, 1)),
+    ("t5_1_1_xl", "v4:2x2x4", "fsdp", (16, 2)),
+    ("t5_1_1_xxl", "v5p:2x2x2", "fsdp", (8, 1)),
+    ("t5_1_1_xxl", "v5p:4x4x4", "fsdp", (16, 4)),
+    ("t5_1_1_xxl", "v5p:4x8x8", "fsdp", (64, 4)),
+    ("t5_11B", "v5p:4x4x4", "fsdp", (16, 4)),
+)
+
+
+def label(row) -> str:
+  model, topology, parallelism, mesh = row
+  return f"{model} {topology} {parallelism} {mesh}"
+
+
+def compile_row(row, timeout_seconds: float, extra_flags) -> dict:
+  """One `dsbs compile` process for `row`; its JSON report, or what stopped it."""
+  model, topology, parallelism, mesh = row
+  with tempfile.TemporaryDirectory() as scratch:
+    report_path = os.path.join(scratch, "report.jsonl")
+    command = [sys.executable, "-m", "dsbs_jax.cli", "compile", f"--topology={topology}",
+               f"--gin_file=models/{model}.gin", "--gin_file=runs/paper.gin",
+               f"--gin.PARALLELISM='{parallelism}'", f"--gin.MESH_SHAPE={tuple(mesh)}",
+               "--steps", "train", f"--json={report_path}", *extra_flags]
+    start = time.time()
+    try:
+      result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds,
+                              check=False)
+    except subprocess.TimeoutExpired:
+      return {"row": label(row), "error": f"still compiling after {timeout_seconds / 60:.0f} min"}
+    seconds = time.time() - start
+    if os.path.exists(report_path):
+      with open(report_path, encoding="utf-8") as f:
+        return {"row": label(row), "seconds": seconds, **json.loads(f.read())}
+  if result.returncode < 0:
+    name = signal.Signals(-result.returncode).name
+    error = f"the compiler crashed ({name}) after {seconds:.0f} s"
+  else:
+    lines = (result.stderr or result.stdout).strip().splitlines()
+    error = lines[-1] if lines else f"exit {result.returncode}"
+  return {"row": label(row), "seconds": seconds, "error": error}
+
+
+def knobs_that_fit(result) -> str:
+  """'; fits with A or B' from the knobs `dsbs compile` tried, or what none of them did."""
+  knobs = result.get("knobs", [])
+  fitting = [knob["change"] for knob in knobs if knob.get("fits")]
+  if fitting:
+    return "; fits with " + " or ".join(f"`{change}`" for change in fitting)
+  return "; none of " + ", ".join(f"`{knob['change']}`" for knob in knobs) if knobs else ""
+
+
+def markdown(results) -> str:
+  lines = ["| model | slice | chips | mesh | GiB per chip (of HBM) | fits | compile s |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
+  for result in results:
+    model, topology, parallelism, mesh = result["row"].split(" ", 3)
+    mesh_text = f"{parallelism} {mesh}"
+    if "error" in result:
+      lines.append(f"| {model} | {topology} | | {mesh_text} | | {result['error']} | |")
+      continue
+    train, = result["steps"]
+    needed = f"{train['hbm_bytes'] / 2**30:.1f}"
+    if train["out_of_memory"]:  # the compiler stopped at the temporaries
+      needed = f"> {needed}"
+    fits = "yes" if train["fits"] else "no" + knobs_that_fit(result)
+    lines.append(
+        f"| {model} | {topology} | {result['chips']} | {mesh_text} | "
+        f"{needed} ({train['hbm_capacity_bytes'] / 2**30:.0f}) | {fits} | "
+        f"{train['compile_seconds']:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> list:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--rows", default="", help="only rows whose label matches this regex")
+  parser.add_argument("--out", help="append each row's report here as a JSON line")
+  parser.add_argument("--timeout_minutes", type=float, default=60)
+  parser.add_argument("--gin", action="append", default=[], metavar="NAME=VALUE",
+                      help="extra --gin.NAME=VALUE for every row (e.g. REMAT_POLICY=\"'full'\")")
+  args = parser.parse_args(argv)
+  rows = [row for row in ROWS if re.search(args.rows, label(row))]
+  results = []
+  for row in rows:
+    print(f"compiling {label(row)} ...", flush=True)
+    result = compile_row(row, args.timeout_minutes * 60, [f"--gin.{g}" for g in args.gin])
+    results.append(result)
+    print(markdown([result]).splitlines()[-1], flush=True)
+    if args.out:
+      with open(args.out, "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+  print(markdown(results))
+  return results
+
+
+if __name__ == "__main__":
+  main()
