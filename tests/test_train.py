@@ -116,22 +116,28 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_begun_unrolled_resumes_scanned_to_the_same_result(uninterrupted, tmp_path):
+def test_a_run_begun_unrolled_resumes_scanned_to_the_same_result(tmp_path):
   # As a run begun on a CPU (layers unrolled) and resumed on an accelerator (scanned).
+  # Without dropout: scanned layers draw other masks than unrolled ones.
+  reference = str(tmp_path / "unrolled")
+  no_dropout = ["--gin.T5Config.dropout_rate=0.0"]
+  assert cli.main(tiny_run_flags(reference, train_steps=4, extra=no_dropout)) == 0
+  gin.clear_config()
   model_dir = str(tmp_path / "rescanned")
-  shutil.copytree(uninterrupted, model_dir)
+  shutil.copytree(reference, model_dir)
   checkpointer = run_dir.RunDir(model_dir).checkpointer()
   checkpointer.delete_after(2)
   checkpointer.close()
-  assert cli.main(tiny_run_flags(model_dir, extra=["--gin.T5Config.scan_layers=True"])) == 0
-  resumed, reference = train_losses(model_dir), train_losses(uninterrupted)
-  for step in (3, 4, 5, 6):
-    np.testing.assert_allclose(resumed[step], reference[step], rtol=1e-5, err_msg=f"step {step}")
+  assert cli.main(tiny_run_flags(model_dir, train_steps=4,
+                                 extra=no_dropout + ["--gin.T5Config.scan_layers=True"])) == 0
+  for step in (3, 4):
+    np.testing.assert_allclose(train_losses(model_dir)[step], train_losses(reference)[step],
+                               rtol=1e-5, err_msg=f"step {step}")
   checkpointer = run_dir.RunDir(model_dir).checkpointer()
-  state, _ = checkpointer.restore(6, None)
+  state, _ = checkpointer.restore(4, None)
   checkpointer.close()
   assert t5.holds_stacked_layers(state["params"])  # written in the layout it ran with
-  for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
+  for got, want in zip(final_params(model_dir, 4), final_params(reference, 4)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
