@@ -2,6 +2,7 @@
 gradient accumulation, bfloat16 activations, evaluation and the non-finite loss guard."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -280,3 +281,22 @@ def test_scanned_layers_train_as_unrolled_ones(tiny_config, parallelism, mesh_sh
   assert jax.tree.structure(as_unrolled.opt_state) == jax.tree.structure(expected_opt_state)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                as_unrolled.opt_state, expected_opt_state)
+
+
+def test_a_scanned_step_reads_stacked_parameters_without_copying_them(tiny_config):
+  # Before the train state kept scanned layers stacked, each step stacked every layer's
+  # parameters (one concatenate per array) and sliced the gradients apart again.
+  config = dataclasses.replace(tiny_config, num_encoder_layers=3, num_decoder_layers=3,
+                               scan_layers=True)
+  partitioner = partitioning.make_partitioner("data", (1, 1), jax.devices()[:1])
+  step_trainer = trainer.Trainer(config, partitioner, trainer.make_optimizer("adafactor")[0])
+  abstract = step_trainer.abstract_state()
+  batch = step_trainer.shard_batch(random_batches(config, 1, batch_size=2)[0])
+  with jax.set_mesh(partitioner.mesh), nn.logical_axis_rules(partitioner.rules):
+    lowered = step_trainer._jit_train_step.lower(abstract, batch, jax.random.key(1)).as_text()
+  stacked_types = {"tensor<" + "x".join(map(str, leaf.shape)) + "xf32>"
+                   for leaf in jax.tree.leaves(abstract.params) if leaf.shape[0] == 3}
+  assert stacked_types and all(type_ in lowered for type_ in stacked_types)
+  copies = [line for line in lowered.splitlines()
+            if "stablehlo.concatenate" in line and line.rstrip().endswith(tuple(stacked_types))]
+  assert not copies
