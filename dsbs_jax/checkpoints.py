@@ -1,14 +1,18 @@
 """Checkpoints on disk: the model format and the training checkpoints.
 
 Model format (converted and exported students): DIR/params (an orbax checkpoint of the
-parameter tree, T5X layout) and DIR/config.json (the T5Config). Training checkpoints: a
-folder of <step>/ checkpoints (MODEL_DIR/checkpoints, which run_dir.py names) with the
-train state and the input pipeline's position.
+parameter tree, T5X layout, its layers apart: `layers_0`, `layers_1`, ...) and
+DIR/config.json (the T5Config). Training checkpoints: a folder of <step>/ checkpoints
+(MODEL_DIR/checkpoints, which run_dir.py names) with the train state and the input
+pipeline's position, its layers in the layout of the run that wrote it (stacked when it
+scanned them, see t5.params_in_layout); a run restoring it in the other layout gets it
+converted.
 
 Importers of other formats live in convert.py, and the rest of MODEL_DIR in run_dir.py;
 this module must not know them.
 """
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Optional, Sequence, Union
 
@@ -37,11 +41,13 @@ def short_error(error: BaseException) -> str:
 
 
 def save_model(directory: PathLike, params: Any, config: t5.T5Config) -> None:
-  """Writes params and config under `directory`, replacing a model already there."""
+  """Writes params (in either layout; stored per layer) and config under `directory`,
+  replacing a model already there."""
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / PARAMS_DIR, params, force=True)
+    checkpointer.save(directory / PARAMS_DIR, t5.params_in_layout(params, stacked=False),
+                      force=True)
     checkpointer.wait_until_finished()
   (directory / CONFIG_FILE).write_text(config.to_json() + "\n")
 
@@ -64,6 +70,11 @@ def _shapes_by_path(tree: Any) -> dict[str, tuple]:
           for path, leaf in leaves}
 
 
+def _per_layer_param_shapes(config: t5.T5Config) -> Any:
+  """The parameter shapes of a model directory: per layer, however `config` runs."""
+  return t5.param_shapes(dataclasses.replace(config, scan_layers=False))
+
+
 def check_params(directory: PathLike) -> t5.T5Config:
   """The config of a model directory whose parameters have the config's shapes, read from
   the checkpoint's metadata without loading arrays; CheckpointError otherwise."""
@@ -78,7 +89,7 @@ def check_params(directory: PathLike) -> t5.T5Config:
   except Exception as error:  # orbax raises many kinds; all mean no readable checkpoint here
     raise CheckpointError(f"{params_path}: not a readable parameter checkpoint "
                           f"({short_error(error)})") from error
-  expected = _shapes_by_path(t5.param_shapes(config))
+  expected = _shapes_by_path(_per_layer_param_shapes(config))
   if not set(stored) & set(expected):
     raise CheckpointError(f"{params_path}: holds none of a T5's parameters; is it a `dsbs "
                           "convert` output, or damaged?")
@@ -93,13 +104,14 @@ def check_params(directory: PathLike) -> t5.T5Config:
 
 
 def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
-  """(params, config) as written by `save_model`; params on the default device."""
+  """(params, config) as written by `save_model`; params on the default device, per layer
+  (a caller running `config` scanned converts them: t5.params_in_layout)."""
   directory = pathlib.Path(directory).absolute()
   config = check_params(directory)
   params_path = directory / PARAMS_DIR
   with ocp.StandardCheckpointer() as checkpointer:
     try:
-      params = checkpointer.restore(params_path, t5.param_shapes(config))
+      params = checkpointer.restore(params_path, _per_layer_param_shapes(config))
     except Exception as error:  # pylint: disable=broad-except
       raise CheckpointError(f"{params_path}: parameters are damaged ({short_error(error)})") from error
   return params, config
@@ -175,20 +187,43 @@ class TrainCheckpointer:
     except Exception as error:  # pylint: disable=broad-except
       raise self._unusable(step, error, earlier_step_flag) from error
 
+  def _state_metadata(self, step: int) -> Optional[Any]:
+    """The stored state's tree of array metadata; None if unreadable or missing (then
+    `restore` says which, naming the step)."""
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        return reader.metadata(self.directory / str(step) / "state").item_metadata
+    except Exception:  # pylint: disable=broad-except
+      return None
+
   def restore(self, step: int, abstract_state: Any,
               earlier_step_flag: str = "--gin.train.restore_step=") -> tuple[Any, dict]:
     """(state, input_state) of `step`, placed as `abstract_state`'s shardings say.
 
-    A step that cannot be read is a CheckpointError naming it and, when there is one, the
-    flag (`earlier_step_flag` and a number) that restores the step before it.
+    A state stored with its layers in the other layout than `abstract_state`'s (a run
+    resumed with scan_layers changed) is read as stored, converted (t5.params_in_layout)
+    and placed. A step that cannot be read is a CheckpointError naming it and, when there
+    is one, the flag (`earlier_step_flag` and a number) that restores the step before it.
     """
     self._check_exists(step)
+    wanted = None if abstract_state is None else t5.holds_stacked_layers(abstract_state)
+    stored = None
+    if wanted is not None:
+      metadata = self._state_metadata(step)
+      stored = None if metadata is None else t5.holds_stacked_layers(metadata)
+    converts = stored is not None and stored != wanted
+    as_stored = t5.params_in_layout(abstract_state, stored) if converts else abstract_state
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), input=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(as_stored), input=ocp.args.JsonRestore()))
     except Exception as error:  # orbax raises many kinds; all mean this step is unusable
       raise self._unusable(step, error, earlier_step_flag) from error
-    return restored.state, restored.input
+    state = restored.state
+    if converts:
+      shardings = jax.tree.map(lambda shape: shape.sharding, abstract_state)
+      state = jax.jit(functools.partial(t5.params_in_layout, stacked=wanted),
+                      out_shardings=shardings)(state)
+    return state, restored.input
 
   def delete_after(self, step: int) -> list[int]:
     """Deletes the checkpoints later than `step` (a run restarted from an earlier step)."""
@@ -198,19 +233,16 @@ class TrainCheckpointer:
     return later
 
   def restore_on_one_device(self, step: int) -> tuple[Any, dict]:
-    """(state, input_state) of `step` on this host's first device, whatever mesh wrote it.
+    """(state, input_state) of `step` on this host's first device, whatever mesh wrote it,
+    its layers in the layout stored.
 
     Restoring with the saved shardings needs the devices that saved them; this serves
     prediction and export on any machine.
     """
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    try:
-      with ocp.StandardCheckpointer() as reader:
-        metadata = reader.metadata(self.directory / str(step) / "state").item_metadata
-    except Exception:  # pylint: disable=broad-except
-      metadata = None  # unreadable or missing: `restore` says which, naming the step
     abstract_state = jax.tree.map(
-        lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=device), metadata)
+        lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=device),
+        self._state_metadata(step))
     return self.restore(step, abstract_state, earlier_step_flag="--step ")
 
   def wait(self) -> None:

@@ -38,8 +38,10 @@ class ConversionError(ValueError):
 # ------------------------------------------------------------------------------
 def _fit_params(config: t5.T5Config, lookup: Callable[[str], Optional[np.ndarray]],
                 source: pathlib.Path) -> dict[str, Any]:
-  """Our parameter tree, each leaf `lookup(our/slash/name)` checked against its shape."""
-  expected = traverse_util.flatten_dict(t5.param_shapes(config), sep="/")
+  """Our parameter tree (per layer, however `config` runs), each leaf
+  `lookup(our/slash/name)` checked against its shape."""
+  per_layer = dataclasses.replace(config, scan_layers=False)
+  expected = traverse_util.flatten_dict(t5.param_shapes(per_layer), sep="/")
   dtype = np.dtype(config.param_dtype)
   params, missing = {}, []
   for name, shape_dtype in expected.items():
@@ -285,9 +287,10 @@ def hf_config(config: t5.T5Config) -> dict[str, Any]:
 
 
 def hf_weights(params: Any) -> dict[str, np.ndarray]:
-  """{Hugging Face name: float32 array} of our parameter tree."""
+  """{Hugging Face name: float32 array} of our parameter tree (in either layout)."""
+  per_layer = t5.params_in_layout(params, stacked=False)
   return {hf_name(name): np.ascontiguousarray(hf_layout(name, array), np.float32)
-          for name, array in traverse_util.flatten_dict(params, sep="/").items()}
+          for name, array in traverse_util.flatten_dict(per_layer, sep="/").items()}
 
 
 # ------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Student:
   """A trained student as host numpy arrays, with what prediction must reproduce."""
   run: run_dir.RunDir
   step: int
-  params: Any
+  params: Any  # in the layout `config` runs with (t5.params_in_layout)
   config: t5.T5Config
   spec: run_dir.RunSpec
   results: Optional[dict[str, Any]]  # MODEL_DIR/results.json; None if the run did not finish

@@ -23,15 +23,18 @@ LogicalRules = tuple[tuple[str, Optional[str]], ...]
 # Flax applies rules in order and uses a mesh axis at most once per array: under 'fsdp'
 # an activation [batch, length, embed] keeps batch on 'data' and leaves embed unsharded,
 # while a kernel [embed, mlp] puts embed on 'data' and mlp on 'model'.
+# The leading axis of scanned layers' stacked parameters, 'layers', is never sharded: each
+# step of the scan reads one layer of every parameter.
 _ACTIVATION_RULES = (("batch", "data"), ("length", None), ("relpos_buckets", None))
+_STACKED_LAYERS_RULES = (("layers", None),)
 _MODEL_PARALLEL_NAMES = ("vocab", "mlp", "heads", "kv", "joined_kv")
 LOGICAL_AXIS_RULES: dict[str, LogicalRules] = {
-    "data": (_ACTIVATION_RULES + tuple((name, None) for name in _MODEL_PARALLEL_NAMES)
-             + (("embed", None),)),
-    "tensor": (_ACTIVATION_RULES + tuple((name, "model") for name in _MODEL_PARALLEL_NAMES)
-               + (("embed", None),)),
-    "fsdp": (_ACTIVATION_RULES + tuple((name, "model") for name in _MODEL_PARALLEL_NAMES)
-             + (("embed", "data"),)),
+    "data": (_ACTIVATION_RULES + _STACKED_LAYERS_RULES
+             + tuple((name, None) for name in _MODEL_PARALLEL_NAMES) + (("embed", None),)),
+    "tensor": (_ACTIVATION_RULES + _STACKED_LAYERS_RULES
+               + tuple((name, "model") for name in _MODEL_PARALLEL_NAMES) + (("embed", None),)),
+    "fsdp": (_ACTIVATION_RULES + _STACKED_LAYERS_RULES
+             + tuple((name, "model") for name in _MODEL_PARALLEL_NAMES) + (("embed", "data"),)),
 }
 
 
@@ -131,12 +134,14 @@ class Partitioner:
   def opt_state_shardings(self, opt_state_shapes, param_shapes, param_shardings) -> Any:
     """NamedShardings for an optax state, mirroring the parameters it keeps copies of.
 
-    optax keeps per-parameter state in trees that end with the parameter's own path
-    (e.g. `mu/encoder/.../kernel`); a leaf found that way with the parameter's shape
-    (Adam's moments, unfactored Adafactor statistics) takes the parameter's sharding.
-    Every other leaf is replicated: step counts, hyperparameters, placeholders, and
-    Adafactor's factored row/column statistics, which are vectors (rows + cols numbers
-    per matrix), so replicating them costs little memory.
+    Per-parameter state sits in trees whose paths hold the parameter's own path: after
+    it in trainer.per_parameter's state (`encoder/.../kernel/0/mu`), before it in plain
+    optax's (`mu/encoder/.../kernel`). A leaf found that way with the parameter's shape
+    (Adam's moments, unfactored Adafactor statistics) takes the parameter's sharding,
+    whose layer axis, if any, is unsharded. Every other leaf is replicated: step counts,
+    hyperparameters, placeholders, and Adafactor's factored row/column statistics, which
+    are vectors per matrix ([layers, rows] and [layers, cols] for a stacked one), so
+    replicating them costs little memory.
     """
     param_by_path = {
         tuple(path): (tuple(shape_like.shape), sharding)
@@ -147,9 +152,10 @@ class Partitioner:
 
     def leaf_sharding(path, shape_like):
       for start in range(len(path)):
-        if tuple(path[start:]) in param_by_path:
-          shape, sharding = param_by_path[tuple(path[start:])]
-          return sharding if shape == tuple(shape_like.shape) else replicated
+        for end in range(len(path), start, -1):
+          if tuple(path[start:end]) in param_by_path:
+            shape, sharding = param_by_path[tuple(path[start:end])]
+            return sharding if shape == tuple(shape_like.shape) else replicated
       return replicated
 
     return jax.tree_util.tree_map_with_path(leaf_sharding, opt_state_shapes)

@@ -158,7 +158,7 @@ class RunDir:
 
   def load_params(self, step: str = "best") -> tuple[Any, t5.T5Config, int]:
     """(params, config, step) on this host's first device: 'best' (by validation), 'latest'
-    or a step number."""
+    or a step number; params in the layout `config` runs with, whichever the run trained in."""
     config = self.config()
     checkpointer = self.checkpointer()
     try:
@@ -174,7 +174,7 @@ class RunDir:
       state, _ = checkpointer.restore_on_one_device(chosen)
     finally:
       checkpointer.close()
-    return state["params"], config, chosen
+    return t5.params_in_layout(state["params"], t5.scans_layers(config)), config, chosen
 
   # ----------------------------------------------------------------------------
   # JSON files: the best step so far and the final results.

@@ -140,7 +140,7 @@ def restore_or_initialize(run: run_dir.RunDir, checkpointer: checkpoints.TrainCh
     return state
   if initial_checkpoint_path:
     params, _ = checkpoints.load_model(initial_checkpoint_path)
-    state = trainer.state_from_params(jax.device_put(params, trainer.param_shardings))
+    state = trainer.state_from_params(params)
     print_fn(f"initialized from {initial_checkpoint_path}")
     return state
   return trainer.init_state(jax.random.key(seed))

@@ -1,6 +1,9 @@
 """The train state, optimizers and learning-rate schedules, and the jitted, sharded train and
 eval steps (with gradient accumulation over microbatches and a non-finite loss guard).
 
+Optimizers see each parameter array of each layer apart (`per_parameter`), whichever
+layout (per layer, or stacked for scanned layers) the parameters are kept in.
+
 This module holds no training loop, data pipeline, checkpoint or logging code (see train.py).
 """
 from typing import Any, Callable, Optional
@@ -66,6 +69,43 @@ def make_schedule(schedule: str, learning_rate: float, warmup_steps: int = 0,
   return optax.join_schedules([warmup, decay], [warmup_steps])
 
 
+def _under_stacked_layers(path) -> bool:
+  return any(isinstance(key, jax.tree_util.DictKey) and key.key == t5.STACKED_KEY
+             for key in path)
+
+
+def per_parameter(transformation: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`transformation` applied to each parameter array apart, and to each layer of a
+  stacked one (a leaf under a `layers` subtree, see t5.params_in_layout) apart.
+
+  Adafactor's factored statistics, update clipping and parameter scaling, and AdamW's
+  weight-decay mask (`ndim >= 2`) are defined per array; applied to a stacked [layers, ...]
+  array they would mix the layers. Vmapped over the layer axis instead, a step updates
+  stacked parameters exactly as it updates the same layers kept apart. The state mirrors
+  the parameters: at each parameter's path, `transformation`'s state of that array (with
+  a leading layer axis on every leaf under `layers`), so that it converts between layouts
+  as the parameters do and takes their shardings (Partitioner.opt_state_shardings).
+  Transformations over all parameters at once (global-norm clipping) must stay outside.
+  """
+  def for_leaf(path, function):
+    return jax.vmap(function) if _under_stacked_layers(path) else function
+
+  def init(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, param: for_leaf(path, transformation.init)(param), params)
+
+  def update(updates, state, params=None):
+    flat_updates, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    states = treedef.flatten_up_to(state)
+    flat_params = [None] * len(states) if params is None else treedef.flatten_up_to(params)
+    results = [for_leaf(path, transformation.update)(update, leaf_state, param)
+               for (path, update), leaf_state, param in zip(flat_updates, states, flat_params)]
+    return (treedef.unflatten([result[0] for result in results]),
+            treedef.unflatten([result[1] for result in results]))
+
+  return optax.GradientTransformation(init, update)
+
+
 @gin.configurable
 def make_optimizer(name: str = "adafactor", learning_rate: Optional[float] = None,
                    schedule: Optional[str] = None, warmup_steps: int = 0,
@@ -76,7 +116,8 @@ def make_optimizer(name: str = "adafactor", learning_rate: Optional[float] = Non
 
   Adafactor takes optax's T5 settings (factored second moments, decay 0.8, update
   clipping at 1, updates scaled by the parameters' scale, no momentum). AdamW decays
-  only matrices (not layer-norm scales), as Hugging Face Trainer does.
+  only matrices (not layer-norm scales), as Hugging Face Trainer does. Either sees each
+  layer's arrays apart (`per_parameter`); gradient clipping is over all parameters.
   """
   if name not in OPTIMIZER_DEFAULTS:
     raise ValueError(f"unknown optimizer {name!r}: expected one of {sorted(OPTIMIZER_DEFAULTS)}")
@@ -90,6 +131,7 @@ def make_optimizer(name: str = "adafactor", learning_rate: Optional[float] = Non
   else:
     optimizer = optax.adamw(learning_rate_fn, weight_decay=weight_decay,
                             mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+  optimizer = per_parameter(optimizer)
   if grad_clip_norm:
     optimizer = optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
   return optimizer, learning_rate_fn
@@ -120,6 +162,10 @@ def _split_microbatches(batch: encoder_decoder.Batch,
 @gin.configurable
 class Trainer:
   """Jitted, sharded train and eval steps for one network config, optimizer and mesh.
+
+  The state's parameters and optimizer state are in the layout the config runs with
+  (stacked layers when scanned, see t5.params_in_layout); `optimizer` should see each
+  layer apart (`per_parameter`, as `make_optimizer`'s do).
 
   Steps compile once per batch shape. Use `shard_batch` on each host's batch, then
   `train_step(state, batch, rng)` -> (state, metrics), `check_finite(metrics, step)` and
@@ -184,10 +230,12 @@ class Trainer:
     return self._in_mesh(self._jit_init_state, rng)
 
   def state_from_params(self, params) -> TrainState:
-    """A step-0 state (fresh optimizer state) around given, e.g. pretrained, parameters.
+    """A step-0 state (fresh optimizer state) around given, e.g. pretrained, parameters,
+    in either layout (per layer, as model folders hold them, or stacked).
 
     Host arrays must hold the whole parameters, the same on every host.
     """
+    params = t5.params_in_layout(params, t5.scans_layers(self.config))
     params = jax.device_put(params, self.param_shardings)
     return self._in_mesh(self._jit_state_from_params, params)
 

@@ -1,7 +1,8 @@
 """Tests for dsbs_jax.checkpoints: the model format round trip (with how the network ran left
-out of a loaded config), parameters checked against their config, and training checkpoints
-that keep the latest steps and the one named best, restore exactly, and name a step that
-cannot be read with the flag that restores the one before it."""
+out of a loaded config, and the layers stored apart), parameters checked against their
+config, and training checkpoints that keep the latest steps and the one named best, restore
+exactly, resume a run in the other layout of its layers, and name a step that cannot be
+read with the flag that restores the one before it."""
 import dataclasses
 
 import jax
@@ -10,7 +11,10 @@ import numpy as np
 import pytest
 
 from dsbs_jax import checkpoints
+from dsbs_jax import partitioning
+from dsbs_jax import trainer
 from dsbs_jax.models import t5
+from test_trainer import factored_adafactor, random_batches
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,9 @@ def assert_same_tree(got, want):
 
 def test_a_model_round_trips_and_forgets_how_it_ran(tmp_path, tiny_config, params):
   ran_scanned = dataclasses.replace(tiny_config, scan_layers=True, remat_policy="full")
-  checkpoints.save_model(tmp_path / "model", params, ran_scanned)
+  # A scanned run's stacked parameters are stored, and load, per layer.
+  checkpoints.save_model(tmp_path / "model", t5.params_in_layout(params, stacked=True),
+                         ran_scanned)
   loaded, config = checkpoints.load_model(tmp_path / "model")
   assert_same_tree(loaded, params)
   assert config == tiny_config  # the execution fields are back at their defaults
@@ -99,3 +105,37 @@ def test_a_corrupt_checkpoint_is_named_with_the_flag_that_restores_the_one_befor
       checkpointer.restore_on_one_device(2)
   finally:
     checkpointer.close()
+
+
+def test_a_run_resumes_with_its_layers_in_the_other_layout(tmp_path, tiny_config):
+  # Two steps unrolled, then two scanned from the checkpoint (e.g. a run begun on a CPU
+  # resumed on a GPU), then back: the same training as four steps unrolled.
+  unrolled = dataclasses.replace(tiny_config, scan_layers=False)
+  partitioner = partitioning.make_partitioner("fsdp", (2, 2), jax.devices()[:4])
+  trainers = {scan: trainer.Trainer(dataclasses.replace(unrolled, scan_layers=scan), partitioner,
+                                    trainer.per_parameter(factored_adafactor()))
+              for scan in (False, True)}
+  batches = [trainers[False].shard_batch(batch) for batch in random_batches(unrolled, 4, seed=4)]
+
+  def train(scan, state, steps):
+    for batch in steps:
+      state, _ = trainers[scan].train_step(state, batch, jax.random.key(1))
+    return state
+
+  expected = jax.device_get(train(False, trainers[False].init_state(jax.random.key(0)), batches))
+  checkpointer = checkpoints.TrainCheckpointer(tmp_path / "checkpoints", asynchronous=False)
+  try:
+    checkpointer.save(2, train(False, trainers[False].init_state(jax.random.key(0)),
+                               batches[:2]), {})
+    resumed, _ = checkpointer.restore(2, trainers[True].abstract_state())
+    assert t5.holds_stacked_layers(resumed.params)
+    assert [leaf.sharding.spec for leaf in jax.tree.leaves(resumed)] == [
+        sharding.spec for sharding in jax.tree.leaves(trainers[True].state_shardings)]
+    checkpointer.save(4, train(True, resumed, batches[2:]), {})
+    final, _ = checkpointer.restore(4, trainers[False].abstract_state())
+  finally:
+    checkpointer.close()
+  assert t5.holds_stacked_layers(final.params) is False
+  assert jax.tree.structure(final) == jax.tree.structure(expected)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(final), expected)

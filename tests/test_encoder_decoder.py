@@ -258,6 +258,7 @@ def hf_generate(hf_model, encoder_tokens, **kwargs):
 def test_greedy_matches_transformers_generate(hf_and_ours, scan_layers):
   hf_model, params, config = hf_and_ours
   config = dataclasses.replace(config, scan_layers=scan_layers)
+  params = t5.params_in_layout(params, stacked=scan_layers)
   tokens = padded_inputs()
   expected = hf_generate(hf_model, tokens, num_beams=1)
   ended_early = [(row == 1).any() and row[-1] == 0 for row in expected]
@@ -271,6 +272,7 @@ def test_beam_search_matches_transformers_generate(hf_and_ours, scan_layers):
   # Beam search reorders the cache's rows; scanned layers keep theirs on axis 0 too.
   hf_model, params, config = hf_and_ours
   config = dataclasses.replace(config, scan_layers=scan_layers)
+  params = t5.params_in_layout(params, stacked=scan_layers)
   tokens = padded_inputs(seed=1)
   # transformers divides by length ** length_penalty, we (as T5X) by
   # ((5 + length) / 6) ** length_penalty: they agree when both are 0.

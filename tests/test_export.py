@@ -20,6 +20,8 @@ import tensorflow as tf
 from dsbs_jax import cli
 from dsbs_jax import export
 from dsbs_jax import infer
+from dsbs_jax import run_dir
+from dsbs_jax.models import t5
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -151,6 +153,31 @@ def test_sharded_checkpoint_exports_on_one_device(v1_1_student, tmp_path):
       env=env, cwd=REPO, capture_output=True, text=True, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
   assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_scanned_run_exports_as_the_same_run_unrolled(v1_1_student, tmp_path):
+  # A scanned run's checkpoints hold its layers stacked: the same training state written
+  # that way exports the same Hugging Face weights and the same per-layer parameters.
+  scanned_run = tmp_path / "scanned"
+  shutil.copytree(v1_1_student, scanned_run)
+  checkpointer = run_dir.RunDir(scanned_run).checkpointer(asynchronous=False)
+  try:
+    state, input_state = checkpointer.restore_on_one_device(4)
+    checkpointer.delete_after(0)
+    checkpointer.save(4, t5.params_in_layout(state, stacked=True), input_state)
+  finally:
+    checkpointer.close()
+  for run, out in ((v1_1_student, tmp_path / "unrolled_hf"), (scanned_run, tmp_path / "hf")):
+    assert dsbs_export("--checkpoint", run, "--format", "hf", "--out", out) == 0
+  assert ((tmp_path / "hf" / "model.safetensors").read_bytes()
+          == (tmp_path / "unrolled_hf" / "model.safetensors").read_bytes())
+  scanned = export.load_student(scanned_run, "latest")
+  assert t5.holds_stacked_layers(scanned.params) == t5.scans_layers(scanned.config)
+  jax.tree.map(np.testing.assert_array_equal,
+               t5.params_in_layout(scanned.params, stacked=False),
+               t5.params_in_layout(export.load_student(v1_1_student, "latest").params,
+                                   stacked=False))
 
 
 # ------------------------------------------------------------------------------

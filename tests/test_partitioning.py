@@ -1,4 +1,6 @@
 """Tests of the mesh builder, the logical-axis rules and the shardings they give."""
+import dataclasses
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dsbs_jax import partitioning
+from dsbs_jax import trainer
 from dsbs_jax.models import t5
 
 
@@ -105,27 +108,41 @@ def test_shard_batch_splits_rows_over_data():
 
 
 @pytest.mark.parametrize("optimizer", [
-    optax.adamw(1e-3), optax.adafactor(1e-3, min_dim_size_to_factor=8)],
-                         ids=["adamw", "factored_adafactor"])
-def test_opt_state_follows_parameters(tiny_config, optimizer):
+    optax.adamw(1e-3), optax.adafactor(1e-3, min_dim_size_to_factor=8),
+    trainer.per_parameter(optax.adamw(1e-3)),
+    trainer.per_parameter(optax.adafactor(1e-3, min_dim_size_to_factor=8))],
+                         ids=["adamw", "factored_adafactor", "per_parameter_adamw",
+                              "per_parameter_factored_adafactor"])
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["per_layer", "stacked"])
+def test_opt_state_follows_parameters(tiny_config, optimizer, scan_layers):
+  config = dataclasses.replace(tiny_config, scan_layers=scan_layers)
   partitioner = partitioning.make_partitioner("fsdp", (4, 2))
-  param_shapes = t5.param_shapes(tiny_config)
-  param_shardings = partitioner.param_shardings(t5.param_partition_specs(tiny_config),
+  param_shapes = t5.param_shapes(config)
+  param_shardings = partitioner.param_shardings(t5.param_partition_specs(config),
                                                 param_shapes)
   opt_state_shapes = jax.eval_shape(optimizer.init, param_shapes)
   shardings = partitioner.opt_state_shardings(opt_state_shapes, param_shapes, param_shardings)
 
-  embedding_spec = P("model", "data")
+  layers = config.num_encoder_layers
+  wo_shape = ((layers,) if scan_layers else ()) + (config.mlp_dim, config.emb_dim)
+  wo_spec = P(*((None,) if scan_layers else ()), "model", "data")
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
   shapes = jax.tree.leaves(opt_state_shapes)
-  mirrored = 0
+  mirrored = factored = 0
   for (path, sharding), shape in zip(flat, shapes):
     name = jax.tree_util.keystr(path)
-    if "embedding" in name and shape.shape == (tiny_config.vocab_size, tiny_config.emb_dim):
-      assert sharding.spec == embedding_spec, name
+    if "embedding" in name and shape.shape == (config.vocab_size, config.emb_dim):
+      assert sharding.spec == P("model", "data"), name
       mirrored += 1
+    elif "encoder']['layers" in name and "['mlp']['wo']" in name and shape.shape == wo_shape:
+      assert sharding.spec == wo_spec, name
+    elif "encoder']['layers" in name and "['mlp']['wo']" in name and "v_row" in name:
+      # factored row statistics, a vector per layer: [layers, n] when stacked
+      assert shape.ndim == len(wo_shape) - 1 and sharding.spec == P(), name
+      factored += 1
     elif shape.ndim <= 1 and "scale" not in name:
       # counts, placeholders and factored row/column statistics
       assert sharding.spec == P(), name
   # Adam: mu and nu; factored Adafactor keeps no full-size copy of a matrix.
   assert mirrored == (2 if "mu" in str(flat) else 0)
+  assert factored == (0 if "mu" in str(flat) else 1 if scan_layers else layers)

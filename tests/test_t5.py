@@ -1,7 +1,9 @@
 """Tests for dsbs_jax.models (layers.py, t5.py): configs, shipped gin files, relative
-position buckets, packing, logical axes, dropout, dtypes, and how the network runs
-(scanned or unrolled layers, rematerialization, attention and dense kernels)."""
+position buckets, packing, logical axes, dropout, dtypes, how the network runs (scanned or
+unrolled layers, rematerialization, attention and dense kernels), and the two layouts of
+the layers' parameters (stacked when scanned, per layer when unrolled) and their conversion."""
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -201,46 +203,94 @@ def loss_and_gradients(config, params, batch):
     ids=lambda execution: ",".join(f"{k}={v}" for k, v in execution.items()))
 def test_execution_choices_give_the_same_loss_and_gradients(tiny_config, execution):
   unrolled = dataclasses.replace(tiny_config, scan_layers=False)
-  params = t5.init_params(tiny_config, jax.random.key(0))
+  params = t5.init_params(unrolled, jax.random.key(0))
   batch = packed_batch(tiny_config)
   expected_loss, expected_grads = loss_and_gradients(unrolled, params, batch)
-  loss, grads = loss_and_gradients(dataclasses.replace(unrolled, **execution), params, batch)
+  config = dataclasses.replace(unrolled, **execution)
+  loss, grads = loss_and_gradients(
+      config, t5.params_in_layout(params, t5.scans_layers(config)), batch)
+  grads = t5.params_in_layout(grads, stacked=False)
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-6)
   assert jax.tree.structure(grads) == jax.tree.structure(expected_grads)
   jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6),
                grads, expected_grads)
 
 
-def test_layers_stack_and_unstack_exactly(tiny_config):
-  params = t5.init_params(tiny_config, jax.random.key(0))
-  stacked = t5.stack_layers(params["encoder"], tiny_config.num_encoder_layers)
-  assert "layers_0" not in stacked and stacked["relpos_bias"] is params["encoder"]["relpos_bias"]
-  kernel = stacked["layers"]["mlp"]["wo"]["kernel"]
-  assert kernel.shape == (tiny_config.num_encoder_layers, tiny_config.mlp_dim,
-                          tiny_config.emb_dim)
-  np.testing.assert_array_equal(kernel[1], params["encoder"]["layers_1"]["mlp"]["wo"]["kernel"])
-  unstacked = t5.unstack_layers(stacked, tiny_config.num_encoder_layers)
-  jax.tree.map(np.testing.assert_array_equal, unstacked, params["encoder"])
-  assert t5.stack_layers(stacked, tiny_config.num_encoder_layers) is stacked
+def test_scanned_layers_keep_their_parameters_stacked(tiny_config):
+  scanned = dataclasses.replace(tiny_config, scan_layers=True)
+  shapes = traverse_util.flatten_dict(t5.param_shapes(scanned), sep="/")
+  specs = traverse_util.flatten_dict(t5.param_partition_specs(scanned), sep="/")
+  assert specs.keys() == shapes.keys()
+  assert not any("layers_" in name for name in shapes)
+  assert shapes["encoder/layers/mlp/wo/kernel"].shape == (
+      tiny_config.num_encoder_layers, tiny_config.mlp_dim, tiny_config.emb_dim)
+  assert shapes["decoder/layers/pre_mlp_layer_norm/scale"].shape == (
+      tiny_config.num_decoder_layers, tiny_config.emb_dim)
+  for name, spec in specs.items():
+    assert len(spec) == len(shapes[name].shape), name
+    assert (spec[0] == "layers") == ("/layers/" in name), name
+    assert set(spec) <= LOGICAL_AXES | {"layers"}, name
+  assert tuple(specs["encoder/layers/attention/query/kernel"]) == ("layers", "embed", "joined_kv")
+  assert tuple(specs["encoder/relpos_bias/rel_embedding"]) == ("heads", "relpos_buckets")
+  # Apart from the layer axis, each stacked array is its layers' arrays.
+  per_layer = traverse_util.flatten_dict(t5.param_shapes(tiny_config), sep="/")
+  per_layer_specs = traverse_util.flatten_dict(t5.param_partition_specs(tiny_config), sep="/")
+  for name, shape in per_layer.items():
+    stacked_name = re.sub(r"/layers_\d+/", "/layers/", name)
+    assert shapes[stacked_name].shape[int(stacked_name != name):] == shape.shape, name
+    assert tuple(specs[stacked_name])[int(stacked_name != name):] == tuple(
+        per_layer_specs[name]), name
 
 
-def test_a_scanned_network_initializes_per_layer_parameters(tiny_config):
-  # Scanning is invisible outside the network: initializing it directly gives the
-  # parameter tree, the values and the logical axes of t5.init_params.
+def test_layouts_convert_exactly_both_ways(tiny_config):
+  per_layer = t5.init_params(tiny_config, jax.random.key(0))
+  stacked = t5.params_in_layout(per_layer, stacked=True)
+  assert t5.holds_stacked_layers(stacked) and t5.holds_stacked_layers(per_layer) is False
+  assert t5.holds_stacked_layers({"token_embedder": per_layer["token_embedder"]}) is None
+  assert "layers_0" not in stacked["encoder"]
+  kernel = stacked["encoder"]["layers"]["mlp"]["wo"]["kernel"]
+  np.testing.assert_array_equal(kernel[1], per_layer["encoder"]["layers_1"]["mlp"]["wo"]["kernel"])
+  jax.tree.map(np.testing.assert_array_equal, t5.params_in_layout(stacked, stacked=False),
+               per_layer)
+  # A tree already in the asked layout is unchanged; host arrays stay numpy arrays.
+  jax.tree.map(np.testing.assert_array_equal, t5.params_in_layout(stacked, stacked=True),
+               stacked)
+  on_host = t5.params_in_layout(jax.device_get(per_layer), stacked=True)
+  assert isinstance(on_host["decoder"]["layers"]["mlp"]["wo"]["kernel"], np.ndarray)
+  with pytest.raises(ValueError, match=r"layers \[0, 2\]: expected layers_0 ... layers_1"):
+    t5.params_in_layout({"layers_0": 1, "layers_2": 2}, stacked=True)
+
+
+def test_abstract_trees_convert_with_their_shardings(tiny_config):
+  mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices()[:8])
+  sharding = jax.NamedSharding(mesh, jax.P("data", "model"))
+  per_layer = {"encoder": {f"layers_{i}": {"kernel": jax.ShapeDtypeStruct(
+      (4, 8), np.float32, sharding=sharding)} for i in range(3)}}
+  stacked = t5.params_in_layout(per_layer, stacked=True)["encoder"]["layers"]["kernel"]
+  assert stacked.shape == (3, 4, 8) and stacked.sharding.spec == jax.P(None, "data", "model")
+  back = t5.params_in_layout({"encoder": {"layers": {"kernel": stacked}}}, stacked=False)
+  assert back == per_layer
+
+
+def test_a_scanned_network_initializes_the_stacked_parameters(tiny_config):
   scanned = dataclasses.replace(tiny_config, scan_layers=True)
   tokens = jnp.ones((1, 1), jnp.int32)
   boxed = t5.Transformer(scanned).init(jax.random.key(0), tokens, tokens, tokens,
                                        enable_dropout=False)["params"]
   jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(boxed),
-               t5.init_params(tiny_config, jax.random.key(0)))
-  assert nn.get_partition_spec(boxed) == t5.param_partition_specs(tiny_config)
+               t5.init_params(scanned, jax.random.key(0)))
+  assert nn.get_partition_spec(boxed) == t5.param_partition_specs(scanned)
 
 
 def test_init_params_do_not_depend_on_how_the_network_runs(tiny_config):
-  reference = t5.init_params(tiny_config, jax.random.key(3))
-  for execution in ({"scan_layers": False}, {"scan_layers": True, "remat_policy": "full"}):
-    jax.tree.map(np.testing.assert_array_equal, reference, t5.init_params(
-        dataclasses.replace(tiny_config, **execution), jax.random.key(3)))
+  reference = t5.init_params(dataclasses.replace(tiny_config, scan_layers=False),
+                             jax.random.key(3))
+  for execution in ({"scan_layers": False, "remat_policy": "full"},
+                    {"scan_layers": True, "remat_policy": "full"}):
+    params = t5.init_params(dataclasses.replace(tiny_config, **execution), jax.random.key(3))
+    assert t5.holds_stacked_layers(params) == execution["scan_layers"]
+    jax.tree.map(np.testing.assert_array_equal, reference,
+                 t5.params_in_layout(params, stacked=False))
 
 
 def test_fused_attention_refuses_attention_dropout(tiny_config):

@@ -2,6 +2,7 @@
 gradient accumulation, bfloat16 activations, evaluation and the non-finite loss guard."""
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,11 +120,44 @@ def test_optimizer_defaults():
 def test_adamw_spares_norm_scales_from_weight_decay():
   optimizer, _ = trainer.make_optimizer("adamw", learning_rate=0.1, schedule="constant",
                                         weight_decay=0.5)
-  params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,))}
-  grads = {"kernel": jnp.zeros((2, 2)), "scale": jnp.zeros((2,))}
+  # Stacked layers ([layers, ...] arrays under `layers`) count each layer's dimensions.
+  params = {"kernel": jnp.ones((2, 2)), "scale": jnp.ones((2,)),
+            "layers": {"kernel": jnp.ones((3, 2, 2)), "scale": jnp.ones((3, 2))}}
+  grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
-  np.testing.assert_allclose(updates["kernel"], -0.05)  # decay only
-  np.testing.assert_allclose(updates["scale"], 0.0)
+  for tree in (updates, updates["layers"]):
+    np.testing.assert_allclose(tree["kernel"], -0.05)  # decay only
+    np.testing.assert_allclose(tree["scale"], 0.0)
+
+
+def test_per_parameter_updates_stacked_layers_as_layers_apart():
+  # Adafactor factors, clips (RMS over the array) and scales each array: on a stacked
+  # array the layers must not mix, so their scales differ on purpose.
+  optimizer, _ = trainer.make_optimizer("adafactor", grad_clip_norm=1.0)
+  rng = np.random.default_rng(0)
+  per_layer = {"encoder": {f"layers_{i}": {
+      "kernel": rng.normal(size=(128, 256)).astype(np.float32) * 10.0**i,
+      "scale": rng.normal(size=(256,)).astype(np.float32) * 10.0**i} for i in range(3)},
+               "embedding": rng.normal(size=(16, 8)).astype(np.float32)}
+  grads = jax.tree.map(lambda p: (rng.normal(size=p.shape) * p).astype(np.float32), per_layer)
+
+  def step(params, grads):
+    state = optimizer.init(params)
+    updates, state = optimizer.update(grads, state, params)
+    return updates, optimizer.update(grads, state, params)[1]
+
+  expected_updates, expected_state = jax.jit(step)(per_layer, grads)
+  stacked_updates, stacked_state = jax.jit(step)(t5.params_in_layout(per_layer, True),
+                                                  t5.params_in_layout(grads, True))
+  factored = stacked_state[1]["encoder"]["layers"]["kernel"][0]
+  assert factored.v_row.shape == (3, 128) and factored.v_col.shape == (3, 256)
+  for got, want in ((stacked_updates, expected_updates), (stacked_state, expected_state)):
+    got = t5.params_in_layout(got, stacked=False)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+  # The optimizer state converts between layouts as the parameters do, both ways.
+  jax.tree.map(np.testing.assert_array_equal,
+               t5.params_in_layout(expected_state, stacked=True), stacked_state)
 
 
 def test_check_finite_names_the_step():
@@ -231,12 +265,38 @@ def test_sharded_training_equals_one_device(config, one_device_runs, optimizer_n
 @pytest.mark.parametrize("parallelism, mesh_shape", [
     ("fsdp", (2, 2)), pytest.param("tensor", (4, 2), marks=pytest.mark.slow)])
 def test_scanned_layers_train_as_unrolled_ones(tiny_config, parallelism, mesh_shape):
-  # The optimizer and the checkpoints see per-layer parameters either way; the scanned
-  # network stacks them inside the step, under the mesh's shardings.
+  # The scanned run keeps parameters and optimizer state stacked, sharded under the mesh;
+  # per_parameter's Adafactor factors, clips and scales each layer's arrays apart.
   unrolled = dataclasses.replace(tiny_config, scan_layers=False)
   batches = random_batches(unrolled, 2, seed=3)
-  expected = train(unrolled, factored_adafactor(), "data", (1, 1), batches, jax.devices()[:1])
+  optimizer = trainer.per_parameter(factored_adafactor())
+  expected = train(unrolled, optimizer, "data", (1, 1), batches, jax.devices()[:1])
   devices = jax.devices()[:np.prod(mesh_shape)]
-  actual = train(dataclasses.replace(unrolled, scan_layers=True), factored_adafactor(),
-                 parallelism, mesh_shape, batches, devices)
-  assert_same_training(actual, expected)
+  actual_state, actual_history = train(dataclasses.replace(unrolled, scan_layers=True),
+                                       optimizer, parallelism, mesh_shape, batches, devices)
+  assert t5.holds_stacked_layers(actual_state.params)
+  as_unrolled = t5.params_in_layout(jax.device_get(actual_state), stacked=False)
+  assert_same_training((as_unrolled, actual_history), expected)
+  expected_opt_state = jax.device_get(expected[0].opt_state)
+  assert jax.tree.structure(as_unrolled.opt_state) == jax.tree.structure(expected_opt_state)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               as_unrolled.opt_state, expected_opt_state)
+
+
+def test_a_scanned_step_reads_stacked_parameters_without_copying_them(tiny_config):
+  # Before the train state kept scanned layers stacked, each step stacked every layer's
+  # parameters (one concatenate per array) and sliced the gradients apart again.
+  config = dataclasses.replace(tiny_config, num_encoder_layers=3, num_decoder_layers=3,
+                               scan_layers=True)
+  partitioner = partitioning.make_partitioner("data", (1, 1), jax.devices()[:1])
+  step_trainer = trainer.Trainer(config, partitioner, trainer.make_optimizer("adafactor")[0])
+  abstract = step_trainer.abstract_state()
+  batch = step_trainer.shard_batch(random_batches(config, 1, batch_size=2)[0])
+  with jax.set_mesh(partitioner.mesh), nn.logical_axis_rules(partitioner.rules):
+    lowered = step_trainer._jit_train_step.lower(abstract, batch, jax.random.key(1)).as_text()
+  stacked_types = {"tensor<" + "x".join(map(str, leaf.shape)) + "xf32>"
+                   for leaf in jax.tree.leaves(abstract.params) if leaf.shape[0] == 3}
+  assert stacked_types and all(type_ in lowered for type_ in stacked_types)
+  copies = [line for line in lowered.splitlines()
+            if "stablehlo.concatenate" in line and line.rstrip().endswith(tuple(stacked_types))]
+  assert not copies

@@ -1,11 +1,15 @@
-"""The T5 encoder-decoder (T5 v1.0, v1.1 and Flan-T5) in Flax, its config, and helpers to
-initialize parameters and get their logical partition specs.
+"""The T5 encoder-decoder (T5 v1.0, v1.1 and Flan-T5) in Flax, its config, helpers to
+initialize parameters and get their logical partition specs, and the conversion of
+parameter trees between the two layouts of the layers.
 
 Parameter names follow T5X's minimal T5 example so T5X checkpoints load without renaming.
-With `scan_layers` the layers run as one compiled body scanned over depth, but the
-parameters keep that per-layer layout (`layers_0`, `layers_1`, ...) outside the network:
-each stack turns them into one array per kernel with a leading layer axis as it runs
-(`stack_layers`), so checkpoints, converters and optimizers never see the difference.
+Unrolled, each stack keeps its layers apart (`layers_0`, `layers_1`, ...): the per-layer
+layout of model folders, converters and Hugging Face. With `scan_layers` the layers run as
+one compiled body scanned over depth, reading the stacked layout as T5X and MaxText keep
+it: one `layers` subtree per stack whose arrays have a leading layer axis (logical name
+'layers'). `init_params`, `param_shapes` and `param_partition_specs` give the layout the
+config runs with; `params_in_layout` converts any tree that mirrors parameter paths
+(parameters, gradients, optimizer states) at the boundaries where the other is needed.
 With decode=True the decoder runs one step over its key/value cache; the generation loops
 that drive it live with the loss in encoder_decoder.py. This module holds no loss,
 generation, optimizer, data or checkpoint-file code.
@@ -13,6 +17,7 @@ generation, optimizer, data or checkpoint-file code.
 import dataclasses
 import functools
 import json
+import re
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -24,6 +29,9 @@ import numpy as np
 from dsbs_jax.models import layers
 
 EOS_ID = 1
+# A scanned stack's module holding every layer, and the logical axis name of the leading
+# layer axis of its parameters.
+STACKED_KEY = "layers"
 
 
 @gin.configurable
@@ -203,8 +211,8 @@ def _run_layers(config: T5Config, layer_cls, num_layers: int, parent_kwargs: dic
 
   Must be called inside the stack's compact method. Unrolled layers are named `layers_i`;
   scanned, one `layers` module holds every parameter and cache entry with a layer axis
-  (parameters: axis 0, as `stack_layers` builds them; caches: axis 1, so that their
-  leading axis stays the batch, which beam search reorders).
+  (parameters: axis 0, the stacked layout of `params_in_layout`; caches: axis 1, so that
+  their leading axis stays the batch, which beam search reorders).
   """
   policy = layers.REMAT_POLICIES[config.remat_policy]
   scanned = scans_layers(config)
@@ -219,63 +227,140 @@ def _run_layers(config: T5Config, layer_cls, num_layers: int, parent_kwargs: dic
   scan = nn.scan(
       layer_cls, variable_axes={"params": 0, "cache": 1},
       split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
-      length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-  x, _ = scan(config, name="layers", **parent_kwargs)(inputs, *args)
+      length=num_layers, metadata_params={nn.PARTITION_NAME: STACKED_KEY})
+  x, _ = scan(config, name=STACKED_KEY, **parent_kwargs)(inputs, *args)
   return x
 
 
-def _layer_names(num_layers: int) -> list[str]:
-  return [f"layers_{index}" for index in range(num_layers)]
+# ------------------------------------------------------------------------------
+# The two layouts of a stack's layers, and the conversion between them.
+# ------------------------------------------------------------------------------
+_PER_LAYER_KEY = re.compile(r"layers_(\d+)")
 
 
-def stack_layers(stack_params: dict, num_layers: int) -> dict:
-  """A stack's parameters with `layers_0 ... layers_{n-1}` replaced by one `layers` tree
-  whose leaves have a leading layer axis (what a scanned stack reads). Anything else,
-  an already stacked tree included, is returned as it is. Parameters boxed with logical
-  axis names (as initialization makes them) gain a leading 'layers' name."""
-  names = _layer_names(num_layers)
-  if names[0] not in stack_params:
-    return stack_params
-
-  def stack(*per_layer):
-    if _is_boxed(per_layer[0]):
-      return per_layer[0].replace(value=jnp.stack([x.value for x in per_layer]),
-                                  names=("layers",) + tuple(per_layer[0].names))
-    return jnp.stack(per_layer)
-
-  stacked = {key: value for key, value in stack_params.items() if key not in names}
-  stacked["layers"] = jax.tree.map(stack, *(stack_params[name] for name in names),
-                                   is_leaf=_is_boxed)
-  return stacked
-
-
-def unstack_layers(stack_params: dict, num_layers: int) -> dict:
-  """The inverse of `stack_layers`."""
-  if "layers" not in stack_params:
-    return stack_params
-  per_layer = {key: value for key, value in stack_params.items() if key != "layers"}
-  for index, name in enumerate(_layer_names(num_layers)):
-    per_layer[name] = jax.tree.map(
-        lambda x, i=index: x.replace(value=x.value[i], names=x.names[1:]) if _is_boxed(x)
-        else x[i], stack_params["layers"], is_leaf=_is_boxed)
-  return per_layer
+def _is_dict(node) -> bool:
+  return isinstance(node, dict)
 
 
 def _is_boxed(x) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
-def _with_per_layer_params(stack_cls, num_layers: int, initializing: bool):
-  """`stack_cls` (a scanned encoder or decoder) seen from outside with per-layer parameters."""
-  def on_params(transform):
-    return lambda variables: (
-        {**variables, "params": transform(variables["params"], num_layers)}
-        if "params" in variables else variables)
-  # Parameters are written only when initializing; `mutable` would also make every
-  # other apply (e.g. decoding's, which mutates the cache) treat them as writable.
-  return nn.map_variables(stack_cls, "params", trans_in_fn=on_params(stack_layers),
-                          trans_out_fn=on_params(unstack_layers), init=initializing,
-                          mutable=initializing)
+def _per_layer_keys(node: dict) -> list[str]:
+  """`node`'s keys `layers_0 ... layers_{n-1}` in layer order; ValueError if some are missing."""
+  indices = sorted(int(match.group(1)) for key in node if isinstance(key, str)
+                   for match in [_PER_LAYER_KEY.fullmatch(key)] if match)
+  if indices != list(range(len(indices))):
+    raise ValueError(f"layers {indices}: expected layers_0 ... layers_{len(indices) - 1}")
+  if indices and STACKED_KEY in node:
+    raise ValueError(f"both {STACKED_KEY!r} and per-layer keys in one node: {sorted(node)}")
+  return [f"layers_{index}" for index in indices]
+
+
+def _sharding_with_layer_axis(sharding, stacked: bool):
+  """A NamedSharding with an unsharded leading layer axis added, or its leading axis removed."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec)
+  spec = (None,) + spec if stacked else spec[1:]
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec),
+                                    memory_kind=sharding.memory_kind)
+
+
+def _stack(*per_layer):
+  first = per_layer[0]
+  if _is_boxed(first):
+    return first.replace(value=_stack(*(x.value for x in per_layer)),
+                         names=(STACKED_KEY,) + tuple(first.names))
+  if isinstance(first, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(per_layer),) + tuple(first.shape), first.dtype,
+                                sharding=_sharding_with_layer_axis(first.sharding, True))
+  if isinstance(first, (np.ndarray, np.generic)):
+    return np.stack(per_layer)  # host arrays stay on the host
+  return jnp.stack(per_layer)
+
+
+def _layer(stacked, index: int):
+  if _is_boxed(stacked):
+    return stacked.replace(value=_layer(stacked.value, index), names=tuple(stacked.names)[1:])
+  if isinstance(stacked, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(stacked.shape[1:]), stacked.dtype,
+                                sharding=_sharding_with_layer_axis(stacked.sharding, False))
+  return stacked[index]
+
+
+def _num_stacked_layers(stacked_tree) -> int:
+  sizes = {(leaf.value if _is_boxed(leaf) else leaf).shape[0]
+           for leaf in jax.tree.leaves(stacked_tree, is_leaf=_is_boxed)}
+  if len(sizes) != 1:
+    raise ValueError(f"stacked layers of sizes {sorted(sizes)}: expected one leading "
+                     "layer axis shared by every array")
+  return sizes.pop()
+
+
+def _with_layers_stacked(node: dict) -> dict:
+  names = _per_layer_keys(node)
+  if not names:
+    return node
+  stacked = {key: value for key, value in node.items() if key not in names}
+  stacked[STACKED_KEY] = jax.tree.map(_stack, *(node[name] for name in names), is_leaf=_is_boxed)
+  return stacked
+
+
+def _with_layers_apart(node: dict) -> dict:
+  _per_layer_keys(node)  # refuses a node that mixes the layouts
+  if STACKED_KEY not in node:
+    return node
+  per_layer = {key: value for key, value in node.items() if key != STACKED_KEY}
+  for index in range(_num_stacked_layers(node[STACKED_KEY])):
+    per_layer[f"layers_{index}"] = jax.tree.map(
+        lambda x, i=index: _layer(x, i), node[STACKED_KEY], is_leaf=_is_boxed)
+  return per_layer
+
+
+def params_in_layout(tree: Any, stacked: bool) -> Any:
+  """`tree` with every stack's layers stacked (`stacked`, the layout of a scanned network,
+  `scans_layers(config)`) or apart (the per-layer layout of an unrolled one, and of model
+  folders, converters and Hugging Face), from either layout.
+
+  Any pytree whose dict nodes mirror parameter paths converts: a dict node holding
+  `layers_0 ... layers_{n-1}` becomes one holding `layers`, each leaf of which stacks the
+  layers' leaves along a new leading axis, and back. So parameters, gradients, optimizer
+  states (trainer.per_parameter's: their leaves under `layers` carry the layer axis too)
+  convert alike; boxed parameters gain or lose the leading 'layers' logical axis name,
+  ShapeDtypeStructs an unsharded leading axis of their NamedSharding; host (numpy) arrays
+  stay on the host. Nodes already in the asked layout, and everything else, are unchanged.
+  """
+  restructure = _with_layers_stacked if stacked else _with_layers_apart
+
+  def convert(node):
+    if not _is_dict(node):
+      return node
+    return restructure({key: jax.tree.map(convert, value, is_leaf=_is_dict)
+                        for key, value in node.items()})
+
+  return jax.tree.map(convert, tree, is_leaf=_is_dict)
+
+
+def holds_stacked_layers(tree: Any) -> Optional[bool]:
+  """Whether `tree` (as `params_in_layout` takes) holds its layers stacked (True) or apart
+  (False); None if it holds no layers. ValueError if it holds both."""
+  layouts = set()
+
+  def visit(node):
+    if _is_dict(node):
+      if STACKED_KEY in node:
+        layouts.add(True)
+      if _per_layer_keys(node):
+        layouts.add(False)
+      for value in node.values():
+        jax.tree.map(visit, value, is_leaf=_is_dict)
+    return node
+
+  jax.tree.map(visit, tree, is_leaf=_is_dict)
+  if len(layouts) > 1:
+    raise ValueError("a tree with some layers stacked and others apart")
+  return layouts.pop() if layouts else None
 
 
 class Encoder(nn.Module):
@@ -340,14 +425,8 @@ class Transformer(nn.Module):
   def setup(self):
     cfg = self.config
     self.token_embedder = layers.Embed(cfg.vocab_size, cfg.emb_dim, **_dtypes(cfg))
-    encoder_cls, decoder_cls = Encoder, Decoder
-    if scans_layers(cfg):
-      encoder_cls = _with_per_layer_params(Encoder, cfg.num_encoder_layers,
-                                           self.is_initializing())
-      decoder_cls = _with_per_layer_params(Decoder, cfg.num_decoder_layers,
-                                           self.is_initializing())
-    self.encoder = encoder_cls(cfg, self.token_embedder)
-    self.decoder = decoder_cls(cfg, self.token_embedder)
+    self.encoder = Encoder(cfg, self.token_embedder)
+    self.decoder = Decoder(cfg, self.token_embedder)
 
   def encode(self, encoder_input_tokens, encoder_segment_ids=None, encoder_positions=None, *,
              enable_dropout: bool = True):
@@ -402,30 +481,32 @@ class Transformer(nn.Module):
 def _init_variables(config: T5Config, rng: jax.Array):
   # Always through the scan: one layer's initializers to compile instead of every
   # layer's (on CPU 3 s instead of 11 s for T5 v1.1-small), and the same values whichever
-  # way the network will run.
+  # way the network will run. The parameters come stacked; unrolled, they are unstacked.
   scanned = dataclasses.replace(config, scan_layers=True, remat_policy="none")
   tokens = jnp.ones((1, 1), jnp.int32)
-  return Transformer(scanned).init(rng, tokens, tokens, tokens, enable_dropout=False)
+  variables = Transformer(scanned).init(rng, tokens, tokens, tokens, enable_dropout=False)
+  return params_in_layout(variables["params"], scans_layers(config))
 
 
 def _abstract_boxed_params(config: T5Config):
-  init = functools.partial(_init_variables, config)
-  return jax.eval_shape(init, jax.random.key(0))["params"]
+  return jax.eval_shape(functools.partial(_init_variables, config), jax.random.key(0))
 
 
 def init_params(config: T5Config, rng: jax.Array) -> dict[str, Any]:
-  """Freshly initialized parameters (plain arrays, T5X layout)."""
+  """Freshly initialized parameters (plain arrays, T5X names), in the layout `config` runs
+  with: stacked if `scans_layers(config)`, else per layer (see `params_in_layout`)."""
   init = jax.jit(functools.partial(_init_variables, config))
-  return nn.meta.unbox(init(rng)["params"])
+  return nn.meta.unbox(init(rng))
 
 
 def param_shapes(config: T5Config) -> dict[str, Any]:
-  """The parameter tree as jax.ShapeDtypeStruct leaves, computed without allocating."""
+  """The tree `init_params` gives, as jax.ShapeDtypeStruct leaves, computed without allocating."""
   return nn.meta.unbox(_abstract_boxed_params(config))
 
 
 def param_partition_specs(config: T5Config) -> dict[str, Any]:
-  """PartitionSpecs of logical axis names ('embed', 'mlp', ...) for every parameter.
+  """PartitionSpecs of logical axis names ('embed', 'mlp', ...) for every parameter of
+  `param_shapes` (a stacked array's leading axis is 'layers').
 
   Map them to a mesh with nn.logical_to_mesh_sharding(specs, mesh, rules).
   """
