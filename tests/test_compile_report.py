@@ -118,7 +118,11 @@ def test_decode_step_compiles_for_a_multi_host_slice(tpu_devices):
 def test_the_command_reports_and_tries_knobs_when_a_step_does_not_fit(tmp_path, capfd):
   out = tmp_path / "report.jsonl"
   code = cli.main(["compile", "--topology=cpu:8", "--gin_file=quickstart.gin", "--steps", "train",
-                   "--hbm_gib=0.0001", f"--json={out}"])
+                   "--hbm_gib=0.0001", f"--json={out}", "--gin.T5Config.vocab_size=128",
+                   "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64",
+                   "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}",
+                   # Left to try: more microbatches (a CPU target has no larger slice).
+                   "--gin.REMAT_POLICY='full'", "--gin.PARALLELISM='fsdp'"])
   printed = capfd.readouterr()
   assert code == 1
   assert "target cpu:8: 8 cpu devices on 1 host(s)" in printed.out
@@ -126,13 +130,13 @@ def test_the_command_reports_and_tries_knobs_when_a_step_does_not_fit(tmp_path, 
   tried = [line.split(":")[0].strip() for line in printed.out.splitlines()
            if line.startswith("  ") and "GiB per chip" in line]
   # 32 rows over 8 devices: 4 microbatches of one row per device at most.
-  assert tried == ["NUM_MICROBATCHES=4", "REMAT_POLICY='full'", "PARALLELISM='fsdp'"]
+  assert tried == ["NUM_MICROBATCHES=4"]
   result = json.loads(out.read_text())
   train, = result["steps"]
   assert train["fits"] is False and train["hbm_capacity_bytes"] == int(0.0001 * targets.GIB)
   assert train["hbm_bytes"] == (train["argument_bytes"] + train["output_bytes"]
                                 - train["alias_bytes"] + train["temp_bytes"] + train["code_bytes"])
-  assert [knob["fits"] for knob in result["knobs"]] == [False, False, False]
+  assert [knob["fits"] for knob in result["knobs"]] == [False]
   assert "TPU" not in printed.err and "E0000" not in printed.err
 
 
@@ -144,6 +148,21 @@ def test_a_bad_topology_is_one_line(topology, message, capsys):
   err = capsys.readouterr().err.strip()
   assert err.startswith("dsbs compile: error: --topology=") and message in err
   assert len(err.splitlines()) == 1
+
+
+def test_knobs_are_tried_most_local_first():
+  shape = run_shape("data", (4, 2), batch_size=64)
+  variants = compile_report.knob_variants(shape, targets.parse_target("v5e:2x4"))
+  assert [(change, other) for change, _, other in variants] == [
+      ("NUM_MICROBATCHES=8", None), ("REMAT_POLICY='full'", None),
+      ("PARALLELISM='fsdp'", None), ("--topology=v5e:4x4", "v5e:4x4")]
+  assert variants[0][1].num_microbatches == 8
+  assert variants[1][1].config.remat_policy == "full" and variants[2][1].parallelism == "fsdp"
+  # 12 rows over a data axis of 4: 3 rows each, which no microbatch count divides.
+  odd = run_shape("fsdp", (4, 2), batch_size=12, config=dataclasses.replace(
+      run_shape("fsdp", (4, 2)).config, remat_policy="full"))
+  assert [change for change, _, _ in compile_report.knob_variants(
+      odd, targets.parse_target("cpu:8"))] == []
 
 
 def test_targets_parse_and_grow():

@@ -117,32 +117,6 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_p
 
 
 @pytest.mark.slow
-def test_a_run_begun_unrolled_resumes_scanned_to_the_same_result(tmp_path):
-  # As a run begun on a CPU (layers unrolled) and resumed on an accelerator (scanned).
-  # Without dropout: scanned layers draw other masks than unrolled ones.
-  reference = str(tmp_path / "unrolled")
-  no_dropout = ["--gin.T5Config.dropout_rate=0.0"]
-  assert cli.main(tiny_run_flags(reference, train_steps=4, extra=no_dropout)) == 0
-  gin.clear_config()
-  model_dir = str(tmp_path / "rescanned")
-  shutil.copytree(reference, model_dir)
-  checkpointer = run_dir.RunDir(model_dir).checkpointer()
-  checkpointer.delete_after(2)
-  checkpointer.close()
-  assert cli.main(tiny_run_flags(model_dir, train_steps=4,
-                                 extra=no_dropout + ["--gin.T5Config.scan_layers=True"])) == 0
-  for step in (3, 4):
-    np.testing.assert_allclose(train_losses(model_dir)[step], train_losses(reference)[step],
-                               rtol=1e-5, err_msg=f"step {step}")
-  checkpointer = run_dir.RunDir(model_dir).checkpointer()
-  state, _ = checkpointer.restore(4, None)
-  checkpointer.close()
-  assert t5.holds_stacked_layers(state["params"])  # written in the layout it ran with
-  for got, want in zip(final_params(model_dir, 4), final_params(reference, 4)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
   model_dir = str(tmp_path / "nan")
   assert cli.main(tiny_run_flags(model_dir, train_steps=2)) == 0
