@@ -278,7 +278,8 @@ def analyze(step: str, lowered, lower_seconds: float, model_flops: float) -> Ste
 # ------------------------------------------------------------------------------
 # Building and lowering the run's steps for a target.
 # ------------------------------------------------------------------------------
-def _batch_shapes(rows: int, input_length: int, target_length: int, sharding) -> dict:
+def batch_shapes(rows: int, input_length: int, target_length: int, sharding) -> dict:
+  """A packed training batch as ShapeDtypeStructs with `sharding`."""
   shape = lambda length: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
   return {**{name: shape(input_length) for name in ENCODER_FEATURES},
           **{name: shape(target_length) for name in DECODER_FEATURES}}
@@ -302,7 +303,7 @@ def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepRepor
     start = time.time()
     if step in ("train", "eval"):
       rows = shape.batch_size if step == "train" else shape.eval_batch_size
-      batch = _batch_shapes(rows, shape.input_length, shape.target_length,
+      batch = batch_shapes(rows, shape.input_length, shape.target_length,
                             partitioner.batch_sharding)
       forward = flops.forward_flops(shape.config, rows, shape.input_length, shape.target_length)
       model_flops = (3 * forward if step == "train" else forward) / chips
@@ -321,7 +322,8 @@ def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepRepor
 # ------------------------------------------------------------------------------
 # Knobs that might make a train step fit, each tried by compiling.
 # ------------------------------------------------------------------------------
-def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, RunShape, Optional[str]]]:
+def knob_variants(shape: RunShape,
+                  target: targets.Target) -> list[tuple[str, RunShape, Optional[str]]]:
   """(what changes, the changed run, the other target it needs or None), most local first;
   `shape`'s mesh resolved for `target`."""
   variants = []
@@ -383,11 +385,12 @@ def format_step(report: StepReport, sheet: Optional[targets.DataSheet], capacity
                f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once)")
   roofline = report.roofline(sheet)
   if roofline:
-    lines.append(f"  roofline: step >= {roofline['seconds'] * 1e3:.3g} ms "
-                 f"({roofline['bound']}-bound: {report.model_flops:.3g} model FLOPs per chip "
-                 f"at {sheet.peak_flops:.3g} FLOP/s, arguments and outputs once at "
-                 f"{sheet.hbm_bytes_per_second:.3g} B/s; data-sheet figures, interconnect "
-                 f"not counted), so MFU <= {roofline['best_mfu']:.0%}")
+    bound = ("compute-bound" if roofline["bound"] == "compute" else
+             f"HBM-bound, so MFU <= {roofline['best_mfu']:.0%}")
+    lines.append(f"  roofline: step >= {roofline['seconds'] * 1e3:.3g} ms, {bound} "
+                 f"({report.model_flops:.3g} model FLOPs per chip at {sheet.peak_flops:.3g} "
+                 f"FLOP/s; arguments and outputs once at {sheet.hbm_bytes_per_second:.3g} B/s; "
+                 "data-sheet figures, interconnect not counted)")
   return lines
 
 

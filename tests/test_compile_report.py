@@ -79,7 +79,7 @@ def test_train_step_compiles_for_a_multi_host_slice_with_the_state_it_shards(
   partitioner = partitioning.make_partitioner(parallelism, mesh_shape, devices=tpu_devices)
   optimizer, _ = trainer_lib.make_optimizer(total_steps=10)
   state = trainer_lib.Trainer(shape.config, partitioner, optimizer).abstract_state()
-  batch = compile_report._batch_shapes(16, 128, 128, partitioner.batch_sharding)  # pylint: disable=protected-access
+  batch = compile_report.batch_shapes(16, 128, 128, partitioner.batch_sharding)
   for unused in ("encoder_positions", "decoder_positions"):  # jit drops what T5 ignores
     del batch[unused]
   # The compiler's arguments are this chip's shards of the state and the batch, as laid out
