@@ -23,7 +23,12 @@ import dataclasses
 import inspect
 import json
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from typing import Any, Optional
 
@@ -322,10 +327,10 @@ def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepRepor
 # ------------------------------------------------------------------------------
 # Knobs that might make a train step fit, each tried by compiling.
 # ------------------------------------------------------------------------------
-def knob_variants(shape: RunShape,
-                  target: targets.Target) -> list[tuple[str, RunShape, Optional[str]]]:
-  """(what changes, the changed run, the other target it needs or None), most local first;
-  `shape`'s mesh resolved for `target`."""
+def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, list, Optional[str]]]:
+  """(what changes, the gin bindings that change it, the other target it needs or None),
+  most local first; `shape`'s mesh resolved for `target`. Configurables are bound rather
+  than macros, so the change holds whatever gin files the run has."""
   variants = []
   # The most microbatches (up to 8x today's) that split each data-parallel share evenly.
   data_size = max(shape.mesh_shape[0], 1)
@@ -333,15 +338,15 @@ def knob_variants(shape: RunShape,
             if shape.batch_size % (data_size * shape.num_microbatches * factor) == 0]
   if counts:
     variants.append((f"NUM_MICROBATCHES={counts[0]}",
-                     dataclasses.replace(shape, num_microbatches=counts[0]), None))
+                     [f"Trainer.num_microbatches = {counts[0]}"], None))
   if shape.config.remat_policy != "full":
-    variants.append(("REMAT_POLICY='full'", dataclasses.replace(
-        shape, config=dataclasses.replace(shape.config, remat_policy="full")), None))
+    variants.append(("REMAT_POLICY='full'", ["T5Config.remat_policy = 'full'"], None))
   if shape.parallelism != "fsdp":
-    variants.append(("PARALLELISM='fsdp'", dataclasses.replace(shape, parallelism="fsdp"), None))
+    variants.append(("PARALLELISM='fsdp'", ["make_partitioner.parallelism = 'fsdp'"], None))
   larger = larger_slice(target)
-  if larger is not None:
-    variants.append((f"--topology={larger}", shape, larger))
+  if larger is not None:  # the same model axis, the data axis grown to the larger slice
+    variants.append((f"--topology={larger}",
+                     [f"make_partitioner.mesh_shape = (-1, {shape.mesh_shape[1]})"], larger))
   return variants
 
 
@@ -411,10 +416,12 @@ def _devices_for(target: targets.Target, capacity: Optional[int]):
   return devices, sheet, capacity
 
 
-def compile_and_report(shape: RunShape, target: targets.Target, steps, try_knobs: bool,
-                       capacity: Optional[int] = None, print_fn=print) -> dict:
+def compile_and_report(shape: RunShape, target: targets.Target, steps,
+                       knob_flags: Optional[list] = None, capacity: Optional[int] = None,
+                       print_fn=print) -> dict:
   """Compiles, prints the report, and returns it as JSON-ready values. `capacity`: the HBM
-  per chip to fit in, instead of the data sheet's."""
+  per chip to fit in, instead of the data sheet's; `knob_flags`: the run's `dsbs compile`
+  flags, to try knobs with when the train step does not fit (None: do not try)."""
   devices, sheet, capacity = _devices_for(target, capacity)
   shape = _with_resolved_mesh(shape, len(devices))
   hosts = len({getattr(d, "process_index", 0) for d in devices})
@@ -429,34 +436,42 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps, try_knobs
             "chips": len(devices), "hosts": hosts, "run": shape.describe(),
             "steps": [report.to_json(sheet, capacity) for report in reports]}
   train_report = next((r for r in reports if r.step == "train"), None)
-  if train_report is not None and train_report.fits(capacity) is False and try_knobs:
-    result["knobs"] = try_knobs_until_fit(shape, target, capacity, print_fn)
+  if train_report is not None and train_report.fits(capacity) is False and knob_flags is not None:
+    result["knobs"] = try_knobs_until_fit(shape, target, knob_flags, print_fn)
   return result
 
 
-def try_knobs_until_fit(shape: RunShape, target: targets.Target, capacity: Optional[int],
+def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list,
                         print_fn) -> list[dict]:
-  """Compiles the train step once per knob variant; reports which ones fit."""
+  """Compiles the train step once per knob variant, each in a process of its own (`dsbs
+  compile` with `run_flags`, the run's gin flags, and the knob's bindings), so that a
+  compiler crash ends only that try; reports which ones fit."""
   print_fn("the train step does not fit; trying one change at a time:")
   tried = []
-  for change, variant, other_target in knob_variants(shape, target):
-    variant_target = targets.parse_target(other_target) if other_target else target
-    try:
-      devices, _, variant_capacity = _devices_for(variant_target, capacity)
-      if other_target:  # the same model axis, the data axis grown to the larger slice
-        variant = dataclasses.replace(variant, mesh_shape=(-1, variant.mesh_shape[1]))
-      variant = _with_resolved_mesh(variant, len(devices))
-      report = compile_steps(variant, devices, ("train",))[0]
-    except (CompileError, targets.TargetError) as error:
-      print_fn(f"  {change}: cannot compile ({error})")
-      tried.append({"change": change, "error": str(error)})
+  for change, bindings, other_target in knob_variants(shape, target):
+    with tempfile.TemporaryDirectory() as scratch:
+      report_path = os.path.join(scratch, "report.jsonl")
+      command = [sys.executable, "-m", "dsbs_jax.cli", "compile",
+                 f"--topology={other_target or target.name}", "--steps", "train", "--no_knobs",
+                 f"--json={report_path}", *run_flags,
+                 *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in bindings)]
+      result = subprocess.run(command, capture_output=True, text=True, check=False)
+      report = None
+      if os.path.exists(report_path):
+        with open(report_path, encoding="utf-8") as f:
+          report = json.loads(f.read())["steps"][0]
+    if report is None:
+      error = (f"the compiler crashed ({signal.Signals(-result.returncode).name})"
+               if result.returncode < 0 else
+               ((result.stderr or result.stdout).strip().splitlines() or ["no report"])[-1])
+      print_fn(f"  {change}: cannot compile: {error}")
+      tried.append({"change": change, "error": error})
       continue
-    fits = report.fits(variant_capacity)
-    needs = (f"over {gib(report.hbm_bytes)} GiB per chip (the TPU compiler refused it)"
-             if report.out_of_memory else f"{gib(report.hbm_bytes)} GiB per chip")
-    print_fn(f"  {change}: {needs}, {'fits' if fits else 'does not fit'} (compiled in "
-             f"{report.compile_seconds:.0f}s)")
-    tried.append({"change": change, "hbm_bytes": report.hbm_bytes, "fits": fits})
+    needs = (f"over {gib(report['hbm_bytes'])} GiB per chip (the TPU compiler refused it)"
+             if report["out_of_memory"] else f"{gib(report['hbm_bytes'])} GiB per chip")
+    print_fn(f"  {change}: {needs}, {'fits' if report['fits'] else 'does not fit'} "
+             f"(compiled in {report['compile_seconds']:.0f}s)")
+    tried.append({"change": change, "hbm_bytes": report["hbm_bytes"], "fits": report["fits"]})
   return tried
 
 
@@ -514,8 +529,12 @@ def run(args) -> int:
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
   shape = run_shape_from_gin(target.platform)
   capacity = None if args.hbm_gib is None else int(args.hbm_gib * targets.GIB)
-  result = compile_and_report(shape, target, args.steps, not args.no_knobs, capacity,
-                              print_fn=lambda *a: print(*a, flush=True))
+  run_flags = [*(f"--gin_file={name}" for name in args.gin_file),
+               *(f"--gin_search_path={path}" for path in args.gin_search_path),
+               *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in args.gin_bindings),
+               *([f"--hbm_gib={args.hbm_gib}"] if args.hbm_gib is not None else [])]
+  result = compile_and_report(shape, target, args.steps, None if args.no_knobs else run_flags,
+                              capacity, print_fn=lambda *a: print(*a, flush=True))
   if args.json:
     with open(args.json, "a", encoding="utf-8") as f:
       f.write(json.dumps(result) + "\n")

@@ -153,11 +153,11 @@ def test_a_bad_topology_is_one_line(topology, message, capsys):
 def test_knobs_are_tried_most_local_first():
   shape = run_shape("data", (4, 2), batch_size=64)
   variants = compile_report.knob_variants(shape, targets.parse_target("v5e:2x4"))
-  assert [(change, other) for change, _, other in variants] == [
-      ("NUM_MICROBATCHES=8", None), ("REMAT_POLICY='full'", None),
-      ("PARALLELISM='fsdp'", None), ("--topology=v5e:4x4", "v5e:4x4")]
-  assert variants[0][1].num_microbatches == 8
-  assert variants[1][1].config.remat_policy == "full" and variants[2][1].parallelism == "fsdp"
+  assert variants == [
+      ("NUM_MICROBATCHES=8", ["Trainer.num_microbatches = 8"], None),
+      ("REMAT_POLICY='full'", ["T5Config.remat_policy = 'full'"], None),
+      ("PARALLELISM='fsdp'", ["make_partitioner.parallelism = 'fsdp'"], None),
+      ("--topology=v5e:4x4", ["make_partitioner.mesh_shape = (-1, 2)"], "v5e:4x4")]
   # 12 rows over a data axis of 4: 3 rows each, which no microbatch count divides.
   odd = run_shape("fsdp", (4, 2), batch_size=12, config=dataclasses.replace(
       run_shape("fsdp", (4, 2)).config, remat_policy="full"))
@@ -243,3 +243,22 @@ def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit():
   line, = compile_report.format_step(report, None, None, "chips")
   assert "DOES NOT FIT" in line and "21.98 GiB, 15.75 GiB is available" in line
   assert report.to_json(None, None)["fits"] is False
+
+
+def test_a_knob_whose_compilation_crashes_is_reported_and_the_others_still_tried(monkeypatch):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  commands = []
+
+  def crash(command, **kwargs):
+    commands.append(command)
+    return subprocess.CompletedProcess(command, -11, "", "*** SIGSEGV STACK OVERFLOW ***")
+
+  monkeypatch.setattr(compile_report.subprocess, "run", crash)
+  printed = []
+  tried = compile_report.try_knobs_until_fit(
+      run_shape("data", (4, 2), batch_size=64), targets.parse_target("v5e:2x4"),
+      ["--gin_file=models/t5_1_1_xxl.gin"], printed.append)
+  assert [knob["error"] for knob in tried] == ["the compiler crashed (SIGSEGV)"] * 4
+  assert printed[1] == "  NUM_MICROBATCHES=8: cannot compile: the compiler crashed (SIGSEGV)"
+  assert "--gin.Trainer.num_microbatches=8" in commands[0]
+  assert "--topology=v5e:4x4" in commands[3] and "--gin_file=models/t5_1_1_xxl.gin" in commands[3]
