@@ -327,10 +327,11 @@ def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepRepor
 # ------------------------------------------------------------------------------
 # Knobs that might make a train step fit, each tried by compiling.
 # ------------------------------------------------------------------------------
-def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, list, Optional[str]]]:
-  """(what changes, the gin bindings that change it, the other target it needs or None),
-  most local first; `shape`'s mesh resolved for `target`. Configurables are bound rather
-  than macros, so the change holds whatever gin files the run has."""
+def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, dict, Optional[str]]]:
+  """(what changes, {the macro it replaces: the binding that changes it}, the other target it
+  needs or None), most local first; `shape`'s mesh resolved for `target`. Configurables are
+  bound rather than macros, so the change holds whatever gin files the run has; a flag that
+  binds the macro is dropped (gin refuses a macro that nothing uses any more)."""
   variants = []
   # The most microbatches (up to 8x today's) that split each data-parallel share evenly.
   data_size = max(shape.mesh_shape[0], 1)
@@ -338,15 +339,17 @@ def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, li
             if shape.batch_size % (data_size * shape.num_microbatches * factor) == 0]
   if counts:
     variants.append((f"NUM_MICROBATCHES={counts[0]}",
-                     [f"Trainer.num_microbatches = {counts[0]}"], None))
+                     {"NUM_MICROBATCHES": f"Trainer.num_microbatches = {counts[0]}"}, None))
   if shape.config.remat_policy != "full":
-    variants.append(("REMAT_POLICY='full'", ["T5Config.remat_policy = 'full'"], None))
+    variants.append(("REMAT_POLICY='full'", {"REMAT_POLICY": "T5Config.remat_policy = 'full'"},
+                     None))
   if shape.parallelism != "fsdp":
-    variants.append(("PARALLELISM='fsdp'", ["make_partitioner.parallelism = 'fsdp'"], None))
+    variants.append(("PARALLELISM='fsdp'",
+                     {"PARALLELISM": "make_partitioner.parallelism = 'fsdp'"}, None))
   larger = larger_slice(target)
   if larger is not None:  # the same model axis, the data axis grown to the larger slice
-    variants.append((f"--topology={larger}",
-                     [f"make_partitioner.mesh_shape = (-1, {shape.mesh_shape[1]})"], larger))
+    variants.append((f"--topology={larger}", {
+        "MESH_SHAPE": f"make_partitioner.mesh_shape = (-1, {shape.mesh_shape[1]})"}, larger))
   return variants
 
 
@@ -451,10 +454,12 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list
   for change, bindings, other_target in knob_variants(shape, target):
     with tempfile.TemporaryDirectory() as scratch:
       report_path = os.path.join(scratch, "report.jsonl")
+      kept_flags = [flag for flag in run_flags
+                    if not any(flag.startswith(f"--gin.{macro}=") for macro in bindings)]
       command = [sys.executable, "-m", "dsbs_jax.cli", "compile",
                  f"--topology={other_target or target.name}", "--steps", "train", "--no_knobs",
-                 f"--json={report_path}", *run_flags,
-                 *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in bindings)]
+                 f"--json={report_path}", *kept_flags,
+                 *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in bindings.values())]
       result = subprocess.run(command, capture_output=True, text=True, check=False)
       report = None
       if os.path.exists(report_path):

@@ -154,10 +154,11 @@ def test_knobs_are_tried_most_local_first():
   shape = run_shape("data", (4, 2), batch_size=64)
   variants = compile_report.knob_variants(shape, targets.parse_target("v5e:2x4"))
   assert variants == [
-      ("NUM_MICROBATCHES=8", ["Trainer.num_microbatches = 8"], None),
-      ("REMAT_POLICY='full'", ["T5Config.remat_policy = 'full'"], None),
-      ("PARALLELISM='fsdp'", ["make_partitioner.parallelism = 'fsdp'"], None),
-      ("--topology=v5e:4x4", ["make_partitioner.mesh_shape = (-1, 2)"], "v5e:4x4")]
+      ("NUM_MICROBATCHES=8", {"NUM_MICROBATCHES": "Trainer.num_microbatches = 8"}, None),
+      ("REMAT_POLICY='full'", {"REMAT_POLICY": "T5Config.remat_policy = 'full'"}, None),
+      ("PARALLELISM='fsdp'", {"PARALLELISM": "make_partitioner.parallelism = 'fsdp'"}, None),
+      ("--topology=v5e:4x4", {"MESH_SHAPE": "make_partitioner.mesh_shape = (-1, 2)"},
+       "v5e:4x4")]
   # 12 rows over a data axis of 4: 3 rows each, which no microbatch count divides.
   odd = run_shape("fsdp", (4, 2), batch_size=12, config=dataclasses.replace(
       run_shape("fsdp", (4, 2)).config, remat_policy="full"))
@@ -257,8 +258,11 @@ def test_a_knob_whose_compilation_crashes_is_reported_and_the_others_still_tried
   printed = []
   tried = compile_report.try_knobs_until_fit(
       run_shape("data", (4, 2), batch_size=64), targets.parse_target("v5e:2x4"),
-      ["--gin_file=models/t5_1_1_xxl.gin"], printed.append)
+      ["--gin_file=models/t5_1_1_xxl.gin", "--gin.MESH_SHAPE=(4, 2)"], printed.append)
   assert [knob["error"] for knob in tried] == ["the compiler crashed (SIGSEGV)"] * 4
   assert printed[1] == "  NUM_MICROBATCHES=8: cannot compile: the compiler crashed (SIGSEGV)"
   assert "--gin.Trainer.num_microbatches=8" in commands[0]
   assert "--topology=v5e:4x4" in commands[3] and "--gin_file=models/t5_1_1_xxl.gin" in commands[3]
+  # The larger slice's mesh replaces the run's MESH_SHAPE, which the other tries keep.
+  assert "--gin.MESH_SHAPE=(4, 2)" not in commands[3] and "--gin.MESH_SHAPE=(4, 2)" in commands[0]
+  assert "--gin.make_partitioner.mesh_shape=(-1, 2)" in commands[3]
