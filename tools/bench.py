@@ -37,9 +37,11 @@ data-loading or FLOP code of its own: it drives dsbs_jax's modules and bench_tor
 import os
 
 from dsbs_jax import host_allocator
+from dsbs_jax import tpu_runtime
 
 if __name__ == "__main__":  # before the heavy imports below: both sides run tuned
   host_allocator.reexec_with_tuned_allocator()
+  tpu_runtime.keep_off_hosts_without_chips()  # no libtpu chatter or lock on a CPU or GPU host
   # The PyTorch side shares the accelerator: JAX takes memory as it needs it.
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
