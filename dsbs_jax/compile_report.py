@@ -98,14 +98,12 @@ class RunShape:
             f"remat {config.remat_policy}")
 
 
-def _bound(configurable, name: str, default=None):
+def _bound(configurable, name: str):
   """A gin binding of `configurable`, or its function's default."""
   bindings = gin.get_bindings(configurable)
   if name in bindings:
     return bindings[name]
-  signature = inspect.signature(configurable)
-  value = signature.parameters[name].default
-  return default if value is inspect.Parameter.empty else value
+  return inspect.signature(configurable).parameters[name].default
 
 
 def run_shape_from_gin(platform: str) -> RunShape:
@@ -444,6 +442,28 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
   return result
 
 
+def compile_in_a_process(topology: str, flags: list,
+                         timeout_seconds: Optional[float] = None) -> tuple[Optional[dict], str]:
+  """Runs `dsbs compile --topology=... FLAGS --json=...` in a process of its own, so that a
+  compiler crash ends only that process: (its JSON report, "") or (None, what stopped it)."""
+  with tempfile.TemporaryDirectory() as scratch:
+    report_path = os.path.join(scratch, "report.jsonl")
+    command = [sys.executable, "-m", "dsbs_jax.cli", "compile", f"--topology={topology}",
+               f"--json={report_path}", *flags]
+    try:
+      result = subprocess.run(command, capture_output=True, text=True, check=False,
+                              timeout=timeout_seconds)
+    except subprocess.TimeoutExpired:
+      return None, f"still compiling after {timeout_seconds / 60:.0f} min"
+    if os.path.exists(report_path):
+      with open(report_path, encoding="utf-8") as f:
+        return json.loads(f.read()), ""
+  if result.returncode < 0:
+    return None, f"the compiler crashed ({signal.Signals(-result.returncode).name})"
+  lines = (result.stderr or result.stdout).strip().splitlines()
+  return None, lines[-1] if lines else f"exit {result.returncode}"
+
+
 def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list,
                         print_fn) -> list[dict]:
   """Compiles the train step once per knob variant, each in a process of its own (`dsbs
@@ -452,26 +472,17 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list
   print_fn("the train step does not fit; trying one change at a time:")
   tried = []
   for change, bindings, other_target in knob_variants(shape, target):
-    with tempfile.TemporaryDirectory() as scratch:
-      report_path = os.path.join(scratch, "report.jsonl")
-      kept_flags = [flag for flag in run_flags
-                    if not any(flag.startswith(f"--gin.{macro}=") for macro in bindings)]
-      command = [sys.executable, "-m", "dsbs_jax.cli", "compile",
-                 f"--topology={other_target or target.name}", "--steps", "train", "--no_knobs",
-                 f"--json={report_path}", *kept_flags,
-                 *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in bindings.values())]
-      result = subprocess.run(command, capture_output=True, text=True, check=False)
-      report = None
-      if os.path.exists(report_path):
-        with open(report_path, encoding="utf-8") as f:
-          report = json.loads(f.read())["steps"][0]
-    if report is None:
-      error = (f"the compiler crashed ({signal.Signals(-result.returncode).name})"
-               if result.returncode < 0 else
-               ((result.stderr or result.stdout).strip().splitlines() or ["no report"])[-1])
+    kept_flags = [flag for flag in run_flags
+                  if not any(flag.startswith(f"--gin.{macro}=") for macro in bindings)]
+    result, error = compile_in_a_process(
+        other_target or target.name,
+        ["--steps", "train", "--no_knobs", *kept_flags,
+         *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in bindings.values())])
+    if result is None:
       print_fn(f"  {change}: cannot compile: {error}")
       tried.append({"change": change, "error": error})
       continue
+    report = result["steps"][0]
     needs = (f"over {gib(report['hbm_bytes'])} GiB per chip (the TPU compiler refused it)"
              if report["out_of_memory"] else f"{gib(report['hbm_bytes'])} GiB per chip")
     print_fn(f"  {change}: {needs}, {'fits' if report['fits'] else 'does not fit'} "

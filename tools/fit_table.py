@@ -13,13 +13,10 @@ not fit is a finding, not a failure; a row whose compiler crashed or ran past
 """
 import argparse
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
-import tempfile
 import time
+
+from dsbs_jax import compile_report
 
 # (model gin file, topology, parallelism, mesh (data, model)).
 ROWS = (
@@ -45,29 +42,17 @@ def label(row) -> str:
 def compile_row(row, timeout_seconds: float, extra_flags) -> dict:
   """One `dsbs compile` process for `row`; its JSON report, or what stopped it."""
   model, topology, parallelism, mesh = row
-  with tempfile.TemporaryDirectory() as scratch:
-    report_path = os.path.join(scratch, "report.jsonl")
-    command = [sys.executable, "-m", "dsbs_jax.cli", "compile", f"--topology={topology}",
-               f"--gin_file=models/{model}.gin", "--gin_file=runs/paper.gin",
-               f"--gin.PARALLELISM='{parallelism}'", f"--gin.MESH_SHAPE={tuple(mesh)}",
-               "--steps", "train", f"--json={report_path}", *extra_flags]
-    start = time.time()
-    try:
-      result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_seconds,
-                              check=False)
-    except subprocess.TimeoutExpired:
-      return {"row": label(row), "error": f"still compiling after {timeout_seconds / 60:.0f} min"}
-    seconds = time.time() - start
-    if os.path.exists(report_path):
-      with open(report_path, encoding="utf-8") as f:
-        return {"row": label(row), "seconds": seconds, **json.loads(f.read())}
-  if result.returncode < 0:
-    name = signal.Signals(-result.returncode).name
-    error = f"the compiler crashed ({name}) after {seconds:.0f} s"
-  else:
-    lines = (result.stderr or result.stdout).strip().splitlines()
-    error = lines[-1] if lines else f"exit {result.returncode}"
-  return {"row": label(row), "seconds": seconds, "error": error}
+  start = time.time()
+  report, error = compile_report.compile_in_a_process(
+      topology, [f"--gin_file=models/{model}.gin", "--gin_file=runs/paper.gin",
+                 f"--gin.PARALLELISM='{parallelism}'", f"--gin.MESH_SHAPE={tuple(mesh)}",
+                 "--steps", "train", *extra_flags], timeout_seconds)
+  seconds = time.time() - start
+  if report is None:
+    if error.startswith("the compiler crashed"):
+      error += f" after {seconds:.0f} s"
+    return {"row": label(row), "seconds": seconds, "error": error}
+  return {"row": label(row), "seconds": seconds, **report}
 
 
 def knobs_that_fit(result) -> str:
