@@ -509,7 +509,7 @@ def add_parser(subparsers) -> None:
   parser.add_argument("--out", required=True, metavar="DIR", help="the run folder; rerun to resume")
   parser.add_argument("--test", default=None, metavar="FILE.jsonl",
                       help="test examples (gold labels give true accuracy); default: "
-                           f"{VALID_FRACTION:.0%} of the inputs held out")
+                           f"{VALID_FRACTION:.0%}% of the inputs held out")
   parser.add_argument("--name", default=None,
                       help="dataset name for the tasks and mixtures (default: from --inputs)")
   parser.add_argument("--steps", type=flags.positive_int, default=1000,

@@ -85,6 +85,20 @@ def test_every_command_and_flag_has_help():
             leaf.prog, action.option_strings or action.dest)
 
 
+@pytest.mark.parametrize("command", cli.SUBCOMMANDS)
+def test_every_command_and_subcommand_prints_its_help(command, capsys):
+  """argparse formats help text with %, so a stray '%' in a help string crashes --help."""
+  parser, _ = cli.build_parser(command)
+  leaves = list(cli._leaf_parsers(parser))  # pylint: disable=protected-access
+  assert leaves
+  for leaf in leaves:
+    with pytest.raises(SystemExit) as exit_info:
+      cli.main([*leaf.prog.split()[1:], "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0, leaf.prog
+    assert out.startswith(f"usage: {leaf.prog}") and "--verbose" in out, (leaf.prog, out)
+
+
 def test_train_help_teaches_gin_flags_and_the_macros(capsys):
   with pytest.raises(SystemExit):
     cli.main(["train", "--help"])
