@@ -15,11 +15,11 @@ import traceback
 from dsbs_jax import console
 from dsbs_jax import gin_utils
 from dsbs_jax import host_allocator
-from dsbs_jax import rationales
+from dsbs_jax import text_files
 from dsbs_jax import tpu_runtime
 
 # Errors that mean bad input rather than a bug. Subcommand modules add theirs as `USER_ERRORS`.
-BASE_USER_ERRORS = (gin_utils.GinConfigError, rationales.RationaleFileError, FileNotFoundError,
+BASE_USER_ERRORS = (gin_utils.GinConfigError, text_files.TextFileError, FileNotFoundError,
                     PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 # Subcommand -> (module that registers it, its line in `dsbs --help`), in the order of work.

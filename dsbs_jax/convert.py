@@ -11,7 +11,6 @@ It must not import TensorFlow.
 """
 import argparse
 import dataclasses
-import json
 import os
 import pathlib
 import re
@@ -26,6 +25,7 @@ from flax import traverse_util
 
 from dsbs_jax import checkpoints
 from dsbs_jax import resources
+from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
 
@@ -187,7 +187,7 @@ def _read_hf_weights(src_dir: pathlib.Path) -> dict[str, np.ndarray]:
                                ("pytorch_model.bin", _read_torch_bin)):
     index_path = src_dir / f"{weights_name}.index.json"
     if index_path.is_file():
-      files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
+      files = sorted(set(text_files.read_json(index_path)["weight_map"].values()))
     elif (src_dir / weights_name).is_file():
       files = [weights_name]
     else:
@@ -226,10 +226,7 @@ def convert_hf(src_dir, dtype: str = "float32") -> tuple[dict[str, Any], t5.T5Co
   config_path = src_dir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"no Hugging Face config at {config_path}")
-  try:
-    hf_config = json.loads(config_path.read_text())
-  except ValueError as error:
-    raise ConversionError(f"{config_path}: not valid JSON ({error})") from None
+  hf_config = text_files.read_json(config_path)
   # Anything but an object has no model_type, which config_from_hf names as the fault.
   config = config_from_hf(hf_config if isinstance(hf_config, dict) else {}, config_path, dtype)
   weights = _read_hf_weights(src_dir)
@@ -432,8 +429,8 @@ def _read_gin_bindings(gin_file: pathlib.Path, search_paths: list, config_values
                        macros: dict) -> None:
   """Adds the file's (and its includes') T5Config bindings and macros, the last one winning."""
   try:
-    with open(gin_file, encoding="utf-8") as f:
-      statements = list(config_parser.ConfigParser(f, _UnresolvedValues()))
+    statements = list(config_parser.ConfigParser(text_files.read_text(gin_file),
+                                                 _UnresolvedValues()))
   except SyntaxError as error:
     raise ConversionError(f"{gin_file}: {error}") from None
   for statement in statements:

@@ -7,12 +7,14 @@ naming the closest one that is used. Nothing here knows what is being configured
 import argparse
 import contextlib
 import difflib
+import io
 import os
 import tokenize
 
 import gin
 
 from dsbs_jax import resources
+from dsbs_jax import text_files
 
 GIN_FLAG_HELP = (
     "--gin.NAME=VALUE binds a macro (e.g. --gin.TRAIN_STEPS=2000) or a parameter\n"
@@ -26,6 +28,17 @@ _search_paths_added = set()
 
 class GinConfigError(ValueError):
   """A gin file, binding or configured value that cannot be used; the message names it."""
+
+
+def _gin_file_text(path: str) -> io.StringIO:
+  return io.StringIO(text_files.read_text(path))
+
+
+# Gin files (includes too) are read as text_files reads text: a byte-order mark skipped, bytes
+# that are not UTF-8 named by line. gin's register_file_reader would append this reader after
+# its own plain `open`, which then always wins.
+gin.config._FILE_READERS.insert(  # pylint: disable=protected-access
+    0, (_gin_file_text, os.path.isfile))
 
 
 def add_gin_arguments(parser: argparse.ArgumentParser) -> None:

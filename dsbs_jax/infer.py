@@ -32,6 +32,7 @@ from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
+from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
 USER_ERRORS = (run_dir.ModelDirError, checkpoints.CheckpointError, input_pipeline.TaskDataError)
@@ -135,8 +136,6 @@ def write_jsonl(path: str, records: Iterable[dict]) -> None:
 
 def read_prediction_inputs(path: str) -> list[dict]:
   """[{id, input}] from a JSONL file ({"input": ..., "id"?: ...}) or a plain-text file."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file")
   if path.endswith((".jsonl", ".jsonl.gz", ".json")):
     examples = []
     for where, obj in rationales.iter_json_lines(path):
@@ -144,8 +143,8 @@ def read_prediction_inputs(path: str) -> list[dict]:
         raise rationales.RationaleFileError(f"{where}: expected an object with a string 'input'")
       examples.append({"id": str(obj.get("id", len(examples))), "input": obj["input"]})
     return examples
-  with rationales.open_text(path) as f:
-    return [{"id": str(i), "input": line.rstrip("\n")} for i, line in enumerate(f) if line.strip()]
+  return [{"id": str(number - 1), "input": line.rstrip("\n")}
+          for number, line in text_files.iter_lines(path) if line.strip()]
 
 
 def add_parser(subparsers) -> None:

@@ -18,13 +18,15 @@ import os
 import re
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
+from dsbs_jax import text_files
+
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 # Separates premise from hypothesis in NLI inputs: the paper joins the two with the
 # tokenizer's EOS token, and the data pipeline turns this marker back into EOS.
 NLI_SEPARATOR = "</s>"
 
 
-class RationaleFileError(ValueError):
+class RationaleFileError(text_files.TextFileError):
   """A rationale or input file that cannot be read; the message names file and line."""
 
 
@@ -73,26 +75,12 @@ def record_from_dict(obj, where: str) -> RationaleRecord:
   return RationaleRecord(**{k: obj.get(k) for k in _REQUIRED_STRINGS + _OPTIONAL_STRINGS})
 
 
-def open_text(path: str, mode: str = "rt"):
-  """Opens a text file, through gzip when the name ends in .gz."""
-  if str(path).endswith(".gz"):
-    return gzip.open(path, mode, encoding="utf-8")
-  return open(path, mode, encoding="utf-8")
-
-
 def iter_json_lines(path: str) -> Iterator[tuple[str, object]]:
-  """Yields ("file:line", decoded object) for each non-blank line; errors name the line."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file")
-  with open_text(path) as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{line_number}"
-      try:
-        yield where, json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RationaleFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+  """Yields ("file:line", decoded object) for each non-blank line of a JSONL(.gz) file;
+  errors name the line."""
+  for line_number, line in text_files.iter_lines(path):
+    if line.strip():
+      yield f"{path}:{line_number}", text_files.parse_json_line(line, path, line_number)
 
 
 def read_records(path: str) -> list[RationaleRecord]:

@@ -36,6 +36,7 @@ import jax
 
 from dsbs_jax import checkpoints
 from dsbs_jax import gin_utils
+from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
 SPEC_FILE = "run.json"
@@ -131,8 +132,8 @@ class RunDir:
       raise FileNotFoundError(f"{self.spec_path}: not found; is {self.path} a MODEL_DIR written "
                               "by dsbs train?")
     try:
-      return RunSpec(**json.loads(self.spec_path.read_text()))
-    except (TypeError, json.JSONDecodeError) as error:
+      return RunSpec(**text_files.read_json(self.spec_path))
+    except TypeError as error:
       raise ModelDirError(f"{self.spec_path}: not a run spec written by dsbs train ({error})") from None
 
   def vocabulary_file(self) -> pathlib.Path:
@@ -182,10 +183,7 @@ class RunDir:
   def _read_object(self, path: pathlib.Path) -> Optional[dict]:
     if not path.is_file():
       return None
-    try:
-      values = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-      raise ModelDirError(f"{path}: not valid JSON ({error})") from None
+    values = text_files.read_json(path)
     if not isinstance(values, dict):
       raise ModelDirError(f"{path}: expected a JSON object")
     return values
@@ -290,13 +288,10 @@ class RunDir:
     if not self.metrics_path.is_file():
       return []
     rows = []
-    for number, line in enumerate(self.metrics_path.read_text().splitlines(), start=1):
+    for number, line in text_files.iter_lines(self.metrics_path):
       if not line.strip():
         continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as error:
-        raise ModelDirError(f"{self.metrics_path}:{number}: not valid JSON ({error.msg})") from None
+      row = text_files.parse_json_line(line, self.metrics_path, number)
       if not isinstance(row, dict):
         raise ModelDirError(f"{self.metrics_path}:{number}: expected a JSON object")
       rows.append(row)
@@ -325,7 +320,7 @@ def drop_metrics_after(path: pathlib.Path, step: int) -> None:
   path = pathlib.Path(path)
   if not path.is_file():
     return
-  lines = path.read_text(encoding="utf-8").splitlines()
+  lines = text_files.read_text(path).splitlines()
   kept = []
   for number, line in enumerate(lines, start=1):
     try:

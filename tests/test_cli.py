@@ -8,6 +8,7 @@ The tables of train, eval, predict and export refuse inputs against the finished
 of conftest.py (which trains, hence slow); the others need no model.
 """
 import argparse
+import gzip
 import hashlib
 import os
 import pathlib
@@ -207,7 +208,8 @@ def test_convert_refuses_bad_input(tmp_path, capsys):
   (existing / checkpoints.CONFIG_FILE).write_text("{}")
   for argv, fragment in [
       (["--from", "hf", tmp_path / "missing", "--out", tmp_path / "out"], "no Hugging Face config"),
-      (["--from", "hf", garbage, "--out", tmp_path / "out"], f"{garbage / 'config.json'}: not valid JSON"),
+      (["--from", "hf", garbage, "--out", tmp_path / "out"],
+       f"{garbage / 'config.json'}:1: not valid JSON"),
       (["--from", "t5x", garbage, "--config", "t5_1_1_nano", "--out", tmp_path / "out"], "t5_1_1_nano.gin"),
       (["--from", "hf", garbage, "--out", existing], "pass --overwrite"),
       (["--from", "onnx", garbage, "--out", tmp_path / "out"], "argument --from")]:
@@ -218,8 +220,11 @@ def test_convert_refuses_bad_input(tmp_path, capsys):
 def test_rationales_stats_refuses_bad_input(tmp_path, capsys):
   bad = tmp_path / "bad.jsonl"
   bad.write_text('{"id": "1", "teacher_label": "a"}\n')
+  latin1 = tmp_path / "latin1.jsonl.gz"
+  latin1.write_bytes(gzip.compress(b'\n{"id": "caf\xe9"}\n'))
   for argv, fragment in [([tmp_path / "missing.jsonl"], "missing.jsonl: no such file"),
                          ([bad], f"{bad}:1: missing field"),
+                         ([latin1], f"{latin1}:2: not UTF-8 text (byte 0xe9 at byte offset 12"),
                          ([bad, "--parser", "nope"], "argument --parser")]:
     assert_refused(capsys, ["rationales", "stats", *argv], fragment, tmp_path)
 

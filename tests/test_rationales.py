@@ -11,6 +11,7 @@ from dsbs_jax import distillation
 from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
+from dsbs_jax import text_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = os.path.join(REPO, os.pardir, "shared", "data", "dsbs-release")
@@ -143,7 +144,7 @@ def test_round_trip_plain_and_gzip(tmp_path):
 def test_malformed_files_name_file_and_line(tmp_path, lines, message):
   path = tmp_path / "r.jsonl"
   write_lines(path, lines)
-  with pytest.raises(rationales.RationaleFileError, match=message):
+  with pytest.raises(text_files.TextFileError, match=message):  # RationaleFileError's base
     rationales.read_records(str(path))
 
 

@@ -9,8 +9,8 @@ import pytest
 from conftest import SMALL_TRAIN
 from dsbs_jax import datasets
 from dsbs_jax import distillation
-from dsbs_jax import rationales
 from dsbs_jax import records
+from dsbs_jax import text_files
 
 SPECS = {spec.name: spec for spec in datasets.BENCHMARKS}
 
@@ -69,7 +69,7 @@ def test_train_inputs_of_wrong_length_are_refused(small_nli_dir, tmp_path):
 def test_bad_train_input_lines_name_file_and_line(tmp_path, line, message):
   path = tmp_path / "inputs.json"
   path.write_text('{"premise": "p", "hypothesis": "h", "label": "neutral"}\n' + line + "\n")
-  with pytest.raises(rationales.RationaleFileError, match=f"inputs.json:2: {message}"):
+  with pytest.raises(text_files.TextFileError, match=f"inputs.json:2: {message}"):
     records.read_train_inputs(str(path))
 
 
