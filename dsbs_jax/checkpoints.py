@@ -20,6 +20,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
+from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
 PathLike = Union[str, pathlib.Path]
@@ -58,10 +59,22 @@ def load_config(directory: PathLike) -> t5.T5Config:
   config_path = pathlib.Path(directory).absolute() / CONFIG_FILE
   if not config_path.is_file():
     raise FileNotFoundError(f"no model config at {config_path}")
+  values = text_files.read_json(config_path)
+  if not isinstance(values, dict):
+    raise CheckpointError(f"{config_path}: not a T5 model config (expected a JSON object, got "
+                          f"{type(values).__name__})")
+  # Every field that decides the network must be there; a default would be a guess.
+  missing = [field.name for field in dataclasses.fields(t5.T5Config)
+             if field.name not in values and field.name not in t5.EXECUTION_FIELDS]
+  if missing:
+    raise CheckpointError(f"{config_path}: not a T5 model config (no field {missing[0]!r}"
+                          f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
   try:
-    return t5.T5Config.from_json(config_path.read_text()).with_default_execution()
-  except (ValueError, TypeError, AttributeError) as error:  # not JSON, or not a T5Config's
-    raise CheckpointError(f"{config_path}: not a T5 model config ({short_error(error)})") from error
+    return t5.T5Config.from_dict({name: value for name, value in values.items()
+                                  if name not in t5.EXECUTION_FIELDS})
+  except (ValueError, TypeError) as error:  # a field of the wrong type or out of range
+    first_line = str(error).splitlines()[0]  # the next ones are gin's, naming T5Config
+    raise CheckpointError(f"{config_path}: not a T5 model config ({first_line})") from error
 
 
 def _shapes_by_path(tree: Any) -> dict[str, tuple]:
@@ -75,6 +88,23 @@ def _per_layer_param_shapes(config: t5.T5Config) -> Any:
   return t5.param_shapes(dataclasses.replace(config, scan_layers=False))
 
 
+def _check_param_shapes(stored_params: Any, expected_params: Any, stored_path: PathLike,
+                        config_path: PathLike) -> None:
+  """Raises CheckpointError unless `stored_params` (arrays or their metadata) have the shapes
+  of `expected_params` (which `config_path` gives), naming the first parameters that differ."""
+  stored, expected = _shapes_by_path(stored_params), _shapes_by_path(expected_params)
+  if not set(stored) & set(expected):
+    raise CheckpointError(f"{stored_path}: holds none of a T5's parameters; is it a T5 "
+                          "checkpoint (a `dsbs convert` output), or damaged?")
+  differences = [f"{name}: {stored.get(name, 'missing')} stored, {expected.get(name, 'none')} "
+                 "in the config" for name in sorted(set(stored) | set(expected))
+                 if stored.get(name) != expected.get(name)]
+  if differences:
+    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more"
+                                           if len(differences) > 4 else "")
+    raise CheckpointError(f"{stored_path} does not match {config_path}: {shown}")
+
+
 def check_params(directory: PathLike) -> t5.T5Config:
   """The config of a model directory whose parameters have the config's shapes, read from
   the checkpoint's metadata without loading arrays; CheckpointError otherwise."""
@@ -85,21 +115,12 @@ def check_params(directory: PathLike) -> t5.T5Config:
     raise FileNotFoundError(f"no parameters at {params_path}")
   try:
     with ocp.StandardCheckpointer() as reader:
-      stored = _shapes_by_path(reader.metadata(params_path).item_metadata)
+      stored = reader.metadata(params_path).item_metadata
   except Exception as error:  # orbax raises many kinds; all mean no readable checkpoint here
     raise CheckpointError(f"{params_path}: not a readable parameter checkpoint "
                           f"({short_error(error)})") from error
-  expected = _shapes_by_path(_per_layer_param_shapes(config))
-  if not set(stored) & set(expected):
-    raise CheckpointError(f"{params_path}: holds none of a T5's parameters; is it a `dsbs "
-                          "convert` output, or damaged?")
-  differences = [f"{name}: {stored.get(name, 'missing')} stored, {expected.get(name, 'none')} "
-                 "in the config" for name in sorted(set(stored) | set(expected))
-                 if stored.get(name) != expected.get(name)]
-  if differences:
-    shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more"
-                                           if len(differences) > 4 else "")
-    raise CheckpointError(f"{params_path} does not match {directory / CONFIG_FILE}: {shown}")
+  _check_param_shapes(stored, _per_layer_param_shapes(config), params_path,
+                      directory / CONFIG_FILE)
   return config
 
 
@@ -231,6 +252,18 @@ class TrainCheckpointer:
     for later_step in later:
       self._manager.delete(later_step)
     return later
+
+  def check_fits(self, step: int, config: t5.T5Config, config_path: PathLike) -> None:
+    """CheckpointError unless the parameters stored at `step` have the shapes `config` gives
+    (checked from metadata, before anything is built or read; a step whose metadata cannot
+    be read is left to `restore` to name)."""
+    self._check_exists(step)
+    metadata = self._state_metadata(step)
+    if metadata is not None:
+      stacked = bool(t5.holds_stacked_layers(metadata["params"]))
+      _check_param_shapes(metadata["params"],
+                          t5.param_shapes(dataclasses.replace(config, scan_layers=stacked)),
+                          self.directory / str(step), config_path)
 
   def restore_on_one_device(self, step: int) -> tuple[Any, dict]:
     """(state, input_state) of `step` on this host's first device, whatever mesh wrote it,

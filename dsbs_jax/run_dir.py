@@ -172,6 +172,7 @@ class RunDir:
         chosen = self.best_step() or steps[-1]
       else:
         chosen = int(step)
+      checkpointer.check_fits(chosen, config, self.config_path)
       state, _ = checkpointer.restore_on_one_device(chosen)
     finally:
       checkpointer.close()

@@ -4,6 +4,7 @@ config, and training checkpoints that keep the latest steps and the one named be
 exactly, resume a run in the other layout of its layers, and name a step that cannot be
 read with the flag that restores the one before it."""
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 
 from dsbs_jax import checkpoints
 from dsbs_jax import partitioning
+from dsbs_jax import text_files
 from dsbs_jax import trainer
 from dsbs_jax.models import t5
 from test_trainer import factored_adafactor, random_batches
@@ -26,6 +28,12 @@ def assert_same_tree(got, want):
   assert jax.tree.structure(got) == jax.tree.structure(want)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_short_errors_leave_out_tensorstore_specs():
+  error = ValueError('NOT_FOUND: no file [tensorstore_spec={"driver": "zarr", ...}]\nmore')
+  assert checkpoints.short_error(error) == "NOT_FOUND: no file"
+  assert checkpoints.short_error(RuntimeError("x" * 400)).endswith("...")
 
 
 def test_a_model_round_trips_and_forgets_how_it_ran(tmp_path, tiny_config, params):
@@ -46,17 +54,16 @@ def test_parameters_that_do_not_fit_their_config_are_named(tmp_path, tiny_config
   with pytest.raises(checkpoints.CheckpointError, match=r"does not match .*config.json: "
                                                         r"decoder/layers_0/mlp/wi_0/kernel"):
     checkpoints.check_params(tmp_path / "model")
+  (tmp_path / "model" / checkpoints.CONFIG_FILE).write_text(
+      json.dumps(dict(tiny_config.to_dict(), emb_dim="wide")))
+  with pytest.raises(checkpoints.CheckpointError, match="config.json: not a T5 model config "
+                                                        r"\(T5Config.emb_dim='wide': expected"):
+    checkpoints.load_config(tmp_path / "model")
   (tmp_path / "model" / checkpoints.CONFIG_FILE).write_text('{"emb_dim": "wide"')
-  with pytest.raises(checkpoints.CheckpointError, match="config.json: not a T5 model config"):
+  with pytest.raises(text_files.TextFileError, match="config.json:1: not valid JSON"):
     checkpoints.load_config(tmp_path / "model")
   with pytest.raises(FileNotFoundError, match="no model config"):
     checkpoints.load_config(tmp_path / "nothing")
-
-
-def test_short_errors_leave_out_tensorstore_specs():
-  error = ValueError('NOT_FOUND: no file [tensorstore_spec={"driver": "zarr", ...}]\nmore')
-  assert checkpoints.short_error(error) == "NOT_FOUND: no file"
-  assert checkpoints.short_error(RuntimeError("x" * 400)).endswith("...")
 
 
 def state_at(step: int):

@@ -10,6 +10,7 @@ of conftest.py (which trains, hence slow); the others need no model.
 import argparse
 import gzip
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -305,6 +306,20 @@ def bad_inputs(tmp_path_factory, uninterrupted):
   (root / "a_file").write_text("mine")
   (root / "bad_inputs.jsonl").write_text('{"input": "fine"}\n{"text": "no input"}\n')
   (root / "inputs.txt").write_text("Where do fish live?\n")
+  (root / "latin1.txt").write_bytes("Where?\nA café?\n".encode("latin-1"))
+  run = pathlib.Path(uninterrupted)
+  config = json.loads((run / checkpoints.CONFIG_FILE).read_text())
+  for name, changed in [("config_empty", {}), ("config_string", dict(config, emb_dim="32")),
+                        ("config_negative", dict(config, num_heads=-4)),
+                        ("config_unknown", dict(config, colour=1)),
+                        ("config_wider", dict(config, emb_dim=64))]:
+    model_dir = root / name  # config.json is read before any checkpoint, which only one needs
+    model_dir.mkdir()
+    for file in (run_dir.SPEC_FILE, run_dir.VOCABULARY_FILE, run_dir.BEST_FILE):
+      shutil.copyfile(run / file, model_dir / file)
+    (model_dir / checkpoints.CONFIG_FILE).write_text(json.dumps(changed))
+  shutil.copytree(run / run_dir.CHECKPOINTS_DIR / "6",
+                  root / "config_wider" / run_dir.CHECKPOINTS_DIR / "6")
   return root
 
 
@@ -326,7 +341,7 @@ TRAIN_ROWS = [  # (extra flags, given the bad_inputs folder; fragment of the err
     (lambda bad: ["--gin.T5Config.dtype='bf16'"], "T5Config: data type 'bf16'"),
     (lambda bad: ["--gin.train.restore_step=3"], "no such checkpoint; available steps: [2, 4, 6]"),
     (lambda bad: [f"--gin.INITIAL_CHECKPOINT_PATH='{bad / 'garbage_config'}'"],
-     "config.json: not a T5 model config"),
+     "config.json:1: not valid JSON"),
     (lambda bad: [f"--gin.INITIAL_CHECKPOINT_PATH='{bad / 'garbage_params'}'"],
      "holds none of a T5's parameters"),
     (lambda bad: [f"--gin.TaskOptions.rationales_dir='{bad / 'rationales'}'"],
@@ -356,6 +371,11 @@ EVAL_ROWS = [  # (flags, given the finished run, its corrupt copy and bad_inputs
     (lambda run, corrupt, bad: ["--checkpoint", bad / "a_file"], "run.json: not found"),
     (lambda run, corrupt, bad: ["--checkpoint", corrupt, "--step", "latest"],
      ("checkpoints/6: checkpoint is corrupt or incomplete", "restore an earlier one with --step 4")),
+    (lambda run, corrupt, bad: ["--checkpoint", bad / "config_empty"],
+     "config_empty/config.json: not a T5 model config (no field 'vocab_size' and 14 more)"),
+    (lambda run, corrupt, bad: ["--checkpoint", bad / "config_wider"],
+     (f"config_wider/{run_dir.CHECKPOINTS_DIR}/6 does not match", "config_wider/config.json: "
+      "decoder/decoder_norm/scale: (32,) stored, (64,) in the config")),
 ]
 PREDICT_ROWS = [
     (lambda run, corrupt, bad: ["--checkpoint", run, "--input", bad / "missing.txt"], "no such file"),
@@ -369,10 +389,22 @@ PREDICT_ROWS = [
                                 "--gin.ALPHA=0.3"], "takes no --gin.NAME=VALUE flags"),
     (lambda run, corrupt, bad: ["--checkpoint", corrupt, "--input", bad / "inputs.txt",
                                 "--step", "6"], "restore an earlier one with --step 4"),
+    (lambda run, corrupt, bad: ["--checkpoint", run, "--input", bad / "latin1.txt"],
+     "latin1.txt:2: not UTF-8 text (byte 0xe9 at byte offset 12)"),
+    (lambda run, corrupt, bad: ["--checkpoint", bad / "config_string", "--input",
+                                bad / "inputs.txt"],
+     "config_string/config.json: not a T5 model config (T5Config.emb_dim='32': expected a "
+     "positive integer)"),
+    (lambda run, corrupt, bad: ["--checkpoint", bad / "config_negative", "--input",
+                                bad / "inputs.txt"], "T5Config.num_heads=-4: expected a positive"),
 ]
 EXPORT_ROWS = [
     (lambda run, corrupt, bad: ["--checkpoint", corrupt, "--step", "6", "--format", "hf"],
      "restore an earlier one with --step 4"),
+    (lambda run, corrupt, bad: ["--checkpoint", bad / "config_unknown", "--format", "hf"],
+     "config_unknown/config.json: not a T5 model config (unknown T5Config fields: ['colour'])"),
+    (lambda run, corrupt, bad: ["--checkpoint", bad / "config_wider", "--format", "hf"],
+     "decoder/decoder_norm/scale: (32,) stored, (64,) in the config"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--format", "hf", "--out", bad],
      "exists; pass --overwrite"),
     (lambda run, corrupt, bad: ["--checkpoint", run, "--step", "last", "--format", "hf"],

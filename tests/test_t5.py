@@ -3,6 +3,7 @@ position buckets, packing, logical axes, dropout, dtypes, how the network runs (
 unrolled layers, rematerialization, attention and dense kernels), and the two layouts of
 the layers' parameters (stacked when scanned, per layer when unrolled) and their conversion."""
 import dataclasses
+import json
 import re
 
 import flax.linen as nn
@@ -36,7 +37,7 @@ def count_params(config):
 def test_every_gin_model_file_builds_a_config(gin_file):
   config = convert.config_from_gin(gin_file)
   assert config.vocab_size in (128, 32128)
-  assert t5.T5Config.from_json(config.to_json()) == config
+  assert t5.T5Config.from_dict(json.loads(config.to_json())) == config
   assert count_params(config) > 0
 
 
@@ -59,6 +60,28 @@ def test_config_validation_and_dict_round_trip(tiny_config):
     t5.T5Config.from_dict({**tiny_config.to_dict(), "d_model": 3})
   with pytest.raises(ValueError, match="mlp_activations"):
     t5.T5Config(mlp_activations=("gelu_new",))
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("vocab_size", "32128", "a positive integer"),
+    ("emb_dim", -4, "a positive integer"),
+    ("num_heads", 2.0, "a positive integer"),
+    ("num_decoder_layers", True, "a positive integer"),
+    ("dropout_rate", 1, r"a number in \[0, 1\)"),
+    ("layer_norm_epsilon", 0, "a positive number"),
+    ("logits_via_embedding", "no", "a boolean"),
+    ("scan_layers", 1, "a boolean or None"),
+    ("dtype", 32, "a string"),
+    ("mlp_activations", "gelu", "a list of strings"),
+])
+def test_config_values_of_the_wrong_type_or_range_are_named(field, value, expected):
+  with pytest.raises(ValueError, match=f"T5Config.{field}={re.escape(repr(value))}: expected "
+                                       f"{expected}\n"):  # then gin's line naming T5Config
+    t5.T5Config(**{field: value})
+
+
+def test_config_takes_numpy_integers(tiny_config):
+  assert t5.T5Config(**dict(tiny_config.to_dict(), emb_dim=np.int64(32))) == tiny_config
 
 
 def test_relative_position_buckets_match_transformers():

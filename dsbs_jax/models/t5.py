@@ -17,6 +17,7 @@ generation, optimizer, data or checkpoint-file code.
 import dataclasses
 import functools
 import json
+import numbers
 import re
 from typing import Any, Optional
 
@@ -32,6 +33,29 @@ EOS_ID = 1
 # A scanned stack's module holding every layer, and the logical axis name of the leading
 # layer axis of its parameters.
 STACKED_KEY = "layers"
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+# Field type -> (whether a value is one, what to call it): T5Config checks its values, which
+# gin files and config.json files give untyped.
+_TYPE_CHECKS = {
+    int: (lambda value: _is_number(value) and isinstance(value, numbers.Integral) and value > 0,
+          "a positive integer"),
+    float: (_is_number, "a number"),
+    bool: (lambda value: isinstance(value, bool), "a boolean"),
+    Optional[bool]: (lambda value: value is None or isinstance(value, bool), "a boolean or None"),
+    str: (lambda value: isinstance(value, str), "a string"),
+    tuple[str, ...]: (lambda value: isinstance(value, (list, tuple))
+                      and all(isinstance(item, str) for item in value), "a list of strings"),
+}
+# Fields whose values are narrower than their type's.
+_FIELD_CHECKS = {
+    "dropout_rate": (lambda value: _is_number(value) and 0 <= value < 1, "a number in [0, 1)"),
+    "layer_norm_epsilon": (lambda value: _is_number(value) and value > 0, "a positive number"),
+}
 
 
 @gin.configurable
@@ -71,6 +95,11 @@ class T5Config:
   dense_backward: str = "auto"
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      accepts, expected = _FIELD_CHECKS.get(field.name, _TYPE_CHECKS[field.type])
+      if not accepts(value):
+        raise ValueError(f"T5Config.{field.name}={value!r}: expected {expected}")
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
     unknown = [a for a in self.mlp_activations if a not in layers.ACTIVATIONS]
     if not self.mlp_activations or unknown:
@@ -107,10 +136,6 @@ class T5Config:
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-  @classmethod
-  def from_json(cls, text: str) -> "T5Config":
-    return cls.from_dict(json.loads(text))
 
 
 # T5Config fields that choose how the network runs, not what it computes: each run sets
