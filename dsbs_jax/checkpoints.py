@@ -26,19 +26,10 @@ from dsbs_jax.models import t5
 PathLike = Union[str, pathlib.Path]
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
-_MAX_ERROR_CHARS = 300
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint or model that cannot be read or does not fit; the message names it."""
-
-
-def short_error(error: BaseException) -> str:
-  """An orbax or tensorstore error's first line, without the kilobytes of tensorstore spec
-  it may paste in."""
-  text = str(error).split(" [tensorstore_spec=")[0].strip()
-  first = text.splitlines()[0] if text else type(error).__name__
-  return first if len(first) <= _MAX_ERROR_CHARS else first[:_MAX_ERROR_CHARS] + "..."
 
 
 def save_model(directory: PathLike, params: Any, config: t5.T5Config) -> None:
@@ -117,8 +108,9 @@ def check_params(directory: PathLike) -> t5.T5Config:
     with ocp.StandardCheckpointer() as reader:
       stored = reader.metadata(params_path).item_metadata
   except Exception as error:  # orbax raises many kinds; all mean no readable checkpoint here
-    raise CheckpointError(f"{params_path}: not a readable parameter checkpoint "
-                          f"({short_error(error)})") from error
+    # Its message, which pastes in tensorstore specs and bound methods, is the cause (--verbose).
+    raise CheckpointError(f"{params_path}: not a readable parameter checkpoint; is it damaged "
+                          "or incomplete?") from error
   _check_param_shapes(stored, _per_layer_param_shapes(config), params_path,
                       directory / CONFIG_FILE)
   return config
@@ -134,7 +126,7 @@ def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
     try:
       params = checkpointer.restore(params_path, _per_layer_param_shapes(config))
     except Exception as error:  # pylint: disable=broad-except
-      raise CheckpointError(f"{params_path}: parameters are damaged ({short_error(error)})") from error
+      raise CheckpointError(f"{params_path}: parameters are damaged or incomplete") from error
   return params, config
 
 
@@ -194,11 +186,13 @@ class TrainCheckpointer:
       raise CheckpointError(f"{self.directory / str(step)}: no such checkpoint; available "
                             f"steps: {self.all_steps()}")
 
-  def _unusable(self, step: int, error: BaseException, earlier_step_flag: str) -> CheckpointError:
+  def _unusable(self, step: int, earlier_step_flag: str) -> CheckpointError:
+    """The error for a step that cannot be read; orbax's own, which pastes in tensorstore
+    specs and bound methods, is its cause, shown with --verbose."""
     earlier = [s for s in self.all_steps() if s < step]
     hint = f"; restore an earlier one with {earlier_step_flag}{earlier[-1]}" if earlier else ""
-    return CheckpointError(f"{self.directory / str(step)}: checkpoint is corrupt or incomplete "
-                           f"({short_error(error)}){hint}")
+    return CheckpointError(f"{self.directory / str(step)}: checkpoint is corrupt or incomplete"
+                           f"{hint}")
 
   def input_state(self, step: int, earlier_step_flag: str = "--gin.train.restore_step=") -> dict:
     """The input pipeline's position saved with `step`, read without the train state."""
@@ -206,7 +200,7 @@ class TrainCheckpointer:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(input=ocp.args.JsonRestore())).input
     except Exception as error:  # pylint: disable=broad-except
-      raise self._unusable(step, error, earlier_step_flag) from error
+      raise self._unusable(step, earlier_step_flag) from error
 
   def _state_metadata(self, step: int) -> Optional[Any]:
     """The stored state's tree of array metadata; None if unreadable or missing (then
@@ -238,7 +232,7 @@ class TrainCheckpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(as_stored), input=ocp.args.JsonRestore()))
     except Exception as error:  # orbax raises many kinds; all mean this step is unusable
-      raise self._unusable(step, error, earlier_step_flag) from error
+      raise self._unusable(step, earlier_step_flag) from error
     state = restored.state
     if converts:
       shardings = jax.tree.map(lambda shape: shape.sharding, abstract_state)

@@ -30,12 +30,6 @@ def assert_same_tree(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_short_errors_leave_out_tensorstore_specs():
-  error = ValueError('NOT_FOUND: no file [tensorstore_spec={"driver": "zarr", ...}]\nmore')
-  assert checkpoints.short_error(error) == "NOT_FOUND: no file"
-  assert checkpoints.short_error(RuntimeError("x" * 400)).endswith("...")
-
-
 def test_a_model_round_trips_and_forgets_how_it_ran(tmp_path, tiny_config, params):
   ran_scanned = dataclasses.replace(tiny_config, scan_layers=True, remat_policy="full")
   # A scanned run's stacked parameters are stored, and load, per layer.
@@ -105,9 +99,9 @@ def test_a_corrupt_checkpoint_is_named_with_the_flag_that_restores_the_one_befor
       data_file.unlink()
     with pytest.raises(checkpoints.CheckpointError) as refused:
       checkpointer.restore(2, jax.eval_shape(lambda: state_at(0)))
-    message = str(refused.value)
-    assert "checkpoints/2: checkpoint is corrupt or incomplete" in message
-    assert "--gin.train.restore_step=1" in message and "tensorstore_spec" not in message
+    assert str(refused.value) == (f"{tmp_path / 'checkpoints' / '2'}: checkpoint is corrupt or "
+                                  "incomplete; restore an earlier one with "
+                                  "--gin.train.restore_step=1")  # orbax's text is the cause
     with pytest.raises(checkpoints.CheckpointError, match="restore an earlier one with --step 1"):
       checkpointer.restore_on_one_device(2)
   finally:
