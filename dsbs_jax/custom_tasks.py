@@ -114,6 +114,12 @@ def register_custom_datasets(datasets: Sequence[Mapping] = ()) -> list[str]:
   return names
 
 
+def names_in_gin() -> list[str]:
+  """The names of the custom datasets that gin's config in use registers."""
+  bound = gin.get_bindings(register_custom_datasets).get("datasets", ())
+  return [dict(kwargs).get("name") for kwargs in bound]
+
+
 @gin.config.register_finalize_hook
 def _register_when_gin_is_final(config) -> None:
   del config  # the bindings are read by calling the configurable

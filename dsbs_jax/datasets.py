@@ -33,6 +33,11 @@ BENCHMARKS = (
 _registered: dict[str, list[str]] = {}  # benchmark name -> its task and mixture names
 
 
+def dataset_names() -> list[str]:
+  """The benchmarks' names, then those of the custom datasets gin names."""
+  return [spec.name for spec in BENCHMARKS] + custom_tasks.names_in_gin()
+
+
 def register_all() -> list[str]:
   """Registers every benchmark (once) and the custom datasets gin names; returns the names
   of all their tasks and mixtures."""

@@ -17,6 +17,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from dsbs_jax import custom_tasks
 from dsbs_jax import distillation
 from dsbs_jax import gin_utils
 
@@ -33,7 +34,10 @@ def mixture_or_task(name: str, flag: str = "MIXTURE_OR_TASK_NAME"):
     known = sorted(set(seqio.MixtureRegistry.names()) | set(seqio.TaskRegistry.names()))
     closest = difflib.get_close_matches(str(name), known, n=1)
     hint = f"did you mean {closest[0]!r}? " if closest else ""
-    raise TaskDataError(f"{flag}={name!r}: no such task or mixture; {hint}`dsbs tasks` lists "
+    # A plain `dsbs tasks` would not list the custom datasets that this run's gin registers.
+    lister = ("`dsbs tasks` with this run's --gin_file and --gin flags" if
+              custom_tasks.names_in_gin() else "`dsbs tasks`")
+    raise TaskDataError(f"{flag}={name!r}: no such task or mixture; {hint}{lister} lists "
                         "them") from None
 
 

@@ -30,14 +30,16 @@ def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
       "tasks", formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Lists every registered SeqIO task and mixture (the names MIXTURE_OR_TASK_NAME\n"
-                  "takes) with its examples per split, as the gin flags given here set them.",
+                  "takes) with its examples per split, as the gin flags given here set them;\n"
+                  "custom datasets are those the gin flags register, as in training.",
       epilog="examples:\n  dsbs tasks --dataset cqa --examples 2\n"
              "  dsbs tasks --gin.TaskOptions.train_fraction=0.25")
   gin_utils.add_gin_arguments(parser)
   parser.add_argument("--examples", type=flags.positive_int, default=0, metavar="N",
                       help="print N preprocessed examples of each mixture")
   parser.add_argument("--dataset", action="append", default=[],
-                      help="only this dataset (repeatable), e.g. cqa, svamp, esnli, anli1")
+                      help="only this dataset (repeatable), e.g. cqa, svamp, esnli, anli1 or a "
+                           "custom one the gin flags register")
   parser.set_defaults(func=run)
 
 
@@ -78,11 +80,12 @@ def run(args: argparse.Namespace) -> int:
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
   options = distillation.TaskOptions()  # read once, and checked before any listing
   datasets.register_all()
-  known = [spec.name for spec in datasets.BENCHMARKS]
+  known = datasets.dataset_names()
   unknown = [name for name in args.dataset if name not in known]
   if unknown:
     raise UnknownDatasetError(f"--dataset {unknown[0]}: no such dataset; expected one of "
-                              f"{', '.join(known)}")
+                              f"{', '.join(known)}, or a custom dataset that --gin_file or "
+                              "--gin.register_custom_datasets.datasets registers")
   chosen = [name for name in known if not args.dataset or name in args.dataset]
   header = f"{'name':<24} {'kind':<8}" + "".join(f"{split:>16}" for split in distillation.SPLITS)
   with distillation.options_in_use(options):

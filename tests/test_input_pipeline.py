@@ -1,6 +1,7 @@
 """Tests for dsbs_jax.input_pipeline: packed training batches carry each token's task, resume
 at the next batch and split over hosts; evaluation batches hold every example once, padded
 with masked rows; unknown names and empty splits are named."""
+import gin
 import numpy as np
 import pytest
 import seqio
@@ -78,5 +79,14 @@ def test_split_sizes_count_every_task_of_a_mixture():
 
 def test_an_unknown_mixture_is_named_with_the_closest():
   with pytest.raises(input_pipeline.TaskDataError, match="'cqa_dsbs': no such task or mixture; "
-                                                         "did you mean 'cqa_dsbs_gold'"):
+                                                         "did you mean 'cqa_dsbs_gold'.* `dsbs "
+                                                         "tasks` lists them"):
     input_pipeline.mixture_or_task("cqa_dsbs")
+
+
+def test_the_hint_for_an_unknown_mixture_names_the_gin_flags_when_gin_registers_datasets():
+  gin.parse_config("register_custom_datasets.datasets = [{'name': 'hinted', "
+                   "'rationales_file': 'records.jsonl'}]")
+  with pytest.raises(input_pipeline.TaskDataError,
+                     match="`dsbs tasks` with this run's --gin_file and --gin flags lists them"):
+    input_pipeline.mixture_or_task("hinted_dsbs")
