@@ -20,6 +20,7 @@ import tensorflow as tf
 from dsbs_jax import custom_tasks
 from dsbs_jax import distillation
 from dsbs_jax import gin_utils
+from dsbs_jax import seqio_tasks
 
 
 class TaskDataError(ValueError):
@@ -60,6 +61,26 @@ def split_sizes(name: str, splits: Sequence[str] = distillation.SPLITS) -> dict[
       if count is not None:
         sizes[task.name][split] = count
   return sizes
+
+
+def truncated_counts(name: str, lengths: Mapping[str, int],
+                     splits: Sequence[str] = distillation.SPLITS) -> dict[str, dict[str, dict]]:
+  """{task: {feature: {split: examples}}} of the examples of mixture (or task) `name` with
+  more tokens than `lengths` hold (EOS included), which the features truncate; counts of
+  none are left out."""
+  provider = mixture_or_task(name)
+  tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  truncated = {}
+  for task in tasks:
+    if not isinstance(task.source, seqio_tasks.RecordDataSource):
+      continue
+    for split in splits:
+      for feature, texts in task.source.texts(split).items():
+        counts = seqio_tasks.token_counts(task.output_features[feature].vocabulary, texts)
+        longer = sum(count + 1 > lengths[feature] for count in counts)  # + 1: the final EOS
+        if longer:
+          truncated.setdefault(task.name, {}).setdefault(feature, {})[split] = longer
+  return truncated
 
 
 class DistillationFeatureConverter(seqio.EncDecFeatureConverter):

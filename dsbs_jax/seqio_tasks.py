@@ -11,7 +11,8 @@ This module must not decide which datasets exist (datasets.py does), read record
 itself (records.py does), or know about models or training.
 """
 import functools
-from typing import Mapping, Optional
+import itertools
+from typing import Mapping, Optional, Sequence
 
 import seqio
 import tensorflow as tf
@@ -28,6 +29,9 @@ TARGETS = {  # task kind -> the target text of a record in a split
         record.teacher_label if split == "train" or record.label is None else record.label),
     "rationale": lambda record, split: record.rationale,
 }
+# Task kind -> the TaskOptions field whose text prefixes its inputs.
+PREFIX_FIELDS = {"label_gold": "label_prefix", "label_teacher": "label_prefix",
+                 "rationale": "rationale_prefix"}
 
 
 class RecordDataSource(seqio.FunctionDataSource):
@@ -49,6 +53,12 @@ class RecordDataSource(seqio.FunctionDataSource):
           f"{distillation.task_name(self._spec.name, 'dsbs_teacher')} or "
           f"{distillation.task_name(self._spec.name, 'distill')} (the teacher's labels) instead")
     return {"id": [r.id for r in read], "input": [r.input for r in read], "target": targets}
+
+  def texts(self, split: str) -> dict[str, list[str]]:
+    """{"inputs": [...], "targets": [...]}: the texts of `split` as the task tokenizes them."""
+    examples = self._examples(split)
+    prefix = getattr(distillation.current_options(), PREFIX_FIELDS[self._target_kind])
+    return {"inputs": [prefix + text for text in examples["input"]], "targets": examples["target"]}
 
   def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one in-memory shard; seqio shuffles examples
@@ -76,6 +86,15 @@ def encode_with_separators(vocabulary: seqio.Vocabulary, text: tf.Tensor) -> tf.
   eos = tf.fill([tf.shape(pieces)[0], 1], tf.constant(vocabulary.eos_id, ids.dtype))
   with_eos = tf.concat([ids, tf.RaggedTensor.from_tensor(eos)], axis=1).flat_values
   return with_eos[:-1]  # the last piece has no separator after it
+
+
+def token_counts(vocabulary: seqio.SentencePieceVocabulary, texts: Sequence[str]) -> list[int]:
+  """How many ids `encode_with_separators` gives each text, tokenized in one batch."""
+  pieces = [text.split(rationales.NLI_SEPARATOR) for text in texts]
+  piece_ids = vocabulary.tokenizer.EncodeAsIds([piece for parts in pieces for piece in parts])
+  piece_lengths = iter(map(len, piece_ids))
+  # Each separator becomes one EOS id.
+  return [sum(itertools.islice(piece_lengths, len(parts))) + len(parts) - 1 for parts in pieces]
 
 
 def tokenize(dataset: tf.data.Dataset, output_features: Mapping[str, seqio.Feature]) -> tf.data.Dataset:
@@ -180,7 +199,7 @@ def register_dataset(spec: distillation.DatasetSpec) -> list[str]:
     seqio.TaskRegistry.add(
         name,
         source=RecordDataSource(spec, kind),
-        preprocessors=[add_prefix("rationale_prefix" if is_rationale else "label_prefix"),
+        preprocessors=[add_prefix(PREFIX_FIELDS[kind]),
                        tokenize, seqio.preprocessors.append_eos_after_trim,
                        add_task_ids(distillation.TASK_IDS["rationale" if is_rationale else "label"])],
         output_features=output_features(),

@@ -120,10 +120,23 @@ def check_run(run: run_dir.RunDir, options: distillation.TaskOptions, mixture_or
   run.check_fits(config, spec, options.vocabulary_path)
   run.check_writable()
   split_sizes = input_pipeline.split_sizes(mixture_or_task_name)
-  print_fn(f"{mixture_or_task_name}: every record read and checked (" + "; ".join(
-      f"{task}: " + ", ".join(f"{n:,} {split}" for split, n in sizes.items())
-      for task, sizes in split_sizes.items()) + ")")
+  truncated = input_pipeline.truncated_counts(mixture_or_task_name, task_feature_lengths)
+  print_fn(read_check_line(mixture_or_task_name, split_sizes, truncated))
   return RunSettings(config, spec, label_task, split_sizes)
+
+
+def _per_split(counts: Mapping[str, int]) -> str:
+  return ", ".join(f"{n:,} {split}" for split, n in counts.items())
+
+
+def read_check_line(mixture_or_task_name: str, split_sizes: dict, truncated: dict) -> str:
+  """What the check of every record says: the examples per task and split, then how many
+  of them are longer than TASK_FEATURE_LENGTHS (input_pipeline.truncated_counts)."""
+  sizes = "; ".join(f"{task}: {_per_split(counts)}" for task, counts in split_sizes.items())
+  line = f"{mixture_or_task_name}: every record read and checked ({sizes})"
+  cut = "; ".join(f"{task} {feature} {_per_split(counts)}"
+                  for task, features in truncated.items() for feature, counts in features.items())
+  return line + (f"; truncated, longer than TASK_FEATURE_LENGTHS: {cut}" if cut else "")
 
 
 def restore_or_initialize(run: run_dir.RunDir, checkpointer: checkpoints.TrainCheckpointer,

@@ -1,14 +1,18 @@
 """Tests for dsbs_jax.input_pipeline: packed training batches carry each token's task, resume
 at the next batch and split over hosts; evaluation batches hold every example once, padded
 with masked rows; unknown names and empty splits are named."""
+import dataclasses
+
 import gin
 import numpy as np
 import pytest
 import seqio
 
+from dsbs_jax import custom_tasks
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import input_pipeline
+from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
 
@@ -75,6 +79,27 @@ def test_split_sizes_count_every_task_of_a_mixture():
   assert set(sizes) == {"svamp_label_teacher", "svamp_rationale"}
   assert sizes["svamp_label_teacher"] == sizes["svamp_rationale"]
   assert sizes["svamp_label_teacher"]["train"] == 720
+
+
+def test_inputs_longer_than_the_feature_lengths_are_counted_per_task_and_split(tmp_path):
+  svamp = records.read_split(str(resources.RATIONALES_DIR), "svamp", "train")[:40]
+  long_ids = {f"m{i:02}" for i in range(0, 40, 4)}
+  written = [dataclasses.replace(record, id=f"m{i:02}", input=(
+      "a very long question " * 1000 if f"m{i:02}" in long_ids else record.input))
+             for i, record in enumerate(svamp)]
+  rationales.write_records(str(tmp_path / "long.jsonl"), written)
+  custom_tasks.register_custom_dataset("truncating", str(tmp_path / "long.jsonl"),
+                                       metric="equation")
+  expected = {}
+  for split, file_name in (("train", "train"), ("validation", "valid"), ("test", "test")):
+    layout = rationales.read_records(str(tmp_path / "truncating" / f"{file_name}.jsonl"))
+    if sum(record.id in long_ids for record in layout):
+      expected[split] = sum(record.id in long_ids for record in layout)
+  assert sum(expected.values()) == 10
+  lengths = {"inputs": 64, "targets": 100_000}  # no target is cut
+  assert input_pipeline.truncated_counts("truncating_dsbs_teacher", lengths) == {
+      "truncating_label_teacher": {"inputs": expected},
+      "truncating_rationale": {"inputs": expected}}
 
 
 def test_an_unknown_mixture_is_named_with_the_closest():

@@ -1,6 +1,7 @@
 """Tests for dsbs_jax.seqio_tasks: every task and mixture yields packed batches, rates follow
 alpha, both tasks see the same examples, prefixes, separators, the vocabulary TaskOptions
 names, and the options a command puts in use winning over gin's."""
+import itertools
 import math
 import shutil
 
@@ -14,6 +15,7 @@ from dsbs_jax import distillation
 from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
+from dsbs_jax import seqio_tasks
 
 LENGTHS = {"inputs": 256, "targets": 128}
 VOCABULARY = str(resources.VOCABULARY_FILE)
@@ -150,6 +152,19 @@ def test_nli_separator_becomes_eos_between_premise_and_hypothesis():
   vocabulary = task.output_features["inputs"].vocabulary
   assert example["inputs"][:positions[0]].tolist() == vocabulary.encode(premise)
   assert example["inputs"][positions[0] + 1:-1].tolist() == vocabulary.encode(hypothesis)
+
+
+@pytest.mark.parametrize("name", ["esnli_label_gold", "cqa_rationale"])
+def test_token_counts_of_a_sources_texts_are_the_lengths_the_task_tokenizes_to(name):
+  task = seqio.get_mixture_or_task(name)
+  unbounded = {"inputs": 100_000, "targets": 100_000}
+  dataset = task.get_dataset(unbounded, split="validation", shuffle=False, use_cached=False)
+  examples = list(itertools.islice(dataset.as_numpy_iterator(), 20))
+  texts = task.source.texts("validation")
+  for feature in ("inputs", "targets"):
+    counts = seqio_tasks.token_counts(task.output_features[feature].vocabulary,
+                                      texts[feature][:20])
+    assert counts == [len(example[feature]) - 1 for example in examples]  # - 1: the final EOS
 
 
 def test_tasks_read_joined_nli_train_inputs_with_their_prefix(small_nli_dir):

@@ -53,6 +53,19 @@ def final_params(model_dir, step):
 
 
 @pytest.mark.slow
+def test_the_read_check_says_how_many_examples_the_feature_lengths_truncate():
+  sizes = {"mine_label_teacher": {"train": 1200, "validation": 4},
+           "mine_rationale": {"train": 1200, "validation": 4}}
+  assert train.read_check_line("mine_dsbs_teacher", sizes, {}) == (
+      "mine_dsbs_teacher: every record read and checked (mine_label_teacher: 1,200 train, "
+      "4 validation; mine_rationale: 1,200 train, 4 validation)")
+  truncated = {"mine_label_teacher": {"inputs": {"train": 3}},
+               "mine_rationale": {"inputs": {"train": 3}, "targets": {"train": 1, "validation": 2}}}
+  assert train.read_check_line("mine_dsbs_teacher", sizes, truncated).endswith(
+      "4 validation); truncated, longer than TASK_FEATURE_LENGTHS: mine_label_teacher inputs "
+      "3 train; mine_rationale inputs 3 train; mine_rationale targets 1 train, 2 validation")
+
+
 def test_a_tiny_run_trains_evaluates_and_writes_its_outputs(uninterrupted):
   losses = train_losses(uninterrupted)
   assert sorted(losses) == [1, 2, 3, 4, 5, 6]
