@@ -5,8 +5,8 @@ Ctrl-C's is, so that both unwind through the same `finally` blocks (locks releas
 checkpoints closed, temporary files removed) and end as one line from `stopped_line`.
 Commands name what they are doing with `phase("compiling the train step", resume="...")`;
 the line names the innermost phase the signal interrupted and that phase's way to go on.
-The training loop catches the signals
-itself, to checkpoint first (periodic_actions.StopRequests).
+The training loop catches the signals itself, to checkpoint first
+(periodic_actions.StopRequests).
 
 This module must not print, and holds no command's knowledge: phases come from the commands.
 """
