@@ -11,9 +11,12 @@ converted.
 Importers of other formats live in convert.py, and the rest of MODEL_DIR in run_dir.py;
 this module must not know them.
 """
+import contextlib
 import dataclasses
+import errno
 import functools
 import pathlib
+import shutil
 from typing import Any, Optional, Sequence, Union
 
 import jax
@@ -30,6 +33,35 @@ CONFIG_FILE = "config.json"
 
 class CheckpointError(RuntimeError):
   """A checkpoint or model that cannot be read or does not fit; the message names it."""
+
+
+class CheckpointWriteError(CheckpointError):
+  """A checkpoint could not be written (a full disk); the earlier ones are intact."""
+
+
+def _megabytes(size: int) -> str:
+  return f"{size / 2**20:,.1f} MB"
+
+
+def _bytes_under(path: pathlib.Path) -> int:
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _free_bytes(path: pathlib.Path) -> int:
+  """Free bytes on the disk that holds `path` (or, before it exists, its nearest ancestor)."""
+  while not path.exists():
+    path = path.parent
+  return shutil.disk_usage(path).free
+
+
+def _is_disk_full(error: BaseException) -> bool:
+  """Whether `error`, or an error it was raised from, is ENOSPC; orbax and tensorstore
+  report it only in their messages (tensorstore's `os_error_code='28'`)."""
+  while error is not None:
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def save_model(directory: PathLike, params: Any, config: t5.T5Config) -> None:
@@ -159,6 +191,7 @@ class TrainCheckpointer:
                asynchronous: bool = True):
     self.directory = pathlib.Path(directory).absolute()
     self._kept = _NamedStep(keep_step)
+    self._checkpoint_bytes = None  # the size of one checkpoint on disk, once known
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "input"),
         options=ocp.CheckpointManagerOptions(
@@ -177,9 +210,52 @@ class TrainCheckpointer:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, input_state: dict) -> None:
-    """Starts writing step `step`; returns before the write ends when asynchronous."""
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), input=ocp.args.JsonSave(input_state)), force=True)
+    """Starts writing step `step`; returns before the write ends when asynchronous.
+
+    Refuses to start when the disk has less room than a checkpoint takes (measured on the
+    latest one, else estimated from the state's arrays): a CheckpointWriteError saying so,
+    as is a disk that fills up during the write (raised here or by `wait`).
+    """
+    self.wait()  # orbax would wait for the previous save too; then its size and room are known
+    needed = self._size_of_a_checkpoint(state)
+    free = _free_bytes(self.directory)
+    if free < needed:
+      raise self._write_failed(self.directory / str(step),
+                               f"{_megabytes(free)} free on its disk, a checkpoint takes about "
+                               f"{_megabytes(needed)}")
+    with self._disk_full_reported():
+      self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), input=ocp.args.JsonSave(input_state)), force=True)
+
+  def _size_of_a_checkpoint(self, state: Any) -> int:
+    if self._checkpoint_bytes is None:
+      latest = self.latest_step()
+      if latest is not None:
+        self._checkpoint_bytes = _bytes_under(self.directory / str(latest))
+      else:  # its arrays, with a tenth more for the metadata around them
+        arrays = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
+                     if hasattr(x, "dtype"))
+        return int(arrays * 1.1)
+    return self._checkpoint_bytes
+
+  def _write_failed(self, what: pathlib.Path, why: str) -> CheckpointWriteError:
+    complete = self.all_steps()
+    intact = (f"the last complete checkpoint, step {complete[-1]}, is intact" if complete
+              else "there is no earlier checkpoint")
+    return CheckpointWriteError(f"{what}: not saved: {why}; {intact}. Free some space and "
+                                "rerun the same command to resume")
+
+  @contextlib.contextmanager
+  def _disk_full_reported(self):
+    """Turns a full disk that orbax met in the block (writing this or an earlier
+    asynchronous save) into one CheckpointWriteError."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except
+      if not _is_disk_full(error):
+        raise
+      free = _megabytes(_free_bytes(self.directory))
+      raise self._write_failed(self.directory, f"the disk is full ({free} free)") from None
 
   def _check_exists(self, step: int) -> None:
     if step not in self._manager.all_steps():
@@ -273,7 +349,8 @@ class TrainCheckpointer:
     return self.restore(step, abstract_state, earlier_step_flag="--step ")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._disk_full_reported():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()

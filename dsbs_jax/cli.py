@@ -5,7 +5,9 @@ registers the subcommand with a `func(args) -> int` default. `dsbs --help` lists
 subcommands from the table below without importing them; a command imports only its own
 module. A user error (bad input, whose message names the file, flag or value) ends as one
 line, `dsbs CMD: error: ...`, with exit code 2, and leaves a traceback only with
---verbose; any other exception is a bug and keeps its traceback. Nothing here does work
+--verbose; any other exception is a bug and keeps its traceback. SIGINT and SIGTERM end a
+command as one line saying where it stopped and how to go on (stop_signals.py), with exit
+code 130 or 143. Nothing here does work
 itself.
 """
 import argparse
@@ -13,14 +15,17 @@ import sys
 import traceback
 
 from dsbs_jax import console
+from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
 from dsbs_jax import host_allocator
+from dsbs_jax import stop_signals
 from dsbs_jax import text_files
 from dsbs_jax import tpu_runtime
 
 # Errors that mean bad input rather than a bug. Subcommand modules add theirs as `USER_ERRORS`.
 BASE_USER_ERRORS = (gin_utils.GinConfigError, text_files.TextFileError, FileNotFoundError,
-                    PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+                    PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+                    folder_lock.FolderInUseError)
 
 # Subcommand -> (module that registers it, its line in `dsbs --help`), in the order of work.
 SUBCOMMANDS = {
@@ -93,31 +98,41 @@ def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
 
 
 def main(argv=None) -> int:
-  if argv is None:  # a real command line, which can be run again under tuned settings
-    host_allocator.reexec_with_tuned_allocator()
-  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv is None:  # a real command line: the process is the command's own
+    host_allocator.reexec_with_tuned_allocator()  # so it can be run again under tuned settings
+    code = main(sys.argv[1:])
+    if code:
+      console.quiet_exit()  # its one line said it all
+    return code
+  argv = list(argv)
   tpu_runtime.keep_off_hosts_without_chips()
   verbose = "--verbose" in argv
   console.configure(verbose)
   command = command_of(argv)
-  prog = f"dsbs {command}" if command in SUBCOMMANDS else "dsbs"
+  prog = [f"dsbs {command}" if command in SUBCOMMANDS else "dsbs"]  # named fully once parsed
   user_errors = BASE_USER_ERRORS
-  try:
-    argv, gin_bindings = gin_utils.split_gin_bindings(argv)
-    parser, user_errors = build_parser(command)
-    args = parser.parse_args(argv)
-    prog = args.command_name
-    if gin_bindings and not hasattr(args, "gin_file"):
-      raise gin_utils.GinConfigError(f"{prog} takes no --gin.NAME=VALUE flags")
-    args.gin_bindings = gin_bindings
-    return args.func(args) or 0
-  except Exception as error:  # pylint: disable=broad-except
-    if not isinstance(error, user_errors):
-      raise
-    if verbose:
-      traceback.print_exc()
-    print(f"{prog}: error: {console.one_line(error)}", file=sys.stderr)
-    return 2
+  with stop_signals.sigterm_raising():
+    try:
+      argv, gin_bindings = gin_utils.split_gin_bindings(argv)
+      parser, user_errors = build_parser(command)
+      args = parser.parse_args(argv)
+      prog[0] = args.command_name
+      if gin_bindings and not hasattr(args, "gin_file"):
+        raise gin_utils.GinConfigError(f"{prog[0]} takes no --gin.NAME=VALUE flags")
+      args.gin_bindings = gin_bindings
+      return args.func(args) or 0
+    except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM (stop_signals)
+      if verbose:
+        traceback.print_exc()
+      print(f"{prog[0]}: {stop_signals.stopped_line(stop)}", file=sys.stderr)
+      return stop_signals.EXIT_CODES[stop_signals.signal_name(stop)]
+    except Exception as error:  # pylint: disable=broad-except
+      if not isinstance(error, user_errors):
+        raise
+      if verbose:
+        traceback.print_exc()
+      print(f"{prog[0]}: error: {console.one_line(error)}", file=sys.stderr)
+      return 2
 
 
 if __name__ == "__main__":

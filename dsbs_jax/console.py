@@ -27,6 +27,9 @@ QUIET_ENVIRONMENT = {"TF_CPP_MIN_LOG_LEVEL": "2", "TF_ENABLE_ONEDNN_OPTS": "0"}
 NOISE = {
     "root": ("Path not found: ",),  # gin's search of Python packages for a gin file
     "asyncio": ("Future exception was never retrieved",),  # a failed orbax read's leftovers
+    # orbax's background threads logging, with tracebacks, a failed save that the command
+    # reports itself as one line (checkpoints.CheckpointWriteError)
+    "absl": ("[process=",),
 }
 
 _settings = {"verbose": False, "configured": False}
@@ -97,6 +100,18 @@ def native_stderr_held():
       sys.stderr.flush()
       os.dup2(saved, 2)
       os.close(saved)
+
+
+def quiet_exit() -> None:
+  """Drops what native code writes to file descriptor 2 from now on (unless --verbose): a
+  command that has printed its last line leaves by it, not by TensorFlow's reports of the
+  pipelines its exit tears down half read."""
+  if _settings["verbose"]:
+    return
+  sys.stderr.flush()
+  devnull = os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  os.close(devnull)
 
 
 def import_quietly(module_name: str):

@@ -25,6 +25,7 @@ from flax import traverse_util
 
 from dsbs_jax import checkpoints
 from dsbs_jax import resources
+from dsbs_jax import stop_signals
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
@@ -537,6 +538,8 @@ def run(args: argparse.Namespace) -> int:
   except (FileNotFoundError, ImportError, ValueError) as error:
     print(f"dsbs convert: error: {error}", file=sys.stderr)
     return 2
-  checkpoints.save_model(args.out, params, config)
+  with stop_signals.phase(f"writing {args.out}",
+                          resume="rerun the same command with --overwrite to write it whole"):
+    checkpoints.save_model(args.out, params, config)
   print(f"wrote {args.out}")
   return 0

@@ -45,6 +45,7 @@ from dsbs_jax import console
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import export
+from dsbs_jax import folder_lock
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import infer
@@ -52,6 +53,7 @@ from dsbs_jax import metrics
 from dsbs_jax import rationales
 from dsbs_jax import resources
 from dsbs_jax import run_dir
+from dsbs_jax import stop_signals
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 from dsbs_jax import teacher_command
@@ -541,14 +543,19 @@ def run(args) -> int:
   plan = plan_run(args)
   if args.dry_run:
     return dry_run(args, plan, layout)
-  layout.teacher_dir.mkdir(parents=True, exist_ok=True)
-  code = annotate(args, plan, layout)
-  if code:
-    return code
-  code = train_student(args, layout, train_gin_text(args, plan, layout))
-  if code:
-    return code
-  exports = export_student(plan, layout)
-  print(write_report(args, plan, layout, exports))
+  resume = "rerun the same command: the stages already done are skipped"
+  with folder_lock.FolderLock(folder_lock.lock_path(layout.root), f"--out {layout.root}",
+                              "dsbs distill"):
+    layout.teacher_dir.mkdir(parents=True, exist_ok=True)
+    with stop_signals.phase("asking the teacher for rationales", resume=resume):
+      code = annotate(args, plan, layout)
+    if code:
+      return code
+    code = train_student(args, layout, train_gin_text(args, plan, layout))
+    if code:
+      return code
+    with stop_signals.phase("exporting the student", resume=resume):
+      exports = export_student(plan, layout)
+    print(write_report(args, plan, layout, exports))
   print(f"report: {layout.report}")
   return 0

@@ -45,10 +45,12 @@ from dsbs_jax import checkpoints
 from dsbs_jax import convert
 from dsbs_jax import encoder_decoder
 from dsbs_jax import flags
+from dsbs_jax import folder_lock
 from dsbs_jax import infer
 from dsbs_jax import rationales
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
+from dsbs_jax import stop_signals
 from dsbs_jax.models import t5
 
 MANIFEST_FILE = "dsbs_export.json"
@@ -375,7 +377,8 @@ def export(model_dir, out, export_format: str, step: str = "best",
   """Writes MODEL_DIR's student at `step` to `out` in `export_format`; returns `out`.
 
   Everything is written to a temporary directory beside `out`, renamed into place once
-  complete, so a failed export leaves nothing at `out` (and an old `out` as it was).
+  complete, so a failed export leaves nothing at `out` (and an old `out` as it was). One
+  export at a time writes `out` (a lock beside it), and never over a folder a run holds.
   """
   if export_format not in WRITERS:
     raise ExportError(f"--format {export_format!r}: expected one of {FORMATS}")
@@ -386,9 +389,21 @@ def export(model_dir, out, export_format: str, step: str = "best",
                       "with --format hf, prepend the manifest's task prefix yourself")
   out = pathlib.Path(out).absolute()
   _check_out(out, overwrite)
-  student = load_student(model_dir, step)
-  decode = dataclasses.replace(
-      decode, decode_length=decode.decode_length or student.spec.target_length)
+  with folder_lock.FolderLock(out.parent / f".{out.name}{folder_lock.LOCK_NAME}", f"--out {out}",
+                              "dsbs export"):
+    if (holder := folder_lock.holder(out)) is not None:
+      raise ExportError(f"--out {out} is in use by {holder}; export elsewhere")
+    with stop_signals.phase(f"exporting to {out}",
+                            resume=f"{out} was not changed; rerun the same command"):
+      student = load_student(model_dir, step)
+      decode = dataclasses.replace(
+          decode, decode_length=decode.decode_length or student.spec.target_length)
+      _write_staged(student, out, export_format, decode, overwrite)
+  return out
+
+
+def _write_staged(student: Student, out: pathlib.Path, export_format: str,
+                  decode: DecodeOptions, overwrite: bool) -> None:
   staging = _new_sibling_dir(out, "tmp")
   try:
     format_entries = WRITERS[export_format](student, staging, decode)
@@ -406,7 +421,6 @@ def export(model_dir, out, export_format: str, step: str = "best",
       os.replace(staging, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
-  return out
 
 
 USER_ERRORS = (ExportError, convert.ConversionError, checkpoints.CheckpointError)
@@ -443,5 +457,5 @@ def run(args: argparse.Namespace) -> int:
   decode = DecodeOptions(args.decode, args.num_beams, args.length_penalty, args.decode_length,
                          args.with_rationales)
   out = export(args.checkpoint, args.out, args.export_format, args.step, decode, args.overwrite)
-  print(f"wrote {out}", file=sys.stderr)
+  print(f"wrote {out}{run_dir.RunDir(args.checkpoint).still_training_note()}", file=sys.stderr)
   return 0

@@ -32,6 +32,7 @@ from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
+from dsbs_jax import stop_signals
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
@@ -213,12 +214,14 @@ def run_predict(args: argparse.Namespace) -> int:
   spec = run.spec()
   examples = read_prediction_inputs(args.input)
   check_output_file(args.output)
-  params, config, step = run.load_params(args.step)
-  predictor = _predictor(args, run, spec, params, config)
-  start = time.time()
-  texts = [example["input"] for example in examples]
-  labels = predictor.predict(texts, spec.label_prefix)
-  rationales_out = predictor.predict(texts, spec.rationale_prefix) if args.rationale else None
+  with stop_signals.phase(f"predicting {len(examples):,} inputs",
+                          resume=f"{args.output} was not written; rerun the same command"):
+    params, config, step = run.load_params(args.step)
+    predictor = _predictor(args, run, spec, params, config)
+    start = time.time()
+    texts = [example["input"] for example in examples]
+    labels = predictor.predict(texts, spec.label_prefix)
+    rationales_out = predictor.predict(texts, spec.rationale_prefix) if args.rationale else None
   records = []
   for i, example in enumerate(examples):
     record = dict(example, prediction=labels[i])
@@ -226,8 +229,8 @@ def run_predict(args: argparse.Namespace) -> int:
       record["rationale"] = rationales_out[i]
     records.append(record)
   write_jsonl(args.output, records)
-  print(f"{len(records)} predictions from step {step} in {time.time() - start:.1f}s -> {args.output}",
-        file=sys.stderr)
+  print(f"{len(records)} predictions from step {step}{run.still_training_note()} in "
+        f"{time.time() - start:.1f}s -> {args.output}", file=sys.stderr)
   return 0
 
 
@@ -255,10 +258,14 @@ def run_eval(args: argparse.Namespace) -> int:
                                     f"{run_dir.SPEC_FILE} mixture_or_task_name"))
     if args.output:
       check_output_file(args.output)
-    params, config, step = run.load_params(args.step)
-    output = args.output or str(run.predictions_path(args.split, step))
-    lengths = {"inputs": spec.input_length, "targets": spec.target_length}
-    metrics = evaluate_split(_predictor(args, run, spec, params, config), task_name, args.split,
-                             lengths, output)
+    with stop_signals.phase(f"evaluating {task_name} {args.split}",
+                            resume="nothing was written; rerun the same command"):
+      params, config, step = run.load_params(args.step)
+      output = args.output or str(run.predictions_path(args.split, step))
+      lengths = {"inputs": spec.input_length, "targets": spec.target_length}
+      metrics = evaluate_split(_predictor(args, run, spec, params, config), task_name,
+                               args.split, lengths, output)
+  if note := run.still_training_note():
+    print(f"step {step}{note}", file=sys.stderr)
   print(json.dumps({"task": task_name, "split": args.split, "step": step, **metrics}))
   return 0

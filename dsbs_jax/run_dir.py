@@ -15,14 +15,16 @@ written here. train, infer, export and plots ask a `RunDir`; none of them spells
       learning_curves.png   the run's curves (drawn by plots.py)
 
 The rules a run keeps here: everything is checked before anything is written, so a refused
-run leaves MODEL_DIR as it was (`check_fits`, `check_input_state`, `check_writable`); files
-are replaced atomically, and identical ones left untouched; a resumed run first drops what
-it will log again (`MetricsLog`); best_step.json never names a step whose checkpoint is not
-on disk (the caller waits for the checkpointer first).
+run leaves MODEL_DIR as it was (`check_fits`, `check_input_state`); one run at a time writes
+it (`writing`, a lock the kernel drops when its holder dies); files are replaced atomically,
+and identical ones left untouched; a resumed run first drops what it will log again, and
+nothing is dropped before its replacement is written (`MetricsLog`); best_step.json never
+names a step whose checkpoint is not on disk (the caller waits for the checkpointer first).
 
 This module must not train, evaluate or draw. TensorFlow is imported only to write and trim
 the TensorBoard log, so that `dsbs plot` reads runs without it.
 """
+import contextlib
 import dataclasses
 import filecmp
 import glob
@@ -35,6 +37,7 @@ from typing import Any, Optional
 import jax
 
 from dsbs_jax import checkpoints
+from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
@@ -264,15 +267,33 @@ class RunDir:
             + "; ".join(differences) + "); nothing in it was changed. Rerun with its settings "
             "to resume it, or give a new MODEL_DIR")
 
-  def check_writable(self) -> None:
-    """Creates MODEL_DIR if needed and proves a file can be written in it."""
+  @contextlib.contextmanager
+  def writing(self, command: str = "dsbs train"):
+    """Holds MODEL_DIR for this process while the block writes it (folder_lock.py): a
+    folder in use by another run is refused at once, as is one that cannot be written; a
+    MODEL_DIR the block created and left empty is removed again."""
+    lock = folder_lock.FolderLock(folder_lock.lock_path(self.path, jax.process_index()),
+                                  f"MODEL_DIR {self.path}", command)
     try:
-      self.path.mkdir(parents=True, exist_ok=True)
-      with tempfile.TemporaryFile(dir=self.path):
-        pass
+      lock.__enter__()
     except OSError as error:
       raise gin_utils.GinConfigError(f"MODEL_DIR={self.path}: cannot write there "
                                      f"({error.strerror or error})") from None
+    try:
+      yield
+    finally:
+      lock.__exit__()
+
+  def in_use_by(self) -> Optional[str]:
+    """The process training here now, in words; None when none is."""
+    return folder_lock.holder(self.path)
+
+  def still_training_note(self) -> str:
+    """For a line about a checkpoint read from here: that a run is still writing, so the
+    checkpoint is one of those complete so far ("" when no run is)."""
+    holder = self.in_use_by()
+    return "" if holder is None else (f" (the run is still training, by {holder}: its "
+                                      "checkpoints complete so far were used)")
 
   def write_run_files(self, config: t5.T5Config, spec: RunSpec, vocabulary_path: str) -> None:
     """config.json, run.json and vocabulary.model: what eval, predict and export read."""
@@ -309,19 +330,22 @@ def find_runs(root) -> list[RunDir]:
                                            for marker in root.rglob(name)})]
 
 
-def _logged_again(kind: str, row_step: int, step: int) -> bool:
-  """Whether a run resumed at `step` logs this row again: rows of later steps, and the
-  final evaluation's (it runs again at the end)."""
-  return kind.startswith("final_") or row_step > step
+def _logged_after(step: int):
+  """Whether a row (kind, step) is one a run resumed at `step` logs again."""
+  return lambda kind, row_step: row_step > step
 
 
-def drop_metrics_after(path: pathlib.Path, step: int) -> None:
-  """Rewrites metrics.jsonl without the rows a run resumed at `step` will write again, and
-  without a last line torn by a kill."""
+def _final(kind: str, row_step: int) -> bool:
+  """Whether a row is the final evaluation's (replaced when a run evaluates again)."""
+  del row_step
+  return kind.startswith("final_")
+
+
+def rewrite_metrics(path: pathlib.Path, dropped, added: tuple[str, ...] = ()) -> None:
+  """Replaces metrics.jsonl, atomically, by its rows without those `dropped(kind, step)`
+  says and without a last line torn by a kill, followed by the lines `added`."""
   path = pathlib.Path(path)
-  if not path.is_file():
-    return
-  lines = text_files.read_text(path).splitlines()
+  lines = text_files.read_text(path).splitlines() if path.is_file() else []
   kept = []
   for number, line in enumerate(lines, start=1):
     try:
@@ -330,15 +354,16 @@ def drop_metrics_after(path: pathlib.Path, step: int) -> None:
       if number == len(lines):
         continue  # torn by a kill mid-write
       raise ModelDirError(f"{path}:{number}: not a JSON line; fix or remove it") from None
-    if not _logged_again(str(row.get("kind", "")), int(row.get("step", 0)), step):
+    if not dropped(str(row.get("kind", "")), int(row.get("step", 0))):
       kept.append(line)
-  if kept != lines:
-    _write_if_changed(path, "".join(line + "\n" for line in kept).encode("utf-8"))
+  if kept != lines or added:
+    _write_if_changed(path, "".join(line + "\n" for line in kept + list(added)).encode("utf-8"))
 
 
-def drop_tensorboard_events_after(directory: pathlib.Path, step: int) -> None:
-  """Rewrites the event files without the summaries a run resumed at `step` will write
-  again (TensorBoard would draw both), and without a torn last record."""
+def drop_tensorboard_events(directory: pathlib.Path, dropped) -> None:
+  """Rewrites the event files without the summaries `dropped(tag, step)` says (a resumed
+  run would log them again, and TensorBoard would draw both), and without a torn last
+  record."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see the module docstring)
   from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
   for path in sorted(glob.glob(os.path.join(directory, "*tfevents*"))):
@@ -346,7 +371,7 @@ def drop_tensorboard_events_after(directory: pathlib.Path, step: int) -> None:
     try:
       for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
         event = event_pb2.Event.FromString(record)
-        if any(_logged_again(value.tag, event.step, step) for value in event.summary.value):
+        if any(dropped(value.tag, event.step) for value in event.summary.value):
           changed = True
         else:
           kept.append(record)
@@ -364,32 +389,54 @@ class MetricsLog:
   """Writes each summary to MODEL_DIR/metrics.jsonl and TensorBoard (on process 0 only).
 
   A run resumed at `start_step` first drops what earlier runs logged past that step, so
-  that every step is logged once.
+  that every step is logged once. An earlier final evaluation's rows stay until this run's
+  replace them (`write_final`): a run stopped before then keeps its results.json true.
   """
 
   def __init__(self, run: RunDir, start_step: int):
     self._active = jax.process_index() == 0
+    self._run = run
     if self._active:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see the module docstring)
       self._tf = tf
-      drop_metrics_after(run.metrics_path, start_step)
-      drop_tensorboard_events_after(run.tensorboard_dir, start_step)
+      rewrite_metrics(run.metrics_path, _logged_after(start_step))
+      drop_tensorboard_events(run.tensorboard_dir, _logged_after(start_step))
       self._jsonl = open(run.metrics_path, "a", encoding="utf-8")
       self._writer = tf.summary.create_file_writer(str(run.tensorboard_dir))
+
+  @staticmethod
+  def _line(step: int, kind: str, values: dict) -> str:
+    return json.dumps({"step": step, "kind": kind, **values})
 
   def write(self, step: int, kind: str, values: dict) -> None:
     if not self._active:
       return
-    self._jsonl.write(json.dumps({"step": step, "kind": kind, **values}) + "\n")
+    self._jsonl.write(self._line(step, kind, values) + "\n")
     self._jsonl.flush()
+    self._write_summaries(step, kind, values)
+
+  def _write_summaries(self, step: int, kind: str, values: dict) -> None:
     with self._writer.as_default(step=step):
       for key, value in values.items():
         if isinstance(value, (int, float)):
           self._tf.summary.scalar(f"{kind}/{key}", value)
     self._writer.flush()
 
+  def write_final(self, step: int, rows: dict[str, dict]) -> None:
+    """The final evaluation's rows ({kind: values}) in place of an earlier one's, in one
+    atomic replacement of metrics.jsonl."""
+    if not self._active:
+      return
+    self._jsonl.close()
+    rewrite_metrics(self._run.metrics_path, _final,
+                    tuple(self._line(step, kind, values) for kind, values in rows.items()))
+    self._jsonl = open(self._run.metrics_path, "a", encoding="utf-8")
+    self._writer.flush()
+    drop_tensorboard_events(self._run.tensorboard_dir, _final)
+    for kind, values in rows.items():
+      self._write_summaries(step, kind, values)
+
   def close(self) -> None:
     if self._active:
       self._jsonl.close()
       self._writer.close()
-

@@ -26,6 +26,7 @@ import gin
 import jax
 
 from dsbs_jax import checkpoints
+from dsbs_jax import console
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import flags
@@ -39,6 +40,7 @@ from dsbs_jax import plots
 from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
+from dsbs_jax import stop_signals
 from dsbs_jax import tpu_runtime
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
@@ -118,7 +120,6 @@ def check_run(run: run_dir.RunDir, options: distillation.TaskOptions, mixture_or
                          task_feature_lengths["targets"], options.label_prefix,
                          options.rationale_prefix, options.vocabulary_extra_ids)
   run.check_fits(config, spec, options.vocabulary_path)
-  run.check_writable()
   split_sizes = input_pipeline.split_sizes(mixture_or_task_name)
   truncated = input_pipeline.truncated_counts(mixture_or_task_name, task_feature_lengths)
   print_fn(read_check_line(mixture_or_task_name, split_sizes, truncated))
@@ -228,28 +229,32 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                       final_eval_max_examples, eval_decode_length, predict_rationales, seed)
   options = distillation.TaskOptions()  # read once; the tasks read these until the run ends
   run = run_dir.RunDir(model_dir)
-  with distillation.options_in_use(options):
-    settings = check_run(run, options, mixture_or_task_name, task_feature_lengths,
-                         initial_checkpoint_path, print_fn)
-    trainer, build_start = build_trainer(settings.config, train_steps)
+  with distillation.options_in_use(options), run.writing():
+    with stop_signals.phase("checking the data, the model and MODEL_DIR",
+                            resume="nothing was written; rerun the same command"):
+      settings = check_run(run, options, mixture_or_task_name, task_feature_lengths,
+                           initial_checkpoint_path, print_fn)
+      trainer, build_start = build_trainer(settings.config, train_steps)
     input_state = {"mixture_or_task_name": mixture_or_task_name, "seed": seed,
                    "batch_size": batch_size, "task_feature_lengths": settings.lengths}
     best = periodic_actions.BestStep(run)
     checkpointer = run.checkpointer(keep=keep_checkpoints, keep_step=best.step)
     log = None
     try:
-      state = restore_or_initialize(run, checkpointer, trainer, input_state, restore_step,
-                                    initial_checkpoint_path, seed, print_fn)
-      step = start_step = int(jax.device_get(state.step))
-      state_seconds = time.time() - build_start
-      log = start_writing(run, settings, options, checkpointer, best, step, restore_step,
-                          print_fn)
-      batches = input_pipeline.train_batches(mixture_or_task_name, settings.lengths, batch_size,
-                                             seed, skip_batches=step)
-      predictor = make_predictor(settings, schedule)
-      report, checkpointing, validation = make_periodic_actions(
-          settings, schedule, trainer, checkpointer, best, log, input_state, predictor, step,
-          print_fn)
+      with stop_signals.phase("building the trainer and its state",
+                              resume=resume_hint(checkpointer)):
+        state = restore_or_initialize(run, checkpointer, trainer, input_state, restore_step,
+                                      initial_checkpoint_path, seed, print_fn)
+        step = start_step = int(jax.device_get(state.step))
+        state_seconds = time.time() - build_start
+        log = start_writing(run, settings, options, checkpointer, best, step, restore_step,
+                            print_fn)
+        batches = input_pipeline.train_batches(mixture_or_task_name, settings.lengths,
+                                               batch_size, seed, skip_batches=step)
+        predictor = make_predictor(settings, schedule)
+        report, checkpointing, validation = make_periodic_actions(
+            settings, schedule, trainer, checkpointer, best, log, input_state, predictor, step,
+            print_fn)
       rng = jax.random.key(seed + 1)
       with periodic_actions.StopRequests() as stop:
         while step < train_steps:
@@ -277,15 +282,28 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                                       f"{checkpointer.directory}; rerun the same command to "
                                       "resume")
           report.restart()
-      checkpointer.wait()
-      print_fn(f"final evaluation of step {best.step or step} (best on validation), about "
-               f"{report.remaining_time(step)}")
-      return final_evaluation(run, settings, options, schedule, best.step or step, checkpointer,
-                              trainer, predictor, log, print_fn)
+      best_step = best.step or step
+      with stop_signals.phase(f"the final evaluation of step {best_step}",
+                              resume=resume_hint(checkpointer, "redo the final evaluation")):
+        checkpointer.wait()
+        print_fn(f"final evaluation of step {best_step} (best on validation), about "
+                 f"{report.remaining_time(step)}")
+        return final_evaluation(run, settings, options, schedule, best_step, checkpointer,
+                                trainer, predictor, log, print_fn)
     finally:
       checkpointer.close()
       if log is not None:
         log.close()
+
+
+def resume_hint(checkpointer: checkpoints.TrainCheckpointer,
+                action: str = "resume from the latest") -> str:
+  """How a run stopped outside its step loop goes on, given the checkpoints on disk now."""
+  steps = checkpointer.all_steps()
+  if not steps:
+    return "no checkpoint was written yet; rerun the same command to start again"
+  return (f"checkpoints {', '.join(map(str, steps))} are intact; rerun the same command to "
+          f"{action}")
 
 
 def build_trainer(config: t5.T5Config, train_steps: int) -> tuple[trainer_lib.Trainer, float]:
@@ -372,7 +390,7 @@ def final_evaluation(run: run_dir.RunDir, settings: RunSettings, options: distil
         max_examples=schedule.final_eval_max_examples,
         rationale_prefix=options.rationale_prefix if schedule.predict_rationales else None,
         label_prefix=options.label_prefix)
-    log.write(best_step, f"final_{split}", results[split])
+  log.write_final(best_step, {f"final_{split}": results[split] for split in ("validation", "test")})
   results["majority_baseline_test"] = majority_baseline(settings.label_task, settings.lengths)
   if jax.process_index() == 0:
     run.write_results(results)
@@ -448,7 +466,7 @@ def run(args) -> int:
   try:
     train()
   except TrainingInterrupted as interrupted:
-    print(f"dsbs train: {interrupted}", file=sys.stderr)
+    print(f"dsbs train: {console.one_line(interrupted)}", file=sys.stderr)
     return 3
   return 0
 

@@ -12,6 +12,7 @@ import tensorflow as tf
 from tensorflow.core.util import event_pb2
 
 from conftest import modules_loaded_by
+from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
 from dsbs_jax import resources
 from dsbs_jax import run_dir
@@ -80,7 +81,22 @@ def test_a_folder_of_another_run_is_refused_naming_every_difference(written, tin
 def test_a_folder_that_cannot_be_written_is_refused(tmp_path):
   (tmp_path / "a_file").write_text("mine")
   with pytest.raises(gin_utils.GinConfigError, match="cannot write there"):
-    run_dir.RunDir(tmp_path / "a_file" / "run").check_writable()
+    with run_dir.RunDir(tmp_path / "a_file" / "run").writing():
+      pass
+
+
+def test_a_folder_in_use_is_refused_and_one_made_for_nothing_removed(tmp_path):
+  run = run_dir.RunDir(tmp_path / "new" / "run")
+  with run.writing():
+    assert run.path.is_dir() and "dsbs train" in run.in_use_by()
+    with pytest.raises(folder_lock.FolderInUseError, match=r"MODEL_DIR .*run is in use by "
+                       r"`dsbs train` \(pid \d+ on "):
+      with run_dir.RunDir(run.path).writing():
+        pass
+  assert not (tmp_path / "new").exists() and run.in_use_by() is None
+  with run.writing():
+    run.metrics_path.write_text("")
+  assert [p.name for p in run.path.iterdir()] == [run_dir.METRICS_FILE]
 
 
 def test_best_step_and_results_round_trip_and_malformed_ones_are_named(tmp_path):
@@ -132,25 +148,33 @@ def test_metrics_rows_and_a_malformed_line_named(tmp_path):
   assert run.metrics() == [{"step": 1, "kind": "train"}]
 
 
-def test_a_resumed_run_drops_what_it_logs_again(tmp_path):
-  path = str(tmp_path / "metrics.jsonl")
+def test_a_resumed_run_drops_what_it_logs_again_and_final_rows_only_once_replaced(tmp_path):
+  run = run_dir.RunDir(tmp_path)
   rows = [{"step": s, "kind": "train"} for s in (1, 2, 3, 4)] + [
       {"step": 2, "kind": "validation"}, {"step": 4, "kind": "validation"},
       {"step": 2, "kind": "final_test"}]
-  with open(path, "w") as f:
-    f.write("".join(json.dumps(row) + "\n" for row in rows) + '{"step": 5, "ki')  # torn by a kill
-  run_dir.drop_metrics_after(path, 2)
-  assert [(r["step"], r["kind"]) for r in map(json.loads, open(path))] == [
-      (1, "train"), (2, "train"), (2, "validation")]
-  tensorboard = str(tmp_path / "tensorboard")
-  writer = tf.summary.create_file_writer(tensorboard)
+  run.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in rows)
+                              + '{"step": 5, "ki')  # torn by a kill
+  writer = tf.summary.create_file_writer(str(run.tensorboard_dir))
   with writer.as_default():
     for step in (1, 2, 3):
       tf.summary.scalar("train/loss", float(step), step=step)
     tf.summary.scalar("final_test/accuracy", 0.5, step=2)
   writer.close()
-  run_dir.drop_tensorboard_events_after(tensorboard, 2)
-  assert tensorboard_steps(str(tmp_path)) == {"train/loss": [1, 2]}
+  log = run.metrics_log(2)
+  steps = lambda: [(r["step"], r["kind"]) for r in run.metrics()]
+  assert steps() == [(1, "train"), (2, "train"), (2, "validation"), (2, "final_test")]
+  assert tensorboard_steps(str(tmp_path)) == {"train/loss": [1, 2], "final_test/accuracy": [2]}
+  log.write(3, "train", {"loss": 3.0})
+  log.write_final(3, {"final_validation": {"accuracy": 0.5}, "final_test": {"accuracy": 0.25}})
+  log.write(3, "after", {"x": 1.0})
+  log.close()
+  assert steps() == [(1, "train"), (2, "train"), (2, "validation"), (3, "train"),
+                     (3, "final_validation"), (3, "final_test"), (3, "after")]
+  assert run.metrics()[-2]["accuracy"] == 0.25
+  assert tensorboard_steps(str(tmp_path)) == {
+      "train/loss": [1, 2, 3], "final_validation/accuracy": [3], "final_test/accuracy": [3],
+      "after/x": [3]}
 
 
 def test_a_metrics_log_opened_at_a_step_continues_after_it(tmp_path):
