@@ -1,19 +1,21 @@
 """The `dsbs` command: parses the subcommand and hands it to the module that owns it.
 
-Each subcommand lives in its own module, which exposes `add_parser(subparsers)` that
-registers the subcommand with a `func(args) -> int` default. `dsbs --help` lists the
-subcommands from the table below without importing them; a command imports only its own
-module. A user error (bad input, whose message names the file, flag or value) ends as one
-line, `dsbs CMD: error: ...`, with exit code 2, and leaves a traceback only with
---verbose; any other exception is a bug and keeps its traceback. SIGINT and SIGTERM end a
-command as one line saying where it stopped and how to go on (stop_signals.py), with exit
-code 130 or 143. Nothing here does work
-itself.
+Each subcommand lives in its own module, which runs it with a `func(args) -> int`. Its
+flags are declared either by that module's `add_parser(subparsers)`, or, for modules that
+load JAX, TensorFlow or SeqIO, in command_flags.py, whose parsers name `func` instead; such a
+module is imported only once the flags parse, so a bad flag is refused at once. `dsbs
+--help` lists the subcommands from the table below without importing them; a command
+imports only its own module. A user error (bad input, whose message names the file, flag or
+value) ends as one line, `dsbs CMD: error: ...`, with exit code 2, and leaves a traceback
+only with --verbose; any other exception is a bug and keeps its traceback. SIGINT and
+SIGTERM end a command as one line saying where it stopped and how to go on
+(stop_signals.py), with exit code 130 or 143. Nothing here does work itself.
 """
 import argparse
 import sys
 import traceback
 
+from dsbs_jax import command_flags
 from dsbs_jax import console
 from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
@@ -88,13 +90,27 @@ def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
     for name, (_, summary) in SUBCOMMANDS.items():
       subparsers.add_parser(name, help=summary)
     return parser, BASE_USER_ERRORS
-  module = console.import_quietly(SUBCOMMANDS[command][0])
-  module.add_parser(subparsers)
+  if command in command_flags.PARSERS:
+    command_flags.PARSERS[command](subparsers)
+    user_errors = BASE_USER_ERRORS  # the module's own join once it is imported (`runner`)
+  else:
+    module = console.import_quietly(SUBCOMMANDS[command][0])
+    module.add_parser(subparsers)
+    user_errors = BASE_USER_ERRORS + getattr(module, "USER_ERRORS", ())
   for leaf in _leaf_parsers(subparsers.choices[command]):
     if "--verbose" not in leaf._option_string_actions:  # pylint: disable=protected-access
       leaf.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     leaf.set_defaults(command_name=leaf.prog)
-  return parser, BASE_USER_ERRORS + getattr(module, "USER_ERRORS", ())
+  return parser, user_errors
+
+
+def runner(args: argparse.Namespace) -> tuple:
+  """(the function that runs the parsed command, its user error types), importing its
+  module if its flags were declared apart (command_flags.py)."""
+  module = (sys.modules[args.func.__module__] if callable(args.func)
+            else console.import_quietly(SUBCOMMANDS[args.command][0]))
+  func = args.func if callable(args.func) else getattr(module, args.func)
+  return func, BASE_USER_ERRORS + getattr(module, "USER_ERRORS", ())
 
 
 def main(argv=None) -> int:
@@ -120,7 +136,8 @@ def main(argv=None) -> int:
       if gin_bindings and not hasattr(args, "gin_file"):
         raise gin_utils.GinConfigError(f"{prog[0]} takes no --gin.NAME=VALUE flags")
       args.gin_bindings = gin_bindings
-      return args.func(args) or 0
+      func, user_errors = runner(args)
+      return func(args) or 0
     except KeyboardInterrupt as stop:  # SIGINT, or SIGTERM (stop_signals)
       if verbose:
         traceback.print_exc()

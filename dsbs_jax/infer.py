@@ -26,7 +26,6 @@ from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import decoding
 from dsbs_jax import encoder_decoder
-from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
 from dsbs_jax import rationales
@@ -146,50 +145,6 @@ def read_prediction_inputs(path: str) -> list[dict]:
     return examples
   return [{"id": str(number - 1), "input": line.rstrip("\n")}
           for number, line in text_files.iter_lines(path) if line.strip()]
-
-
-def add_parser(subparsers) -> None:
-  predict = subparsers.add_parser(
-      "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Labels raw inputs with a trained student, prefixed and tokenized as its\n"
-                  "label task was in training, and writes one JSON line per input.",
-      epilog="example:\n  dsbs predict --checkpoint /tmp/dsbs_quickstart --input questions.txt "
-             "--output answers.jsonl --rationale")
-  predict.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
-                       help="MODEL_DIR written by dsbs train")
-  predict.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
-  predict.add_argument("--input", required=True, metavar="FILE",
-                       help="JSONL with 'input' (and 'id') per line, or plain text, one input a line")
-  predict.add_argument("--output", required=True, metavar="FILE.jsonl",
-                       help="JSONL to write: id, input, prediction (and rationale)")
-  predict.add_argument("--rationale", action="store_true",
-                       help="also generate each input's rationale (the rationale task)")
-  predict.add_argument("--method", default="greedy", choices=("greedy", "beam"),
-                       help="decoding (default greedy; beam uses 4 beams)")
-  predict.add_argument("--batch_size", type=flags.positive_int, default=32,
-                       help="inputs decoded together (default 32)")
-  predict.add_argument("--decode_length", type=flags.positive_int, default=None,
-                       help="most tokens to generate (default: the run's target length)")
-  predict.set_defaults(func=run_predict)
-
-  evaluate = subparsers.add_parser(
-      "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Decodes a split of a label task with a trained student and scores it with\n"
-                  "the task's metrics; prints them as JSON and writes the predictions.",
-      epilog="example:\n  dsbs eval --checkpoint /tmp/dsbs_quickstart --split validation --step latest")
-  gin_utils.add_gin_arguments(evaluate)
-  evaluate.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
-                        help="MODEL_DIR written by dsbs train")
-  evaluate.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
-  evaluate.add_argument("--task", default=None,
-                        help="label task to score (default: the run's; `dsbs tasks` lists them)")
-  evaluate.add_argument("--split", default="test", choices=distillation.SPLITS,
-                        help="split to decode and score (default test)")
-  evaluate.add_argument("--output", default=None, metavar="FILE.jsonl",
-                        help="predictions JSONL (default: MODEL_DIR/predictions_SPLIT_stepN.jsonl)")
-  evaluate.add_argument("--batch_size", type=flags.positive_int, default=32,
-                        help="examples decoded together (default 32)")
-  evaluate.set_defaults(func=run_eval)
 
 
 def check_output_file(path: str) -> None:

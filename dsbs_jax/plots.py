@@ -163,16 +163,6 @@ def plot_runs(runs_dir, out_dir) -> list[pathlib.Path]:
   return written
 
 
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser(
-      "plot", description="Draws the paper's data-efficiency figure (test accuracy against "
-      "training-data fraction, per method) and every run's learning curves, as PNG files, "
-      "from a folder of runs written by dsbs train. Example: dsbs plot runs/ --out figures/")
-  parser.add_argument("runs_dir", help="folder of MODEL_DIRs written by dsbs train")
-  parser.add_argument("--out", required=True, help="folder for the PNG files (created if needed)")
-  parser.set_defaults(func=run)
-
-
 def run(args) -> int:
   for path in plot_runs(args.runs_dir, args.out):
     print(path)

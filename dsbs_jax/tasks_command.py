@@ -11,7 +11,6 @@ import seqio
 
 from dsbs_jax import datasets
 from dsbs_jax import distillation
-from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
 from dsbs_jax import records
@@ -24,23 +23,6 @@ class UnknownDatasetError(ValueError):
 
 
 USER_ERRORS = (UnknownDatasetError,)
-
-
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser(
-      "tasks", formatter_class=argparse.RawDescriptionHelpFormatter,
-      description="Lists every registered SeqIO task and mixture (the names MIXTURE_OR_TASK_NAME\n"
-                  "takes) with its examples per split, as the gin flags given here set them;\n"
-                  "custom datasets are those the gin flags register, as in training.",
-      epilog="examples:\n  dsbs tasks --dataset cqa --examples 2\n"
-             "  dsbs tasks --gin.TaskOptions.train_fraction=0.25")
-  gin_utils.add_gin_arguments(parser)
-  parser.add_argument("--examples", type=flags.positive_int, default=0, metavar="N",
-                      help="print N preprocessed examples of each mixture")
-  parser.add_argument("--dataset", action="append", default=[],
-                      help="only this dataset (repeatable), e.g. cqa, svamp, esnli, anli1 or a "
-                           "custom one the gin flags register")
-  parser.set_defaults(func=run)
 
 
 def count(provider, split: str) -> str:

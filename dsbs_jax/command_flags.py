@@ -1,0 +1,97 @@
+"""The flags of `dsbs eval`, `predict`, `tasks` and `plot`, whose modules load JAX,
+TensorFlow or SeqIO: declared apart from them so that a bad flag is refused in a fraction
+of a second, before they load (importing one takes 10-20 s).
+
+Each parser's `func` default is the name of the function, in the module cli.SUBCOMMANDS
+names, that runs the command; cli imports that module once the flags are parsed. `dsbs
+rationales` declares its flags in its own module, which is light; train, compile, export,
+convert and distill still declare theirs in their heavy modules (their parsers read
+constants those modules own, such as the export formats), so their flags wait for the
+import.
+
+This module must not import anything heavy, or run a command.
+"""
+import argparse
+
+from dsbs_jax import distillation
+from dsbs_jax import flags
+from dsbs_jax import gin_utils
+
+
+def _add_tasks(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "tasks", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Lists every registered SeqIO task and mixture (the names MIXTURE_OR_TASK_NAME\n"
+                  "takes) with its examples per split, as the gin flags given here set them;\n"
+                  "custom datasets are those the gin flags register, as in training.",
+      epilog="examples:\n  dsbs tasks --dataset cqa --examples 2\n"
+             "  dsbs tasks --gin.TaskOptions.train_fraction=0.25")
+  gin_utils.add_gin_arguments(parser)
+  parser.add_argument("--examples", type=flags.positive_int, default=0, metavar="N",
+                      help="print N preprocessed examples of each mixture")
+  parser.add_argument("--dataset", action="append", default=[],
+                      help="only this dataset (repeatable), e.g. cqa, svamp, esnli, anli1 or a "
+                           "custom one the gin flags register")
+  parser.set_defaults(func="run")
+
+
+def _add_predict(subparsers) -> None:
+  predict = subparsers.add_parser(
+      "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Labels raw inputs with a trained student, prefixed and tokenized as its\n"
+                  "label task was in training, and writes one JSON line per input.",
+      epilog="example:\n  dsbs predict --checkpoint /tmp/dsbs_quickstart --input questions.txt "
+             "--output answers.jsonl --rationale")
+  predict.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
+                       help="MODEL_DIR written by dsbs train")
+  predict.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  predict.add_argument("--input", required=True, metavar="FILE",
+                       help="JSONL with 'input' (and 'id') per line, or plain text, one input "
+                            "a line")
+  predict.add_argument("--output", required=True, metavar="FILE.jsonl",
+                       help="JSONL to write: id, input, prediction (and rationale)")
+  predict.add_argument("--rationale", action="store_true",
+                       help="also generate each input's rationale (the rationale task)")
+  predict.add_argument("--method", default="greedy", choices=("greedy", "beam"),
+                       help="decoding (default greedy; beam uses 4 beams)")
+  predict.add_argument("--batch_size", type=flags.positive_int, default=32,
+                       help="inputs decoded together (default 32)")
+  predict.add_argument("--decode_length", type=flags.positive_int, default=None,
+                       help="most tokens to generate (default: the run's target length)")
+  predict.set_defaults(func="run_predict")
+
+
+def _add_eval(subparsers) -> None:
+  evaluate = subparsers.add_parser(
+      "eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Decodes a split of a label task with a trained student and scores it with\n"
+                  "the task's metrics; prints them as JSON and writes the predictions.",
+      epilog="example:\n  dsbs eval --checkpoint /tmp/dsbs_quickstart --split validation "
+             "--step latest")
+  gin_utils.add_gin_arguments(evaluate)
+  evaluate.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
+                        help="MODEL_DIR written by dsbs train")
+  evaluate.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  evaluate.add_argument("--task", default=None,
+                        help="label task to score (default: the run's; `dsbs tasks` lists them)")
+  evaluate.add_argument("--split", default="test", choices=distillation.SPLITS,
+                        help="split to decode and score (default test)")
+  evaluate.add_argument("--output", default=None, metavar="FILE.jsonl",
+                        help="predictions JSONL (default: MODEL_DIR/predictions_SPLIT_stepN.jsonl)")
+  evaluate.add_argument("--batch_size", type=flags.positive_int, default=32,
+                        help="examples decoded together (default 32)")
+  evaluate.set_defaults(func="run_eval")
+
+
+def _add_plot(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "plot", description="Draws the paper's data-efficiency figure (test accuracy against "
+      "training-data fraction, per method) and every run's learning curves, as PNG files, "
+      "from a folder of runs written by dsbs train. Example: dsbs plot runs/ --out figures/")
+  parser.add_argument("runs_dir", help="folder of MODEL_DIRs written by dsbs train")
+  parser.add_argument("--out", required=True, help="folder for the PNG files (created if needed)")
+  parser.set_defaults(func="run")
+
+
+# Command -> the function that adds its parser.
+PARSERS = {"eval": _add_eval, "predict": _add_predict, "plot": _add_plot, "tasks": _add_tasks}
