@@ -1,13 +1,12 @@
-"""The flags of `dsbs eval`, `predict`, `tasks` and `plot`, whose modules load JAX,
-TensorFlow or SeqIO: declared apart from them so that a bad flag is refused in a fraction
-of a second, before they load (importing one takes 10-20 s).
+"""The flags of `dsbs eval`, `predict`, `tasks`, `plot` and `convert`, whose modules load
+JAX, TensorFlow, SeqIO or Flax: declared apart from them so that a bad flag is refused in a
+fraction of a second, before they load (importing one takes 5-20 s).
 
 Each parser's `func` default is the name of the function, in the module cli.SUBCOMMANDS
 names, that runs the command; cli imports that module once the flags are parsed. `dsbs
-rationales` declares its flags in its own module, which is light; train, compile, export,
-convert and distill still declare theirs in their heavy modules (their parsers read
-constants those modules own, such as the export formats), so their flags wait for the
-import.
+rationales` declares its flags in its own module, which is light; train, compile, export
+and distill still declare theirs in their heavy modules (their parsers read constants
+those modules own, such as the export formats), so their flags wait for the import.
 
 This module must not import anything heavy, or run a command.
 """
@@ -16,6 +15,7 @@ import argparse
 from dsbs_jax import distillation
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
+from dsbs_jax import resources
 
 
 def _add_tasks(subparsers) -> None:
@@ -93,5 +93,41 @@ def _add_plot(subparsers) -> None:
   parser.set_defaults(func="run")
 
 
+CONVERT_DESCRIPTION = """\
+Imports a pretrained T5 checkpoint (Hugging Face or T5X) into this project's model format.
+
+    dsbs convert --from hf  SRC_DIR --out DIR
+    dsbs convert --from t5x SRC     --out DIR \\
+        (--gin_file FILE [--gin_search_path DIR] | --config NAME)
+
+The output is what INITIAL_CHECKPOINT_PATH takes."""
+
+
+def _add_convert(subparsers) -> None:
+  parser = subparsers.add_parser(
+      "convert", description=CONVERT_DESCRIPTION,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--from", dest="source_format", choices=("hf", "t5x"), required=True,
+                      help="format of SOURCE: hf (a folder with config.json and weights, e.g. "
+                           "from `hf download`) or t5x (a T5X checkpoint_N folder)")
+  parser.add_argument("source", help="Hugging Face directory, or T5X checkpoint directory")
+  parser.add_argument("--out", required=True, help="output model directory")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace a model already at --out")
+  model = parser.add_mutually_exclusive_group()
+  model.add_argument("--gin_file", help="T5X only: gin file binding the model config: T5X's "
+                     "(network.T5Config, e.g. t5x/examples/t5/t5_1_1/base.gin or the run's "
+                     "config.gin) or one of this project's gin/models files")
+  model.add_argument("--config", help=f"T5X only: a model name from {resources.GIN_MODELS_DIR}, "
+                     "e.g. t5_1_1_base")
+  parser.add_argument("--gin_search_path", action="append", default=[],
+                      help="folder in which to look for the gin file's includes (repeatable), "
+                      "e.g. the T5X repository for T5X's model files")
+  parser.add_argument("--dtype", help="activation dtype to record in the config, e.g. "
+                      "bfloat16 (default: float32 for hf, the gin file's for t5x)")
+  parser.set_defaults(func="run")
+
+
 # Command -> the function that adds its parser.
-PARSERS = {"eval": _add_eval, "predict": _add_predict, "plot": _add_plot, "tasks": _add_tasks}
+PARSERS = {"eval": _add_eval, "predict": _add_predict, "plot": _add_plot, "tasks": _add_tasks,
+           "convert": _add_convert}

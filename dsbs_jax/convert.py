@@ -1,8 +1,5 @@
 """Importers of pretrained T5 checkpoints (Hugging Face and T5X) into this project's model
-format, and the `dsbs convert` subcommand.
-
-    dsbs convert --from hf  SRC_DIR --out DIR
-    dsbs convert --from t5x SRC     --out DIR (--gin_file FILE [--gin_search_path DIR] | --config NAME)
+format, and the `dsbs convert` subcommand (its flags: command_flags.py).
 
 It also holds the other direction of the Hugging Face mapping (`hf_config`, `hf_weights`),
 which the exporter writes. Only foreign formats and renaming/reshaping their arrays belong
@@ -491,31 +488,6 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
 # ------------------------------------------------------------------------------
 # The `dsbs convert` subcommand.
 # ------------------------------------------------------------------------------
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser(
-      "convert", description=__doc__.split("\n\n")[0] + "\n\nThe output is what "
-      "INITIAL_CHECKPOINT_PATH takes.", formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--from", dest="source_format", choices=("hf", "t5x"), required=True,
-                      help="format of SOURCE: hf (a folder with config.json and weights, e.g. "
-                           "from `hf download`) or t5x (a T5X checkpoint_N folder)")
-  parser.add_argument("source", help="Hugging Face directory, or T5X checkpoint directory")
-  parser.add_argument("--out", required=True, help="output model directory")
-  parser.add_argument("--overwrite", action="store_true",
-                      help="replace a model already at --out")
-  model = parser.add_mutually_exclusive_group()
-  model.add_argument("--gin_file", help="T5X only: gin file binding the model config: T5X's "
-                     "(network.T5Config, e.g. t5x/examples/t5/t5_1_1/base.gin or the run's "
-                     "config.gin) or one of this project's gin/models files")
-  model.add_argument("--config", help=f"T5X only: a model name from {resources.GIN_MODELS_DIR}, "
-                     "e.g. t5_1_1_base")
-  parser.add_argument("--gin_search_path", action="append", default=[],
-                      help="folder in which to look for the gin file's includes (repeatable), "
-                      "e.g. the T5X repository for T5X's model files")
-  parser.add_argument("--dtype", help="activation dtype to record in the config, e.g. "
-                      "bfloat16 (default: float32 for hf, the gin file's for t5x)")
-  parser.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
   try:
     out = pathlib.Path(args.out)
