@@ -11,6 +11,7 @@ code 130 or 143. Nothing here does work
 itself.
 """
 import argparse
+import errno
 import sys
 import traceback
 
@@ -97,6 +98,11 @@ def build_parser(command=None) -> tuple[argparse.ArgumentParser, tuple]:
   return parser, BASE_USER_ERRORS + getattr(module, "USER_ERRORS", ())
 
 
+def _is_disk_full(error: Exception) -> bool:
+  """A write that found no room: the user's to fix (its message names the file)."""
+  return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
 def main(argv=None) -> int:
   if argv is None:  # a real command line: the process is the command's own
     host_allocator.reexec_with_tuned_allocator()  # so it can be run again under tuned settings
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
       print(f"{prog[0]}: {stop_signals.stopped_line(stop)}", file=sys.stderr)
       return stop_signals.EXIT_CODES[stop_signals.signal_name(stop)]
     except Exception as error:  # pylint: disable=broad-except
-      if not isinstance(error, user_errors):
+      if not (isinstance(error, user_errors) or _is_disk_full(error)):
         raise
       if verbose:
         traceback.print_exc()

@@ -24,6 +24,7 @@ from conftest import tiny_run_flags
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import folder_lock
+from dsbs_jax import plots
 from dsbs_jax import run_dir
 from dsbs_jax import stop_signals
 from test_cli import assert_refused
@@ -175,6 +176,16 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_p
   rows = run_dir.RunDir(run).metrics()
   assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
   assert run_dir.RunDir(run).results()["best_step"] == 4
+
+
+def test_a_full_disk_met_anywhere_else_is_one_line(monkeypatch, capsys):
+  def full(args):
+    raise OSError(errno.ENOSPC, "No space left on device", "/data/predictions.jsonl")
+
+  monkeypatch.setattr(plots, "run", full)
+  assert cli.main(["plot", "runs", "--out", "plots"]) == 2
+  assert capsys.readouterr().err == (
+      "dsbs plot: error: [Errno 28] No space left on device: '/data/predictions.jsonl'\n")
 
 
 def test_a_disk_that_fills_during_an_asynchronous_save_is_one_error(tmp_path, monkeypatch):
