@@ -179,6 +179,7 @@ def plan_run(args) -> Plan:
     raise DistillError(f"--export {args.export!r}: {unknown[0]!r} is not one of {export.FORMATS}")
   if not 0.0 < args.alpha < 1.0:
     raise DistillError(f"--alpha {args.alpha}: must be in (0, 1)")
+  teacher_command.temperature(args)
   equation = teacher.METRIC_FOR_PARSER.get(template.parser) is metrics.equation_accuracy
   name = _dataset_name(args)
   student_gin, initial_checkpoint = _student(args.student)
@@ -259,7 +260,8 @@ def annotate(args, plan: Plan, layout: Layout) -> int:
   for _, examples, path in _annotation_jobs(plan, layout):
     client = teacher_command.make_client(args, plan.template, budget, api_key)
     result = teacher.generate(examples, plan.template, client, str(path),
-                              concurrency=args.concurrency, progress=args.progress)
+                              concurrency=args.concurrency, progress=args.progress,
+                              samples=args.samples)
     code = teacher_command.summarize_generation("dsbs distill", str(path), result, client,
                                                 args.max_attempts)
     if code:

@@ -24,9 +24,9 @@ def test_the_module_serves_shipped_outputs_over_http():
     record = replay_teacher.shipped_records("cqa")[123]
     template = teacher.PromptTemplate.load(teacher.default_prompt_path("cqa"))
     client = teacher_client.TeacherClient(url, "palm-replay")
-    assert client.complete(template.prompt(record.input)).text == record.teacher_output
+    assert client.complete(template.prompt(record.input)).texts == (record.teacher_output,)
     chat = teacher_client.TeacherClient(url, "palm-replay", api="chat")
-    assert chat.complete(template.messages(record.input)).text == record.teacher_output
+    assert chat.complete(template.messages(record.input)).texts == (record.teacher_output,)
   finally:
     process.terminate()
     process.wait(timeout=30)

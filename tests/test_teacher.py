@@ -89,6 +89,18 @@ def test_generation_reproduces_shipped_records_through_faults(cqa_records, svamp
   assert SECRET not in captured.out + captured.err
 
 
+def test_one_sample_writes_the_shipped_file_byte_for_byte(key_env, tmp_path):
+  shipped_path = os.path.join(REPO, "rationales", "svamp", "valid.jsonl")
+  with open(shipped_path, "rb") as f:
+    lines = f.readlines()[:30]
+  records = [rationales.record_from_dict(json.loads(line), "") for line in lines]
+  inputs = write_inputs(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  with FakeTeacher({"svamp": records}) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "svamp", "--concurrency", "1")) == 0
+  assert out.read_bytes() == b"".join(lines)
+
+
 @pytest.mark.parametrize("dataset", ["esnli", "anli1"])
 def test_chat_api_reproduces_shipped_nli_records(dataset, key_env, tmp_path):
   records = shipped(dataset, "validation")[:5]
