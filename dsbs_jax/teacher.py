@@ -317,7 +317,13 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
 
 @dataclasses.dataclass(frozen=True)
 class RecordStats:
-  """What `dsbs rationales stats` reports about one record file."""
+  """What `dsbs rationales stats` reports about one record file.
+
+  With K > 1 samples per record, `teacher_accuracy` is the vote's and
+  `single_sample_accuracy` the first sample's, on the same inputs (equal when K is 1);
+  `by_agreement` maps "votes/K" of the winning answer to the inputs with that agreement and
+  the vote's accuracy on them (None without gold labels), highest agreement first.
+  """
   path: str
   records: int
   with_gold_labels: int
@@ -326,6 +332,9 @@ class RecordStats:
   empty_rationales: int
   teacher_accuracy: Optional[float]  # None when no record has a gold label
   metric: str
+  samples: int
+  single_sample_accuracy: Optional[float]
+  by_agreement: dict
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
@@ -335,12 +344,25 @@ def record_stats(path: str, records: Sequence[rationales.RationaleRecord],
                  parser: Optional[str] = None) -> RecordStats:
   """Counts, parse failures and teacher-label accuracy against gold labels where known."""
   metric_fn: Callable = METRIC_FOR_PARSER.get(parser, metrics.exact_match_accuracy)
-  with_gold = [r for r in records if r.label is not None]
-  accuracy = metric_fn([r.label for r in with_gold], [r.teacher_label for r in with_gold])["accuracy"] \
-      if with_gold else None
+
+  def accuracy(scored: Sequence[rationales.RationaleRecord], answer: Callable) -> Optional[float]:
+    with_gold = [r for r in scored if r.label is not None]
+    return metric_fn([r.label for r in with_gold],
+                     [answer(r) for r in with_gold])["accuracy"] if with_gold else None
+
+  buckets = collections.defaultdict(list)
+  for record in records:
+    k = len(record.all_samples())
+    votes = k if record.agreement is None else round(record.agreement * k)
+    buckets[(votes / k, f"{votes}/{k}")].append(record)
   reasons = collections.Counter(r.parse_error for r in records if r.parse_error is not None)
   return RecordStats(
-      path=path, records=len(records), with_gold_labels=len(with_gold),
+      path=path, records=len(records), with_gold_labels=sum(r.label is not None for r in records),
       parse_failures=sum(reasons.values()), parse_failures_by_reason=dict(reasons.most_common()),
-      empty_rationales=sum(not r.rationale.strip() for r in records), teacher_accuracy=accuracy,
-      metric=metric_fn.__name__)
+      empty_rationales=sum(not r.rationale.strip() for r in records),
+      teacher_accuracy=accuracy(records, lambda r: r.teacher_label), metric=metric_fn.__name__,
+      samples=max(len(r.all_samples()) for r in records) if records else 1,
+      single_sample_accuracy=accuracy(records, lambda r: r.all_samples()[0].teacher_label),
+      by_agreement={name: {"inputs": len(bucket),
+                           "accuracy": accuracy(bucket, lambda r: r.teacher_label)}
+                    for (_, name), bucket in sorted(buckets.items(), reverse=True)})

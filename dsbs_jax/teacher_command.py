@@ -222,10 +222,14 @@ def run_stats(args: argparse.Namespace) -> int:
   all_stats = [teacher.record_stats(path, rationales.read_records(path),
                                     args.parser or _default_stats_parser(path))
                for path in args.files]
+  sampled = any(s.samples > 1 for s in all_stats)
   columns = ("file", "records", "with gold", "parse failures", "empty rationales",
-             "teacher accuracy", "metric")
+             *(("samples", "one-sample accuracy", "vote accuracy") if sampled
+               else ("teacher accuracy",)), "metric")
   rows = [(s.path, f"{s.records:,}", f"{s.with_gold_labels:,}", f"{s.parse_failures:,}",
-           f"{s.empty_rationales:,}", _percent(s.teacher_accuracy), s.metric) for s in all_stats]
+           f"{s.empty_rationales:,}",
+           *((f"{s.samples}", _percent(s.single_sample_accuracy)) if sampled else ()),
+           _percent(s.teacher_accuracy), s.metric) for s in all_stats]
   widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
   print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
   for row in rows:
@@ -234,5 +238,14 @@ def run_stats(args: argparse.Namespace) -> int:
     for reason, count in s.parse_failures_by_reason.items():
       print(f"  {s.path}: {count:,} x {reason}")
   for s in all_stats:
+    if s.samples > 1:
+      print(f"  {s.path}: vote accuracy by agreement: {agreement_buckets(s)}")
+  for s in all_stats:
     print(s.to_json())
   return 0
+
+
+def agreement_buckets(stats: teacher.RecordStats) -> str:
+  """"5/5 93.1% (700 inputs), 4/5 ..." (no accuracy without gold labels)."""
+  return ", ".join(f"{name}{' ' + _percent(b['accuracy']) if b['accuracy'] is not None else ''} "
+                   f"({b['inputs']:,} inputs)" for name, b in stats.by_agreement.items())
