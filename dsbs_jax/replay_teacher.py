@@ -21,7 +21,8 @@ too; these differ only in their answers.
 connections) at chosen requests, and can require an API key, so that clients' retries
 and redaction can be tested. A query it has no record of gets a 400.
 
-This module must not generate text or send requests itself.
+This module must not write text of its own (sampling mode only puts a recorded rationale
+before another answer) or send requests itself.
 """
 import argparse
 import collections
@@ -74,7 +75,8 @@ def _other_nli_label(parsed, rng):
 OTHER_ANSWER = {  # parser -> (parsed output, record, rng) -> an output with another answer
     "cqa": _other_cqa_answer,
     "svamp": _other_svamp_answer,
-    "esnli": lambda parsed, record, rng: f"{parsed.rationale}\nAnswer: {_other_nli_label(parsed, rng)}",
+    "esnli": lambda parsed, record, rng: (f"{parsed.rationale}\nAnswer: "
+                                          f"{_other_nli_label(parsed, rng)}"),
     "anli1": lambda parsed, record, rng: (f"{parsed.rationale} So the answer is "
                                           f"{_other_nli_label(parsed, rng)}."),
 }

@@ -1,8 +1,8 @@
 """The SeqIO side of distilling step-by-step: a source over a dataset's records (a
 training rationale task holding an example per rationale that TaskOptions.train_rationales
-picks from a record's K teacher samples), the preprocessors (task prefix, tokenization with NLI separators as EOS, task ids on target
-tokens), the vocabulary TaskOptions names, and the registration of a dataset's three tasks
-and four mixtures.
+picks from a record's K teacher samples), the preprocessors (task prefix, tokenization with
+NLI separators as EOS, task ids on target tokens), the vocabulary TaskOptions names, and the
+registration of a dataset's three tasks and four mixtures.
 
 Everything a run may change is read from the TaskOptions in use when a dataset is built
 (distillation.current_options), not when the tasks are registered: registration happens

@@ -168,7 +168,8 @@ def examples_from_records(records: Iterable[rationales.RationaleRecord], source:
   return examples
 
 
-def resume_output(path: str, samples: Optional[int] = None) -> dict[str, rationales.RationaleRecord]:
+def resume_output(path: str,
+                  samples: Optional[int] = None) -> dict[str, rationales.RationaleRecord]:
   """Records already in the output file, by id, after dropping a torn last line.
 
   A line without its newline can only come from a crash mid-write: it is cut off (with a
@@ -197,9 +198,10 @@ def resume_output(path: str, samples: Optional[int] = None) -> dict[str, rationa
           f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
     record = rationales.record_from_dict(obj, where)
     if samples is not None and len(record.all_samples()) != samples:
+      found = len(record.all_samples())
       raise rationales.RationaleFileError(
-          f"{where}: record {record.id!r} has {len(record.all_samples())} sample(s), but --samples "
-          f"is {samples}; rerun with --samples {len(record.all_samples())} or use a new output file")
+          f"{where}: record {record.id!r} has {found} sample(s), but --samples is {samples}; "
+          f"rerun with --samples {found} or use a new output file")
     if record.id in done:
       raise rationales.RationaleFileError(f"{where}: id {record.id!r} appears twice")
     done[record.id] = record

@@ -133,7 +133,8 @@ class FailuresInARow:
 class Budget:
   """Caps shared by all workers: HTTP requests sent (retries included), tokens spent,
   attempts in a row, across workers, that could not connect to the server or had no reply in
-  time, and examples in a row whose every attempt failed (a server that answers, but only with errors).
+  time, and examples in a row whose every attempt failed (a server that answers, but only
+  with errors).
 
   With `ledger_path`, the requests and tokens of earlier runs recorded there count too, and
   every request and every reply's tokens are appended to it as they happen, so that caps

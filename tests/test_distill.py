@@ -310,7 +310,8 @@ def test_five_samples_an_input_killed_in_stage_1_resume_and_report_one_sample_be
     written_before = lines_of(records)
     assert len(written_before) < 60, "stage 1 finished before the kill"
     result = subprocess.run([sys.executable, "-m", "dsbs_jax.cli", *argv], cwd=REPO,
-                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stdout + result.stderr
   assert lines_of(records)[:len(written_before)] == written_before
   generated = rationales.read_records(str(records))  # refuses duplicate ids

@@ -187,7 +187,8 @@ def test_a_record_of_several_samples_round_trips(tmp_path):
     ({"agreement": None}, "field 'agreement' must be a number in"),
     ({"agreement": 1.5}, "field 'agreement' must be a number in"),
     ({"samples": SAMPLED["samples"][:1]}, "field 'samples' must be a list of 2 or more"),
-    ({"samples": [SAMPLED["samples"][0], {"teacher_label": "y"}]}, r"samples\[1\] must be an object"),
+    ({"samples": [SAMPLED["samples"][0], {"teacher_label": "y"}]},
+     r"samples\[1\] must be an object"),
     ({"samples": [SAMPLED["samples"][0], dict(SAMPLED["samples"][0], rationale=3)]},
      r"samples\[1\]\.rationale must be a string"),
 ])

@@ -184,7 +184,8 @@ def test_killed_run_of_several_samples_resumes_without_duplicates_or_lost_sample
                    sampling=replay_teacher.Sampling(0.3)) as fake:
     command = [sys.executable, "-m", "dsbs_jax.cli", *generate_args(
         fake, inputs, out, "cqa", "--samples", "3", "--concurrency", "2")]
-    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
       time.sleep(0.05)
