@@ -75,6 +75,14 @@ def test_dry_run_counts_requests_and_tokens_and_sends_none(cqa_teacher, tmp_path
   assert cqa_teacher.requests == before and not out.exists()
 
 
+def test_a_dry_run_of_five_samples_counts_their_completion_tokens(cqa_teacher, tmp_path, capsys):
+  assert cli.main(distill_args(cqa_teacher, tmp_path / "run", QUESTIONS, "--test", TEST,
+                               "--samples", "5", "--dry_run", *TINY_STUDENT)) == 0
+  printed = capsys.readouterr().out
+  assert "--samples 5: one request an input where the endpoint honours `n`, else 5" in printed
+  assert "at most 81,920 completion tokens (--max_tokens 256 each x 5 samples)" in printed
+
+
 def test_the_readmes_command_runs_dry_against_the_stand_in(cqa_teacher, monkeypatch, capsys,
                                                            tmp_path):
   readme = (REPO / "README.md").read_text()
