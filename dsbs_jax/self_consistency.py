@@ -7,7 +7,7 @@ The vote counts the samples that parsed; the answer with the most votes wins, an
 goes to the tied answer sampled first (the lowest sample index), so a vote is a function
 of the samples in order. `agreement` is the winner's share of all K samples, parse
 failures included (0 when none parsed; the record then keeps the first sample's blank
-label). One sample gives today's record, unchanged.
+label). One sample gives the record of one completion, as it always was.
 
 This module must not send requests, read files, or import TensorFlow.
 """
@@ -62,7 +62,7 @@ def vote(samples: Sequence[rationales.Sample], same_answer: SameAnswer) -> tuple
 def make_record(parser: str, same_answer: SameAnswer, example_id: str,
                 input_text: Optional[str], label: Optional[str],
                 teacher_outputs: Sequence[str]) -> rationales.RationaleRecord:
-  """The record of an example's K teacher outputs: today's record when K is 1."""
+  """The record of an example's K teacher outputs (rationales.make_record's when K is 1)."""
   if len(teacher_outputs) == 1:
     return rationales.make_record(parser, example_id, input_text, label, teacher_outputs[0])
   samples = tuple(rationales.parse_sample(parser, output) for output in teacher_outputs)

@@ -226,7 +226,7 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
              progress: Optional[bool] = None, samples: int = 1) -> GenerationResult:
   """Annotates every example not yet in `out_path`, appending one record per example once
   all its `samples` completions are in (self_consistency.make_record: one sample gives
-  today's record).
+  the record of one completion, as it always was).
 
   An example's samples come from one request with the `n` parameter, and from more
   requests for those an endpoint that ignores `n` did not give. At most `concurrency`

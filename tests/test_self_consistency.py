@@ -47,7 +47,7 @@ def test_svamp_equations_vote_by_value():
   assert (record.teacher_label, record.agreement) == ("(2 + 3)", 0.6)
 
 
-def test_one_sample_is_todays_record_byte_for_byte():
+def test_one_sample_is_the_single_completion_record_byte_for_byte():
   output = cqa_output("Because.", "a", "x")
   record = sc.make_record("cqa", SAME_TEXT, "id", "q", "x", [output])
   assert record == rationales.make_record("cqa", "id", "q", "x", output)
