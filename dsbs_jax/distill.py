@@ -593,7 +593,8 @@ def run(args) -> int:
   with folder_lock.FolderLock(folder_lock.lock_path(layout.root), f"--out {layout.root}",
                               "dsbs distill"):
     layout.teacher_dir.mkdir(parents=True, exist_ok=True)
-    with stop_signals.phase("asking the teacher for rationales", resume=resume):
+    with stop_signals.phase("asking the teacher for rationales",
+                            resume=f"the records in {layout.teacher_dir} are kept; {resume}"):
       code = annotate(args, plan, layout)
     if code:
       return code

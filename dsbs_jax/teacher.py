@@ -231,8 +231,8 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
   An example's samples come from one request with the `n` parameter, and from more
   requests for those an endpoint that ignores `n` did not give. At most `concurrency`
   examples are in flight. Examples whose retries run out are counted as failed and left for
-  a rerun. A cap in `client.budget`, a fatal client error or Ctrl-C stops new requests
-  (Ctrl-C returns with `stopped="interrupted"`); what has completed is already written.
+  a rerun. A cap in `client.budget`, a fatal client error or a stop (SIGINT or SIGTERM,
+  raised on to the caller) ends new requests; what has completed is already written.
   Requests in flight are waited for after a request or token cap (they are paid for), and
   abandoned when the teacher is unreachable or on Ctrl-C, in threads that do not hold up
   the process's exit.
@@ -309,9 +309,7 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
           client.stop_event.set()
         if client.budget.unreachable:
           break  # what is still in flight is abandoned: the teacher is down
-  except KeyboardInterrupt:
-    result.stopped = "interrupted"
-  finally:
+  finally:  # a stop (KeyboardInterrupt) passes on to the command, which reports it
     client.stop_event.set()
     bar.close()
   return result

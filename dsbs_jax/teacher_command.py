@@ -15,12 +15,12 @@ from dsbs_jax import flags
 from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
+from dsbs_jax import stop_signals
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 
 EXIT_INCOMPLETE = 1
 EXIT_UNREACHABLE = 2
-EXIT_INTERRUPTED = 130
 USER_ERRORS = (teacher_client.TeacherError, teacher.PromptFileError)
 # --temperature when --samples is above 1 and no temperature is given (Wang et al. 2022
 # sample at 0.5 to 0.7); one sample is greedy by default, as the paper's PaLM outputs.
@@ -138,7 +138,7 @@ def summarize_generation(prog: str, out: str, result: teacher.GenerationResult,
   if result.stopped:
     print(f"stopped early: {result.stopped}", file=sys.stderr)
   print(f"{result.remaining:,} example(s) remain; rerun the same command to continue", file=sys.stderr)
-  return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_INCOMPLETE
+  return EXIT_INCOMPLETE
 
 
 def add_parser(subparsers) -> None:
@@ -202,9 +202,12 @@ def run_generate(args: argparse.Namespace) -> int:
   temperature(args)  # a bad one is refused before the inputs are read
   examples = _read_examples(args)
   client = make_client(args, template, make_budget(args), api_key_from_env(args))
-  result = teacher.generate(examples, template, client, args.out, parser=args.parser,
-                            concurrency=args.concurrency, progress=args.progress,
-                            samples=args.samples)
+  with stop_signals.phase("asking the teacher for rationales",
+                          resume=f"the records in {args.out} are kept; rerun the same command "
+                                 "to go on"):
+    result = teacher.generate(examples, template, client, args.out, parser=args.parser,
+                              concurrency=args.concurrency, progress=args.progress,
+                              samples=args.samples)
   return summarize_generation("dsbs rationales generate", args.out, result, client,
                               args.max_attempts)
 
