@@ -12,6 +12,7 @@ SIGTERM end a command as one line saying where it stopped and how to go on
 (stop_signals.py), with exit code 130 or 143. Nothing here does work itself.
 """
 import argparse
+import errno
 import sys
 import traceback
 
@@ -113,6 +114,11 @@ def runner(args: argparse.Namespace) -> tuple:
   return func, BASE_USER_ERRORS + getattr(module, "USER_ERRORS", ())
 
 
+def _is_disk_full(error: Exception) -> bool:
+  """A write that found no room: the user's to fix (its message names the file)."""
+  return isinstance(error, OSError) and error.errno == errno.ENOSPC
+
+
 def main(argv=None) -> int:
   if argv is None:  # a real command line: the process is the command's own
     host_allocator.reexec_with_tuned_allocator()  # so it can be run again under tuned settings
@@ -144,7 +150,7 @@ def main(argv=None) -> int:
       print(f"{prog[0]}: {stop_signals.stopped_line(stop)}", file=sys.stderr)
       return stop_signals.EXIT_CODES[stop_signals.signal_name(stop)]
     except Exception as error:  # pylint: disable=broad-except
-      if not isinstance(error, user_errors):
+      if not (isinstance(error, user_errors) or _is_disk_full(error)):
         raise
       if verbose:
         traceback.print_exc()

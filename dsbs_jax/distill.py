@@ -6,7 +6,8 @@ rerun after a crash, a kill or Ctrl-C resumes at the stage, and the example or t
 step, where the last run stopped:
 
   1. rationales  the teacher annotates --inputs (and --test): DIR/teacher/{inputs,test}.jsonl,
-                 appended per example; every request and token spent goes to
+                 appended per example (with --samples K, once its K samples are in: the
+                 teacher label is their vote); every request and token spent goes to
                  DIR/teacher/spend.jsonl, so --max_teacher_tokens holds across runs
   2. dataset     DIR/train.gin names the custom dataset (custom_tasks: validation, and test
                  without --test, carved from the inputs; laid out in DIR/data/<name>/) and
@@ -49,6 +50,7 @@ from dsbs_jax import folder_lock
 from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import infer
+from dsbs_jax import input_pipeline
 from dsbs_jax import metrics
 from dsbs_jax import rationales
 from dsbs_jax import resources
@@ -66,6 +68,9 @@ FLAG_OF_MACRO = {"MODEL_DIR": "--out", "MIXTURE_OR_TASK_NAME": "--name and --use
                  "TRAIN_STEPS": "--steps", "ALPHA": "--alpha", "INITIAL_CHECKPOINT_PATH": "--student",
                  "VOCABULARY": "--vocabulary"}
 VALID_FRACTION = 0.1  # custom_tasks' default: the paper's carving of CQA's validation split
+# DIR/teacher/settings.json: what its records were made with, and the value of each setting
+# in folders written before the setting was recorded.
+TEACHER_SETTING_DEFAULTS = {"samples": 1, "temperature": 0.0}
 
 
 class DistillError(ValueError):
@@ -181,6 +186,7 @@ def plan_run(args) -> Plan:
     raise DistillError(f"--export {args.export!r}: {unknown[0]!r} is not one of {export.FORMATS}")
   if not 0.0 < args.alpha < 1.0:
     raise DistillError(f"--alpha {args.alpha}: must be in (0, 1)")
+  teacher_command.temperature(args)
   equation = teacher.METRIC_FOR_PARSER.get(template.parser) is metrics.equation_accuracy
   name = _dataset_name(args)
   student_gin, initial_checkpoint = _student(args.student)
@@ -204,31 +210,37 @@ def dry_run(args, plan: Plan, layout: Layout) -> int:
   build_prompt = plan.template.messages if args.api == "chat" else plan.template.prompt
   requests = prompt_tokens = 0
   for flag, examples, path in _annotation_jobs(plan, layout):
-    done = teacher.resume_output(str(path)) if path.is_file() else {}
+    done = teacher.resume_output(str(path), args.samples) if path.is_file() else {}
     pending = [e for e in examples if e.id not in done]
     requests += len(pending)
     prompt_tokens += sum(teacher_client.estimate_tokens(build_prompt(e.input), "") for e in pending)
     print(f"{flag} {getattr(args, flag[2:])}: {len(examples):,} examples, {len(done):,} already "
           f"annotated in {path}, {len(pending):,} to send")
   spent = teacher_client.read_ledger(str(layout.ledger))[1] if layout.ledger.is_file() else 0
-  completion_tokens = requests * args.max_tokens
+  completion_tokens = requests * args.max_tokens * args.samples
   cap = f"{args.max_tokens_total:,}" if args.max_tokens_total else "none"
+  if args.samples > 1:
+    print(f"--samples {args.samples}: one request an input where the endpoint honours `n`, else "
+          f"{args.samples} (each with its prompt: up to {args.samples}x the prompt tokens below)")
   print(f"dry run: {requests:,} requests (retries not counted); about {prompt_tokens:,} prompt "
         f"tokens ({teacher_client.CHARS_PER_TOKEN_ESTIMATE} characters a token) + at most "
-        f"{completion_tokens:,} completion tokens (--max_tokens {args.max_tokens} each) = at most "
+        f"{completion_tokens:,} completion tokens (--max_tokens {args.max_tokens} each"
+        f"{f' x {args.samples} samples' if args.samples > 1 else ''}) = at most "
         f"~{prompt_tokens + completion_tokens:,} tokens; spent so far {spent:,}, {TOKEN_CAP_FLAG} "
         f"{cap}; nothing was sent")
   return 0
 
 
 def _check_teacher_settings(args, plan: Plan, layout: Layout) -> None:
-  """Refuses to mix, in one folder, records of another teacher model or prompt."""
+  """Refuses to mix, in one folder, records of another teacher model, prompt or sampling."""
   with open(plan.template.path, "rb") as f:
     settings = {"teacher_model": args.model, "prompt_sha256": hashlib.sha256(f.read()).hexdigest(),
-                "api": args.api}
+                "api": args.api, "samples": args.samples,
+                "temperature": teacher_command.temperature(args)}
   if layout.teacher_settings.is_file():
-    before = json.loads(layout.teacher_settings.read_text())
-    flag_of = {"teacher_model": "--teacher_model", "prompt_sha256": "--prompt", "api": "--api"}
+    before = {**TEACHER_SETTING_DEFAULTS, **json.loads(layout.teacher_settings.read_text())}
+    flag_of = {"teacher_model": "--teacher_model", "prompt_sha256": "--prompt", "api": "--api",
+               "samples": "--samples", "temperature": "--temperature"}
     for key, value in settings.items():
       if before.get(key) != value:
         raise DistillError(
@@ -261,7 +273,8 @@ def annotate(args, plan: Plan, layout: Layout) -> int:
   for _, examples, path in _annotation_jobs(plan, layout):
     client = teacher_command.make_client(args, plan.template, budget, api_key)
     result = teacher.generate(examples, plan.template, client, str(path),
-                              concurrency=args.concurrency, progress=args.progress)
+                              concurrency=args.concurrency, progress=args.progress,
+                              samples=args.samples)
     code = teacher_command.summarize_generation("dsbs distill", str(path), result, client,
                                                 args.max_attempts)
     if code:
@@ -378,10 +391,24 @@ def _percent(value) -> str:
   return "n/a" if value is None else f"{value:.1%}"
 
 
+def _train_examples(train_sizes: dict, options: distillation.TaskOptions, samples: int) -> str:
+  """"40 label and 40 rationale training examples" and, for K samples, how they were chosen."""
+  label_task, rationale_task = train_sizes  # the mixture's two tasks, label first
+  text = (f"{train_sizes[label_task]:,} label and {train_sizes[rationale_task]:,} rationale "
+          "training examples")
+  if samples > 1:
+    text += (f" (TaskOptions.train_rationales {options.train_rationales!r} of each input's "
+             f"{samples} rationales, TaskOptions.min_agreement {options.min_agreement:g})")
+  return text
+
+
 def commands(args, plan: Plan, layout: Layout) -> list[tuple[str, str]]:
   """(what, shell command) that redo each stage by hand."""
   teacher_flags = ["--prompt", os.path.abspath(args.prompt), "--teacher", args.teacher,
                    "--model", args.model, "--api", args.api, "--api_key_env", args.api_key_env]
+  if args.samples > 1:
+    teacher_flags += ["--samples", str(args.samples),
+                      "--temperature", f"{teacher_command.temperature(args):g}"]
   listed = [(f"rationales for {flag}", shlex.join(
       ["dsbs", "rationales", "generate", "--input", os.path.abspath(getattr(args, flag[2:])),
        *teacher_flags,
@@ -407,8 +434,10 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   """DIR/report.md from the files the stages wrote; returns its text."""
   results, spec = layout.student.results(), layout.student.spec()
   lengths = {"inputs": spec.input_length, "targets": spec.target_length}
-  with run_config(args, layout), distillation.options_in_use(distillation.TaskOptions()):
+  with run_config(args, layout), distillation.options_in_use(distillation.TaskOptions()) as options:
     baseline_validation = train.majority_baseline(results["label_task"], lengths, "validation")
+    train_sizes = {task: sizes["train"] for task, sizes in
+                   input_pipeline.split_sizes(plan.mixture, ("train",)).items()}
   split_dir = layout.data_dir / plan.name
   # Per split: its size and the teacher's accuracy against gold labels (None without them).
   splits = {split: teacher.record_stats(path, rationales.read_records(path), plan.template.parser)
@@ -421,6 +450,7 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   against = {"validation": plan.inputs_gold,
              "test": plan.test_gold if plan.test else plan.inputs_gold}
   trained_on = "gold" if args.use_gold else "the teacher's"
+  sampled = stats.samples > 1
   lines = [
       f"# dsbs distill: {plan.name}", "",
       f"Run folder `{layout.root}`, written {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.", "",
@@ -437,8 +467,19 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
     lines.append(f"- Unparsed ({len(unparsed):,}, "
                  f"{'dropped from every split (--drop_unparsed)' if args.drop_unparsed else 'kept with blank labels, as the paper keeps them; --drop_unparsed leaves them out'}): "
                  f"{shown}{' ...' if len(unparsed) > 5 else ''}")
-  if plan.inputs_gold:
+  if sampled:
+    lines.append(f"- {stats.samples} samples an input at temperature "
+                 f"{teacher_command.temperature(args):g}; the teacher label is their majority "
+                 "vote (a tie goes to the answer sampled first).")
+  if plan.inputs_gold and sampled:
+    lines += [f"- Teacher accuracy against the inputs' gold labels, on the same inputs: one sample "
+              f"{_percent(stats.single_sample_accuracy)}, vote of {stats.samples} "
+              f"{_percent(stats.teacher_accuracy)}.",
+              f"- The vote's accuracy by agreement: {teacher_command.agreement_buckets(stats)}."]
+  elif plan.inputs_gold:
     lines.append(f"- Teacher accuracy against the inputs' gold labels: {_percent(stats.teacher_accuracy)}.")
+  elif sampled:
+    lines.append(f"- Inputs by agreement of the vote: {teacher_command.agreement_buckets(stats)}.")
   lines += [
       f"- Tokens spent on the teacher, over every run in this folder: {tokens:,}"
       f"{f' ({estimated:,} estimated from text length)' if estimated else ''} in {requests:,} "
@@ -449,20 +490,25 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
       f"test {splits['test'].records:,} "
       + (f"(`{args.test}`)." if plan.test else f"({VALID_FRACTION:.0%} of the rest of the inputs, held out)."),
       f"- Trained on `{plan.mixture}`: {trained_on} labels and the teacher's rationales, alpha "
-      f"{args.alpha}.",
+      f"{args.alpha}: {_train_examples(train_sizes, options, stats.samples)}.",
       "", "## Student (stages 3 and 4)", "",
       f"Best step {results['best_step']} (by validation) of {args.steps}. "
       f"Metric: {plan.metric} accuracy.", "",
-      "| split | scored against | student | teacher | majority baseline |",
-      "| --- | --- | --- | --- | --- |",
+      "| split | scored against | student | teacher"
+      + (", one sample | teacher, vote" if sampled else "") + " | majority baseline |",
+      "| --- | --- | --- | --- |" + (" --- |" if sampled else "") + " --- |",
   ]
   baselines = {"validation": baseline_validation, "test": results["majority_baseline_test"]}
   for split in ("validation", "test"):
     gold = against[split]
-    teacher_value = (_percent(splits[split].teacher_accuracy) if gold
-                     else "100% (the reference)")
+    if gold:  # with K samples, the first one's accuracy beside the vote's
+      teacher_values = ([splits[split].single_sample_accuracy] if sampled else []) + [
+          splits[split].teacher_accuracy]
+      teacher_cells = " | ".join(_percent(value) for value in teacher_values)
+    else:
+      teacher_cells = ("n/a | " if sampled else "") + "100% (the reference)"
     lines.append(f"| {split} | {'gold labels' if gold else 'teacher labels: agreement with the teacher'} | "
-                 f"{_percent(results[split].get('accuracy'))} | {teacher_value} | "
+                 f"{_percent(results[split].get('accuracy'))} | {teacher_cells} | "
                  f"{_percent(baselines[split].get('accuracy'))} |")
   if not all(against.values()):
     lines += ["", "Without gold labels, accuracy is agreement with the teacher's labels, not "
@@ -547,7 +593,8 @@ def run(args) -> int:
   with folder_lock.FolderLock(folder_lock.lock_path(layout.root), f"--out {layout.root}",
                               "dsbs distill"):
     layout.teacher_dir.mkdir(parents=True, exist_ok=True)
-    with stop_signals.phase("asking the teacher for rationales", resume=resume):
+    with stop_signals.phase("asking the teacher for rationales",
+                            resume=f"the records in {layout.teacher_dir} are kept; {resume}"):
       code = annotate(args, plan, layout)
     if code:
       return code

@@ -18,6 +18,7 @@ import gin
 
 from dsbs_jax import gin_utils
 from dsbs_jax import resources
+from dsbs_jax import self_consistency
 
 SPLITS = ("train", "validation", "test")
 # A dataset's tasks, by what their targets are: gold labels, the teacher's labels (gold
@@ -76,6 +77,17 @@ class TaskOptions:
       where source is a JSONL path or "tfds:<name>[:<split>]".
     drop_parse_failures: leave out training examples whose teacher output did not parse
       (the paper keeps them, with blank targets).
+    train_rationales: for records of K > 1 teacher samples (`dsbs rationales generate
+      --samples K`), which samples' rationales train the rationale task, each one example:
+      "first" (the first sample's: one per input, as the paper, which has one sample), "all"
+      (K examples per input), "vote" (the samples whose answer is the vote's: Ho et al.
+      2023 keep those that agree with the answer they trust) or "gold" (those whose answer
+      is the gold label; every training record needs one). An input none of whose samples
+      qualify has no rationale example; its label example stays. The label task keeps one
+      example per input (the vote's answer) whatever this is; other splits are not expanded.
+    min_agreement: leave out of training (both tasks) the inputs whose vote won less than
+      this share of their K samples; a record of one sample agrees with itself (share 1).
+      0 keeps every input, as the paper.
   """
   alpha: float = 0.5
   train_fraction: float = 1.0
@@ -87,6 +99,8 @@ class TaskOptions:
   rationales_dir: str = str(resources.RATIONALES_DIR)
   train_inputs: Mapping[str, str] = dataclasses.field(default_factory=dict)
   drop_parse_failures: bool = False
+  train_rationales: str = self_consistency.TRAIN_FIRST
+  min_agreement: float = 0.0
 
   def __post_init__(self):
     gin_utils.check_required("TaskOptions", {f.name: getattr(self, f.name)
@@ -98,6 +112,13 @@ class TaskOptions:
     if not 0.0 < self.train_fraction <= 1.0:
       raise gin_utils.GinConfigError(f"TaskOptions.train_fraction must be in (0, 1], got "
                                      f"{self.train_fraction} (the TRAIN_FRACTION macro)")
+    if self.train_rationales not in self_consistency.TRAIN_RATIONALES:
+      raise gin_utils.GinConfigError(
+          f"TaskOptions.train_rationales must be one of {self_consistency.TRAIN_RATIONALES}, "
+          f"got {self.train_rationales!r}")
+    if not 0.0 <= self.min_agreement <= 1.0:
+      raise gin_utils.GinConfigError(
+          f"TaskOptions.min_agreement must be in [0, 1], got {self.min_agreement}")
 
 
 _options_in_use: list[TaskOptions] = []

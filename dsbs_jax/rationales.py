@@ -3,6 +3,10 @@
 A record is one example with the teacher's chain-of-thought: its stable `id`, the model
 `input` text, the gold `label` (text), the `teacher_label` and `rationale` parsed from the
 teacher's raw `teacher_output`, and `parse_error` (None, or why the parse fell back).
+A record of K > 1 teacher samples (self-consistency) also holds all K parsed `samples`
+and the vote's winning share, `agreement`; its `teacher_label` is the vote's answer and
+its other fields are the first sample's (dsbs_jax.self_consistency builds such records).
+A record of one sample has neither field, so it reads and writes as before they existed.
 
 Each parser gives, for every raw output, the same rationale and label as the paper's code
 (google-research/distilling-step-by-step, data_utils.py), fallbacks included; where the
@@ -31,6 +35,15 @@ class RationaleFileError(text_files.TextFileError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Sample:
+  """One teacher completion for an example, parsed as a record's fields of the same names."""
+  teacher_label: str
+  rationale: str
+  teacher_output: str
+  parse_error: Optional[str] = None
+
+
+@dataclasses.dataclass(frozen=True)
 class RationaleRecord:
   """One example with its teacher rationale.
 
@@ -44,20 +57,48 @@ class RationaleRecord:
   rationale: str
   teacher_output: str
   parse_error: Optional[str] = None
+  agreement: Optional[float] = None  # the vote's winning share of `samples`; None: one sample
+  samples: Optional[tuple] = None  # of Sample, K > 1 of them; None: the record's own fields
+
+  def all_samples(self) -> tuple:
+    """The record's K samples; one, from its own fields, when it has no `samples`."""
+    if self.samples is not None:
+      return self.samples
+    return (Sample(self.teacher_label, self.rationale, self.teacher_output, self.parse_error),)
 
   def to_json(self) -> str:
-    return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
+    fields = dataclasses.asdict(self)
+    for field in _SAMPLING_FIELDS:
+      if fields[field] is None:
+        del fields[field]
+    return json.dumps(fields, ensure_ascii=False)
 
 
 _REQUIRED_STRINGS = ("id", "teacher_label", "rationale", "teacher_output")
 _OPTIONAL_STRINGS = ("input", "label", "parse_error")
+_SAMPLING_FIELDS = ("agreement", "samples")  # both or neither
+
+
+def _samples_from_list(value, where: str) -> tuple:
+  if not isinstance(value, list) or len(value) < 2:
+    raise RationaleFileError(f"{where}: field 'samples' must be a list of 2 or more samples")
+  samples = []
+  for i, obj in enumerate(value):
+    if not isinstance(obj, dict) or set(obj) != {f.name for f in dataclasses.fields(Sample)}:
+      raise RationaleFileError(f"{where}: samples[{i}] must be an object with exactly the fields "
+                               "teacher_label, rationale, teacher_output, parse_error")
+    for field, text in obj.items():
+      if not isinstance(text, str) and not (field == "parse_error" and text is None):
+        raise RationaleFileError(f"{where}: samples[{i}].{field} must be a string")
+    samples.append(Sample(**obj))
+  return tuple(samples)
 
 
 def record_from_dict(obj, where: str) -> RationaleRecord:
   """Validates a decoded JSON object; `where` ("file:line") prefixes every error."""
   if not isinstance(obj, dict):
     raise RationaleFileError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-  unknown = set(obj) - set(_REQUIRED_STRINGS) - set(_OPTIONAL_STRINGS)
+  unknown = set(obj) - set(_REQUIRED_STRINGS) - set(_OPTIONAL_STRINGS) - set(_SAMPLING_FIELDS)
   if unknown:
     raise RationaleFileError(f"{where}: unknown field(s) {sorted(unknown)}")
   for field in _REQUIRED_STRINGS:
@@ -72,7 +113,18 @@ def record_from_dict(obj, where: str) -> RationaleRecord:
           f"{where}: field {field!r} must be a string, got {type(value).__name__} ({value!r:.40})")
   if not obj["id"]:
     raise RationaleFileError(f"{where}: field 'id' is empty")
-  return RationaleRecord(**{k: obj.get(k) for k in _REQUIRED_STRINGS + _OPTIONAL_STRINGS})
+  sampled = {}
+  if any(field in obj for field in _SAMPLING_FIELDS):
+    if not all(field in obj for field in _SAMPLING_FIELDS):
+      raise RationaleFileError(f"{where}: fields 'agreement' and 'samples' go together")
+    agreement = obj["agreement"]
+    if isinstance(agreement, bool) or not isinstance(agreement, (int, float)) \
+        or not 0 <= agreement <= 1:
+      raise RationaleFileError(f"{where}: field 'agreement' must be a number in [0, 1], "
+                               f"got {agreement!r:.40}")
+    sampled = {"agreement": float(agreement), "samples": _samples_from_list(obj["samples"], where)}
+  return RationaleRecord(**{k: obj.get(k) for k in _REQUIRED_STRINGS + _OPTIONAL_STRINGS},
+                         **sampled)
 
 
 def iter_json_lines(path: str) -> Iterator[tuple[str, object]]:
@@ -175,14 +227,21 @@ PARSERS: dict[str, Callable[[str], ParsedOutput]] = {
 }
 
 
-def make_record(dataset: str, example_id: str, input_text: Optional[str],
-                label: Optional[str], teacher_output: str) -> RationaleRecord:
-  """Parses `teacher_output` with the dataset's parser and returns the full record."""
+def parse_sample(dataset: str, teacher_output: str) -> Sample:
+  """Parses one teacher output with the dataset's parser; a blank label is a parse error."""
   if not isinstance(teacher_output, str):
-    raise TypeError(f"{example_id}: teacher output must be a string, got {type(teacher_output).__name__}")
+    raise TypeError(f"teacher output must be a string, got {type(teacher_output).__name__}")
   parsed = PARSERS[dataset](teacher_output)
   if parsed.error is None and not parsed.label.strip():
     parsed = parsed._replace(error="the teacher label is blank")
-  return RationaleRecord(
-      id=example_id, input=input_text, label=label, teacher_label=parsed.label,
-      rationale=parsed.rationale, teacher_output=teacher_output, parse_error=parsed.error)
+  return Sample(parsed.label, parsed.rationale, teacher_output, parsed.error)
+
+
+def make_record(dataset: str, example_id: str, input_text: Optional[str],
+                label: Optional[str], teacher_output: str) -> RationaleRecord:
+  """Parses `teacher_output` with the dataset's parser and returns the full record."""
+  try:
+    sample = parse_sample(dataset, teacher_output)
+  except TypeError as e:
+    raise TypeError(f"{example_id}: {e}") from None
+  return RationaleRecord(id=example_id, input=input_text, label=label, **dataclasses.asdict(sample))

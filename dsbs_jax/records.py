@@ -1,6 +1,7 @@
 """A dataset's records as a run reads them: the split files on disk, the train inputs the
-paper's release lacks joined in (with an alignment check), parse failures left out on
-request, and the training split subsampled as the paper subsamples it.
+paper's release lacks joined in (with an alignment check), parse failures and inputs of low
+teacher agreement left out on request, and the training split subsampled as the paper
+subsamples it.
 
 The label task and the rationale task of a dataset read the same records through the same
 subsampling, so they always see exactly the same examples.
@@ -159,5 +160,8 @@ def records_for(spec: distillation.DatasetSpec, split: str,
   if split == "train":
     if options.drop_parse_failures:
       records = [r for r in records if r.parse_error is None]
+    if options.min_agreement > 0:
+      records = [r for r in records
+                 if (1.0 if r.agreement is None else r.agreement) >= options.min_agreement]
     records = subsample(records, options.train_fraction, options.subsample_seed)
   return records

@@ -7,16 +7,31 @@ and `dsbs distill` without a model or a network, for trying the pipeline and for
 
     python -m dsbs_jax.replay_teacher --dataset cqa --port 8000   # PaLM's shipped outputs
 
+A request's `n` (OpenAI's number of completions) is honoured, or ignored with
+`honor_n=False` (--ignore_n), as some endpoints do. In sampling mode (`Sampling`,
+--error_rate) each completion is the recorded output or, with the set probability, the
+recorded rationale followed by another answer: another choice (CQA), the equation plus 1
+to 3 (SVAMP), another NLI label; an output that did not parse is always itself. Draws are
+seeded by the seed, the record's id and the number of completions of it served before, so
+a fresh server answers a run the same way, and a self-consistency vote over K samples can
+be tested against a single sample. A real teacher's samples differ in their reasoning
+too; these differ only in their answers.
+
 `ReplayTeacher` also injects faults (429, 500, slow replies, malformed JSON, dropped
 connections) at chosen requests, and can require an API key, so that clients' retries
 and redaction can be tested. A query it has no record of gets a 400.
 
-This module must not generate text or send requests itself.
+This module must not write text of its own (sampling mode only puts a recorded rationale
+before another answer) or send requests itself.
 """
 import argparse
+import collections
 import contextlib
+import dataclasses
 import http.server
 import json
+import random
+import re
 import socket
 import sys
 import threading
@@ -32,6 +47,41 @@ from dsbs_jax import teacher
 FAULTS = ("429", "500", "slow", "malformed", "drop")
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """Each completion states another answer than the recorded one with probability `error_rate`."""
+  error_rate: float
+  seed: int = 0
+
+
+def _other_cqa_answer(parsed, record, rng):
+  choices = re.findall(r"^\((\w)\) (.*)$", record.input, flags=re.MULTILINE)
+  others = [(letter, text) for letter, text in choices if text.strip() != parsed.label.strip()]
+  if not others:
+    return None
+  letter, text = rng.choice(others)
+  return f"{parsed.rationale} So the answer is ({letter}) {text}."
+
+
+def _other_svamp_answer(parsed, record, rng):
+  del record
+  return f"{parsed.rationale} The answer is ({parsed.label} + {rng.randint(1, 3)})."
+
+
+def _other_nli_label(parsed, rng):
+  return rng.choice([label for label in rationales.NLI_LABELS if label != parsed.label.strip()])
+
+
+OTHER_ANSWER = {  # parser -> (parsed output, record, rng) -> an output with another answer
+    "cqa": _other_cqa_answer,
+    "svamp": _other_svamp_answer,
+    "esnli": lambda parsed, record, rng: (f"{parsed.rationale}\nAnswer: "
+                                          f"{_other_nli_label(parsed, rng)}"),
+    "anli1": lambda parsed, record, rng: (f"{parsed.rationale} So the answer is "
+                                          f"{_other_nli_label(parsed, rng)}."),
+}
+
+
 class ReplayTeacher:
   """An OpenAI-compatible server on `host`:`port` (0: any free port) replaying records.
 
@@ -40,14 +90,21 @@ class ReplayTeacher:
     echoes the header it got (as careless servers do: clients must redact it).
   faults: {1-based request number: one of FAULTS}.
   tokens_per_reply: the `usage.total_tokens` of each reply (None: no `usage` field).
+  sampling: None replays the recorded outputs; see `Sampling`.
+  honor_n: whether a reply has the `n` completions asked for, or one.
   """
 
   def __init__(self, records_by_dataset: dict, faults: Optional[dict] = None,
                delay_s: float = 0.0, tokens_per_reply: Optional[int] = 100, slow_s: float = 1.0,
-               api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0):
-    self.queries = [(teacher.PromptTemplate.load(teacher.default_prompt_path(ds)).query(r.input), r)
+               api_key: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
+               sampling: Optional[Sampling] = None, honor_n: bool = True):
+    self.queries = [(teacher.PromptTemplate.load(teacher.default_prompt_path(ds)).query(r.input),
+                     ds, r)
                     for ds, dataset_records in records_by_dataset.items()
                     for r in dataset_records]
+    self.sampling = sampling
+    self.honor_n = honor_n
+    self.completions_served = collections.Counter()  # by record id
     self.faults = dict(faults or {})
     self.delay_s = delay_s
     self.slow_s = slow_s
@@ -71,9 +128,26 @@ class ReplayTeacher:
     self.server.server_close()
 
   def record_for(self, body: dict):
+    """(dataset, record) whose query ends the request's prompt, or None."""
     query = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
-    matches = [r for q, r in self.queries if query.endswith(q)]
+    matches = [(ds, r) for q, ds, r in self.queries if query.endswith(q)]
     return matches[0] if len(matches) == 1 else None
+
+  def completions(self, dataset: str, record, n: int) -> list[str]:
+    """The next `n` completions of `record`'s query (its recorded output, or drawn)."""
+    with self.lock:
+      first = self.completions_served[record.id]
+      self.completions_served[record.id] += n
+    if self.sampling is None:
+      return [record.teacher_output] * n
+    parsed = rationales.PARSERS[dataset](record.teacher_output)
+    outputs = []
+    for number in range(first, first + n):
+      rng = random.Random(f"{self.sampling.seed}:{record.id}:{number}")
+      other = (OTHER_ANSWER[dataset](parsed, record, rng)
+               if parsed.error is None and rng.random() < self.sampling.error_rate else None)
+      outputs.append(other or record.teacher_output)
+    return outputs
 
   def _handler_class(self):
     replay = self
@@ -113,16 +187,19 @@ class ReplayTeacher:
           time.sleep(replay.slow_s)
           return None
         time.sleep(replay.delay_s)
-        record = replay.record_for(body)
-        if record is None:
+        found = replay.record_for(body)
+        if found is None:
           return self._reply(400, b'{"error": "unknown query"}')
-        choice = ({"message": {"role": "assistant", "content": record.teacher_output}}
-                  if "messages" in body else {"text": record.teacher_output})
-        reply = {"choices": [choice]}
+        dataset, record = found
+        n = body.get("n", 1) if replay.honor_n else 1
+        reply = {"choices": [
+            {"index": i, **({"message": {"role": "assistant", "content": text}}
+                            if "messages" in body else {"text": text})}
+            for i, text in enumerate(replay.completions(dataset, record, n))]}
         if replay.tokens_per_reply is not None:
           reply["usage"] = {"total_tokens": replay.tokens_per_reply}
         with replay.lock:
-          replay.served_ids.append(record.id)
+          replay.served_ids.append(record.id)  # once per request, whatever its `n`
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
           self._reply(200, json.dumps(reply).encode())
 
@@ -145,11 +222,23 @@ def main(argv=None) -> int:
                       required=True, help="shipped dataset whose outputs to replay (repeatable)")
   parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
   parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+  parser.add_argument("--error_rate", type=float, default=None, metavar="RATE",
+                      help="sampling mode: each completion states another answer than the "
+                           "shipped one with probability RATE (in [0, 1])")
+  parser.add_argument("--seed", type=int, default=0, help="seed of sampling mode (default 0)")
+  parser.add_argument("--ignore_n", action="store_true",
+                      help="answer one completion per request whatever `n` asks, as some "
+                           "endpoints do")
   args = parser.parse_args(argv)
-  with ReplayTeacher({ds: shipped_records(ds) for ds in args.dataset},
-                     host=args.host, port=args.port) as replay:
+  if args.error_rate is not None and not 0 <= args.error_rate <= 1:
+    parser.error(f"--error_rate {args.error_rate}: must be in [0, 1]")
+  sampling = None if args.error_rate is None else Sampling(args.error_rate, args.seed)
+  with ReplayTeacher({ds: shipped_records(ds) for ds in args.dataset}, host=args.host,
+                     port=args.port, sampling=sampling, honor_n=not args.ignore_n) as replay:
+    mode = (f", sampling with error rate {sampling.error_rate:g} (seed {sampling.seed})"
+            if sampling else "")
     print(f"replaying {len(replay.queries):,} teacher outputs ({', '.join(args.dataset)}) at "
-          f"{replay.url}; Ctrl-C stops", flush=True)
+          f"{replay.url}{mode}; Ctrl-C stops", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
       replay.thread.join()
   return 0

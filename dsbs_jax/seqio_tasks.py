@@ -1,7 +1,8 @@
-"""The SeqIO side of distilling step-by-step: a source over a dataset's records, the
-preprocessors (task prefix, tokenization with NLI separators as EOS, task ids on target
-tokens), the vocabulary TaskOptions names, and the registration of a dataset's three tasks
-and four mixtures.
+"""The SeqIO side of distilling step-by-step: a source over a dataset's records (a
+training rationale task holding an example per rationale that TaskOptions.train_rationales
+picks from a record's K teacher samples), the preprocessors (task prefix, tokenization with
+NLI separators as EOS, task ids on target tokens), the vocabulary TaskOptions names, and the
+registration of a dataset's three tasks and four mixtures.
 
 Everything a run may change is read from the TaskOptions in use when a dataset is built
 (distillation.current_options), not when the tasks are registered: registration happens
@@ -20,6 +21,7 @@ import tensorflow as tf
 from dsbs_jax import distillation
 from dsbs_jax import rationales
 from dsbs_jax import records
+from dsbs_jax import self_consistency
 
 TARGETS = {  # task kind -> the target text of a record in a split
     "label_gold": lambda record, split: record.label,
@@ -43,7 +45,10 @@ class RecordDataSource(seqio.FunctionDataSource):
     super().__init__(dataset_fn=self._dataset_fn, splits=distillation.SPLITS, caching_permitted=False)
 
   def _examples(self, split: str) -> dict:
-    read = records.records_for(self._spec, split, distillation.current_options())
+    options = distillation.current_options()
+    read = records.records_for(self._spec, split, options)
+    if self._target_kind == "rationale" and split == "train":
+      return self._training_rationales(read, options.train_rationales)
     target_of = TARGETS[self._target_kind]
     targets = [target_of(r, split) for r in read]
     if None in targets:
@@ -60,12 +65,28 @@ class RecordDataSource(seqio.FunctionDataSource):
     prefix = getattr(distillation.current_options(), PREFIX_FIELDS[self._target_kind])
     return {"inputs": [prefix + text for text in examples["input"]], "targets": examples["target"]}
 
+  def _training_rationales(self, read: list, which: str) -> dict:
+    same_answer = self_consistency.same_answer_for(self._spec.metric_fn)
+    examples = {"id": [], "input": [], "target": []}
+    for record in read:
+      try:
+        chosen = self_consistency.training_rationales(record, which, same_answer)
+      except ValueError as e:
+        raise rationales.RationaleFileError(f"{self._spec.name}/train: {e}") from None
+      for rationale in chosen:
+        examples["id"].append(record.id)
+        examples["input"].append(record.input)
+        examples["target"].append(rationale)
+    return examples
+
   def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:
     del shuffle_files, seed  # one in-memory shard; seqio shuffles examples
     examples = self._examples(split)
     return tf.data.Dataset.from_tensor_slices({k: tf.constant(v, tf.string) for k, v in examples.items()})
 
   def num_input_examples(self, split: str) -> int:
+    if self._target_kind == "rationale" and split == "train":  # expanded from the records
+      return len(self._examples(split)["id"])
     return len(records.records_for(self._spec, split, distillation.current_options()))
 
 

@@ -11,11 +11,12 @@ loses at most the requests in flight and a rerun sends only what is missing. Thi
 must not import TensorFlow or SeqIO, nor see the API key.
 """
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import logging
 import os
+import queue
+import threading
 from typing import Callable, Iterable, Optional, Sequence
 
 import tqdm
@@ -23,10 +24,12 @@ import tqdm
 from dsbs_jax import metrics
 from dsbs_jax import rationales
 from dsbs_jax import resources
+from dsbs_jax import self_consistency
 from dsbs_jax import teacher_client
 
 # The teacher-label metric for each parser; parsers not named here use exact match.
 METRIC_FOR_PARSER = {"svamp": metrics.equation_accuracy}
+_POLL_S = 0.05  # how often the generation loop looks at the budget while requests are in flight
 
 logger = logging.getLogger(__name__)
 
@@ -165,11 +168,13 @@ def examples_from_records(records: Iterable[rationales.RationaleRecord], source:
   return examples
 
 
-def resume_output(path: str) -> dict[str, rationales.RationaleRecord]:
+def resume_output(path: str,
+                  samples: Optional[int] = None) -> dict[str, rationales.RationaleRecord]:
   """Records already in the output file, by id, after dropping a torn last line.
 
   A line without its newline can only come from a crash mid-write: it is cut off (with a
-  warning) and its example generated again. Any other bad line is an error naming it.
+  warning) and its example generated again. Any other bad line is an error naming it, as
+  is a record of another number of samples than `samples` (when given).
   """
   if not os.path.exists(path):
     return {}
@@ -192,6 +197,11 @@ def resume_output(path: str) -> dict[str, rationales.RationaleRecord]:
       raise rationales.RationaleFileError(
           f"{where}: not valid JSON ({e.msg}); fix or remove the line") from None
     record = rationales.record_from_dict(obj, where)
+    if samples is not None and len(record.all_samples()) != samples:
+      found = len(record.all_samples())
+      raise rationales.RationaleFileError(
+          f"{where}: record {record.id!r} has {found} sample(s), but --samples is {samples}; "
+          f"rerun with --samples {found} or use a new output file")
     if record.id in done:
       raise rationales.RationaleFileError(f"{where}: id {record.id!r} appears twice")
     done[record.id] = record
@@ -213,61 +223,82 @@ class GenerationResult:
 
 def generate(examples: Sequence[Example], template: PromptTemplate, client: teacher_client.TeacherClient,
              out_path: str, parser: Optional[str] = None, concurrency: int = 4,
-             progress: Optional[bool] = None) -> GenerationResult:
-  """Annotates every example not yet in `out_path`, appending one record per completion.
+             progress: Optional[bool] = None, samples: int = 1) -> GenerationResult:
+  """Annotates every example not yet in `out_path`, appending one record per example once
+  all its `samples` completions are in (self_consistency.make_record: one sample gives
+  the record of one completion, as it always was).
 
-  At most `concurrency` requests are in flight. Examples whose retries run out are counted
-  as failed and left for a rerun. A cap in `client.budget`, a fatal client error or Ctrl-C
-  stops new requests (Ctrl-C returns with `stopped="interrupted"`); what has completed is
-  already written, and requests still in flight are abandoned.
+  An example's samples come from one request with the `n` parameter, and from more
+  requests for those an endpoint that ignores `n` did not give. At most `concurrency`
+  examples are in flight. Examples whose retries run out are counted as failed and left for
+  a rerun. A cap in `client.budget`, a fatal client error or a stop (SIGINT or SIGTERM,
+  raised on to the caller) ends new requests; what has completed is already written.
+  Requests in flight are waited for after a request or token cap (they are paid for), and
+  abandoned when the teacher is unreachable or on Ctrl-C, in threads that do not hold up
+  the process's exit.
   """
   parser = parser or template.parser
-  done = resume_output(out_path)
+  same_answer = self_consistency.same_answer_for(
+      METRIC_FOR_PARSER.get(parser, metrics.exact_match_accuracy))
+  done = resume_output(out_path, samples)
   pending = [e for e in examples if e.id not in done]
   result = GenerationResult(total=len(examples), already_done=len(examples) - len(pending))
   build_prompt = template.messages if client.api == "chat" else template.prompt
 
   def annotate(example: Example) -> rationales.RationaleRecord:
-    completion = client.complete(build_prompt(example.input))
+    prompt = build_prompt(example.input)
+    outputs = []
+    while len(outputs) < samples:
+      outputs += client.complete(prompt, n=samples - len(outputs)).texts
     # Completions continue "A:" with a space; the shipped PaLM outputs start at the rationale.
-    return rationales.make_record(
-        parser, example.id, example.input, example.label, completion.text.lstrip())
+    return self_consistency.make_record(parser, same_answer, example.id, example.input,
+                                        example.label, [output.lstrip() for output in outputs])
+
+  finished = queue.Queue()  # (example, record or None, exception or None)
+
+  def work(example: Example) -> None:
+    try:
+      finished.put((example, annotate(example), None))
+    except Exception as e:  # pylint: disable=broad-except  (the loop below sorts them)
+      finished.put((example, None, e))
 
   bar = tqdm.tqdm(total=result.total, initial=result.already_done, unit="ex", dynamic_ncols=True,
                   disable=None if progress is None else not progress, desc="rationales",
                   postfix={"failed": 0})
-  queue = iter(pending)
-  in_flight = {}
-  executor = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency))
+  pending, in_flight = iter(pending), 0
   try:
     with open(out_path, "a", encoding="utf-8") as out:
       while True:
-        while len(in_flight) < concurrency and not client.stop_event.is_set():
-          example = next(queue, None)
+        while in_flight < concurrency and not client.stop_event.is_set():
+          example = next(pending, None)
           if example is None:
             break
-          in_flight[executor.submit(annotate, example)] = example
+          threading.Thread(target=work, args=(example,), daemon=True).start()
+          in_flight += 1
         if not in_flight:
           break
-        finished, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
-        for future in finished:
-          example = in_flight.pop(future)
-          try:
-            record = future.result()
-          except teacher_client.BudgetExhausted as e:
-            result.stopped = result.stopped or str(e)
+        try:
+          example, record, error = finished.get(timeout=_POLL_S)
+        except queue.Empty:
+          # A limit on failures in a row may be reached by an attempt still retrying.
+          if client.budget.unreachable:
+            result.stopped = client.budget.exhausted_reason()
             client.stop_event.set()
-            continue
-          except teacher_client.TeacherError:
-            client.stop_event.set()
-            raise
-          except (teacher_client.RetriesExhausted, ValueError) as e:
-            result.failed += 1
-            if isinstance(e, teacher_client.RetriesExhausted):  # not a bad input
-              client.budget.record_example(str(e))
-            logger.warning("%s: failed: %s", example.id, e)
-            bar.set_postfix(failed=result.failed)
-            continue
+            break
+          continue
+        in_flight -= 1
+        if isinstance(error, teacher_client.BudgetExhausted):
+          result.stopped = result.stopped or str(error)
+          client.stop_event.set()
+        elif isinstance(error, (teacher_client.RetriesExhausted, ValueError)):
+          result.failed += 1
+          if isinstance(error, teacher_client.RetriesExhausted):  # not a bad input
+            client.budget.record_example(str(error))
+          logger.warning("%s: failed: %s", example.id, error)
+          bar.set_postfix(failed=result.failed)
+        elif error is not None:
+          raise error
+        else:
           out.write(record.to_json() + "\n")
           out.flush()
           client.budget.record_example(None)
@@ -276,18 +307,23 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
         if client.budget.exhausted_reason() and not client.stop_event.is_set():
           result.stopped = client.budget.exhausted_reason()
           client.stop_event.set()
-  except KeyboardInterrupt:
-    result.stopped = "interrupted"
-  finally:
+        if client.budget.unreachable:
+          break  # what is still in flight is abandoned: the teacher is down
+  finally:  # a stop (KeyboardInterrupt) passes on to the command, which reports it
     client.stop_event.set()
-    executor.shutdown(wait=False, cancel_futures=True)
     bar.close()
   return result
 
 
 @dataclasses.dataclass(frozen=True)
 class RecordStats:
-  """What `dsbs rationales stats` reports about one record file."""
+  """What `dsbs rationales stats` reports about one record file.
+
+  With K > 1 samples per record, `teacher_accuracy` is the vote's and
+  `single_sample_accuracy` the first sample's, on the same inputs (equal when K is 1);
+  `by_agreement` maps "votes/K" of the winning answer to the inputs with that agreement and
+  the vote's accuracy on them (None without gold labels), highest agreement first.
+  """
   path: str
   records: int
   with_gold_labels: int
@@ -296,6 +332,9 @@ class RecordStats:
   empty_rationales: int
   teacher_accuracy: Optional[float]  # None when no record has a gold label
   metric: str
+  samples: int
+  single_sample_accuracy: Optional[float]
+  by_agreement: dict
 
   def to_json(self) -> str:
     return json.dumps(dataclasses.asdict(self), ensure_ascii=False)
@@ -305,12 +344,25 @@ def record_stats(path: str, records: Sequence[rationales.RationaleRecord],
                  parser: Optional[str] = None) -> RecordStats:
   """Counts, parse failures and teacher-label accuracy against gold labels where known."""
   metric_fn: Callable = METRIC_FOR_PARSER.get(parser, metrics.exact_match_accuracy)
-  with_gold = [r for r in records if r.label is not None]
-  accuracy = metric_fn([r.label for r in with_gold], [r.teacher_label for r in with_gold])["accuracy"] \
-      if with_gold else None
+
+  def accuracy(scored: Sequence[rationales.RationaleRecord], answer: Callable) -> Optional[float]:
+    with_gold = [r for r in scored if r.label is not None]
+    return metric_fn([r.label for r in with_gold],
+                     [answer(r) for r in with_gold])["accuracy"] if with_gold else None
+
+  buckets = collections.defaultdict(list)
+  for record in records:
+    k = len(record.all_samples())
+    votes = k if record.agreement is None else round(record.agreement * k)
+    buckets[(votes / k, f"{votes}/{k}")].append(record)
   reasons = collections.Counter(r.parse_error for r in records if r.parse_error is not None)
   return RecordStats(
-      path=path, records=len(records), with_gold_labels=len(with_gold),
+      path=path, records=len(records), with_gold_labels=sum(r.label is not None for r in records),
       parse_failures=sum(reasons.values()), parse_failures_by_reason=dict(reasons.most_common()),
-      empty_rationales=sum(not r.rationale.strip() for r in records), teacher_accuracy=accuracy,
-      metric=metric_fn.__name__)
+      empty_rationales=sum(not r.rationale.strip() for r in records),
+      teacher_accuracy=accuracy(records, lambda r: r.teacher_label), metric=metric_fn.__name__,
+      samples=max(len(r.all_samples()) for r in records) if records else 1,
+      single_sample_accuracy=accuracy(records, lambda r: r.all_samples()[0].teacher_label),
+      by_agreement={name: {"inputs": len(bucket),
+                           "accuracy": accuracy(bucket, lambda r: r.teacher_label)}
+                    for (_, name), bucket in sorted(buckets.items(), reverse=True)})

@@ -1,12 +1,14 @@
 """The HTTP client for a teacher LLM behind an OpenAI-compatible API, with retries and budgets.
 
 `TeacherClient.complete` sends one prompt to `/v1/completions` or one message list to
-`/v1/chat/completions` and returns the completion text and the tokens it cost. It retries
-429, 408, 5xx, time-outs, dropped connections and malformed replies with capped, jittered
-exponential backoff; other HTTP errors (a bad key, an unknown model) are fatal. Every
-attempt first draws on a shared `Budget` (requests, tokens, and connection failures in a
-row, so that a teacher that is down stops the run in seconds rather than after every
-example's retries), so caps hold across threads.
+`/v1/chat/completions` and returns the completion texts (up to `n`, the OpenAI `n`
+parameter, sent only when above 1: an endpoint that ignores it gives one) and the tokens
+they cost. It retries 429, 408, 5xx, time-outs, dropped connections and malformed replies
+with capped, jittered exponential backoff; other HTTP errors (a bad key, an unknown model)
+are fatal. Every attempt first draws on a shared `Budget` (requests, tokens, and connection
+failures in a row, time-outs included, so that a teacher that is down or never answers
+stops the run after those attempts rather than after every example's retries), so caps
+hold across threads.
 
 The API key is read from the environment by the caller and lives only in a private
 attribute; it never appears in a repr, an exception or a log line (replies are redacted
@@ -98,7 +100,12 @@ def read_ledger(path: str) -> tuple[int, int, int]:
 
 
 class FailuresInARow:
-  """Failures counted in a row against a limit (None: no limit); a success resets them."""
+  """Failures counted in a row against a limit (None: no limit); a success resets them.
+
+  Once the limit is reached the count stays there: failures and successes of requests
+  still in flight then change nothing, so the limit reported is the limit that stopped
+  the run, however many requests were in flight.
+  """
 
   def __init__(self, limit: Optional[int], flag: str, what: str):
     self.limit, self.flag, self.what = limit, flag, what
@@ -107,6 +114,8 @@ class FailuresInARow:
 
   def record(self, error: Optional[str]) -> None:
     """Counts a failure (`error`), or resets the count (None)."""
+    if self.reached:
+      return
     if error is None:
       self.count = 0
     else:
@@ -123,8 +132,9 @@ class FailuresInARow:
 
 class Budget:
   """Caps shared by all workers: HTTP requests sent (retries included), tokens spent,
-  attempts in a row, across workers, that could not connect to the server, and examples in a
-  row whose every attempt failed (a server that answers, but only with errors).
+  attempts in a row, across workers, that could not connect to the server or had no reply in
+  time, and examples in a row whose every attempt failed (a server that answers, but only
+  with errors).
 
   With `ledger_path`, the requests and tokens of earlier runs recorded there count too, and
   every request and every reply's tokens are appended to it as they happen, so that caps
@@ -155,7 +165,8 @@ class Budget:
         f.write(json.dumps(entry) + "\n")
 
   def record_connection(self, error: Optional[str]) -> None:
-    """Counts an attempt that could not connect (`error`), or resets the count (None)."""
+    """Counts an attempt that could not connect or timed out (`error`), or resets the count
+    (None)."""
     with self._lock:
       self.connection_failures.record(error)
 
@@ -197,7 +208,7 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
-  text: str
+  texts: tuple  # one or more completions of the prompt, as many as the reply's choices
   tokens: int
   tokens_estimated: bool  # True when the reply had no `usage` field
   attempts: int
@@ -252,8 +263,10 @@ class TeacherClient:
   def _redact(self, text: str) -> str:
     return text.replace(self._api_key, "[API key]") if self._api_key else text
 
-  def _body(self, prompt: Prompt) -> bytes:
+  def _body(self, prompt: Prompt, n: int) -> bytes:
     body = {"model": self.model, "max_tokens": self.max_tokens, "temperature": self.temperature}
+    if n > 1:
+      body["n"] = n
     if self.stop:
       body["stop"] = list(self.stop)
     body["messages" if self.api == "chat" else "prompt"] = prompt
@@ -282,10 +295,11 @@ class TeacherClient:
         raise _RetryableError(message, hint) from None
       raise TeacherError(message) from None
     except (socket.timeout, TimeoutError) as e:
-      raise _RetryableError(f"no reply within {self.timeout_s:g} s ({e})") from None
+      raise self._connection_failed(f"no reply within {self.timeout_s:g} s ({e})") from None
     except urllib.error.URLError as e:
       if isinstance(e.reason, (socket.timeout, TimeoutError)):
-        raise _RetryableError(f"no connection within {self.timeout_s:g} s ({e.reason})") from None
+        raise self._connection_failed(
+            f"no connection within {self.timeout_s:g} s ({e.reason})") from None
       if isinstance(e.reason, OSError):  # refused, reset, unreachable, name lookup failed
         raise self._connection_failed(f"connection failed: {e.reason}") from None
       raise TeacherError(f"{self.url}: {e.reason}") from None
@@ -303,16 +317,22 @@ class TeacherClient:
     self.budget.record_connection(message)
     return _RetryableError(message)
 
-  def _completion_text(self, reply) -> str:
-    try:
-      choice = reply["choices"][0]
-      text = choice["message"]["content"] if self.api == "chat" else choice["text"]
-    except (KeyError, IndexError, TypeError):
-      field = "message.content" if self.api == "chat" else "text"
-      raise _RetryableError(f"reply lacks choices[0].{field}") from None
-    if not isinstance(text, str):
-      raise _RetryableError(f"completion is {type(text).__name__}, not text")
-    return text
+  def _completion_texts(self, reply, n: int) -> tuple:
+    """The texts of the reply's first `n` choices (at least one)."""
+    field = "message.content" if self.api == "chat" else "text"
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+      raise _RetryableError(f"reply lacks choices[0].{field}")
+    texts = []
+    for i, choice in enumerate(choices[:n]):
+      try:
+        text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+      except (KeyError, TypeError):
+        raise _RetryableError(f"reply lacks choices[{i}].{field}") from None
+      if not isinstance(text, str):
+        raise _RetryableError(f"completion {i} is {type(text).__name__}, not text")
+      texts.append(text)
+    return tuple(texts)
 
   @staticmethod
   def _reported_tokens(reply) -> Optional[int]:
@@ -325,9 +345,10 @@ class TeacherClient:
     parts = [usage.get("prompt_tokens"), usage.get("completion_tokens")]
     return sum(parts) if all(isinstance(p, int) for p in parts) else None
 
-  def complete(self, prompt: Prompt) -> Completion:
-    """The completion of `prompt`; raises RetriesExhausted, BudgetExhausted or TeacherError."""
-    payload = self._body(prompt)
+  def complete(self, prompt: Prompt, n: int = 1) -> Completion:
+    """Up to `n` completions of `prompt` in one request (fewer where the endpoint ignores
+    `n`); raises RetriesExhausted, BudgetExhausted or TeacherError."""
+    payload = self._body(prompt, n)
     last_error = None
     for attempt in range(self.retry.max_attempts):
       if self.stop_event.is_set():
@@ -335,7 +356,7 @@ class TeacherClient:
       self.budget.start_request()
       try:
         reply = self._send(payload)
-        text = self._completion_text(reply)
+        texts = self._completion_texts(reply, n)
       except _RetryableError as e:
         last_error = e
         if attempt + 1 < self.retry.max_attempts:
@@ -345,7 +366,9 @@ class TeacherClient:
           self.stop_event.wait(delay)
         continue
       reported = self._reported_tokens(reply)
-      tokens = reported if reported is not None else estimate_tokens(prompt, text)
+      # Without `usage`: the prompt once (as `n` bills it) and every completion.
+      tokens = reported if reported is not None else estimate_tokens(prompt, "".join(texts))
       self.budget.add_tokens(tokens, estimated=reported is None)
-      return Completion(text=text, tokens=tokens, tokens_estimated=reported is None, attempts=attempt + 1)
+      return Completion(texts=texts, tokens=tokens, tokens_estimated=reported is None,
+                        attempts=attempt + 1)
     raise RetriesExhausted(f"{self.retry.max_attempts} attempts failed; last: {last_error}")

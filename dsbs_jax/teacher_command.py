@@ -15,13 +15,16 @@ from dsbs_jax import flags
 from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
+from dsbs_jax import stop_signals
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 
 EXIT_INCOMPLETE = 1
 EXIT_UNREACHABLE = 2
-EXIT_INTERRUPTED = 130
 USER_ERRORS = (teacher_client.TeacherError, teacher.PromptFileError)
+# --temperature when --samples is above 1 and no temperature is given (Wang et al. 2022
+# sample at 0.5 to 0.7); one sample is greedy by default, as the paper's PaLM outputs.
+SAMPLING_TEMPERATURE = 0.7
 
 
 def _teacher_url(text: str) -> str:
@@ -50,8 +53,12 @@ def add_client_arguments(parser, model_flag: str = "--model",
   parser.add_argument(token_cap_flag, dest="max_tokens_total", type=flags.positive_int, default=None,
                       help="stop once this many tokens are spent (from replies' usage, else about "
                            f"{teacher_client.CHARS_PER_TOKEN_ESTIMATE} characters per token)")
-  parser.add_argument("--temperature", type=float, default=0.0,
-                      help="sampling temperature (default 0: greedy, as the paper's PaLM outputs)")
+  parser.add_argument("--samples", type=flags.positive_int, default=1, metavar="K",
+                      help="completions per input (default 1); with K > 1 the record keeps all "
+                           "K and its teacher label is their majority vote (self-consistency)")
+  parser.add_argument("--temperature", type=float, default=None,
+                      help="sampling temperature (default 0, greedy as the paper's PaLM outputs, "
+                           f"with one sample; {SAMPLING_TEMPERATURE} with --samples above 1)")
   parser.add_argument("--max_tokens", type=flags.positive_int, default=256, help="completion length cap")
   parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                       help="stop sequence (repeatable; default: the prompt file's, e.g. '\\n\\nQ:')")
@@ -85,12 +92,23 @@ def api_key_from_env(args: argparse.Namespace) -> Optional[str]:
   return api_key
 
 
+def temperature(args: argparse.Namespace) -> float:
+  """--temperature, or its default for --samples; refuses K greedy samples (all the same)."""
+  if args.temperature is None:
+    return 0.0 if args.samples == 1 else SAMPLING_TEMPERATURE
+  if args.temperature < 0 or (args.samples > 1 and args.temperature == 0):
+    raise teacher_client.TeacherError(
+        f"--temperature {args.temperature:g}: must be above 0 with --samples {args.samples} "
+        "(greedy decoding gives identical samples), and never below 0")
+  return args.temperature
+
+
 def make_client(args: argparse.Namespace, template: teacher.PromptTemplate,
                 budget: teacher_client.Budget, api_key: Optional[str]) -> teacher_client.TeacherClient:
   """The client that the flags of `add_client_arguments` describe, drawing on `budget`."""
   return teacher_client.TeacherClient(
       args.teacher, args.model, api=args.api, api_key=api_key, timeout_s=args.timeout,
-      max_tokens=args.max_tokens, temperature=args.temperature,
+      max_tokens=args.max_tokens, temperature=temperature(args),
       stop=template.stop if args.stop is None else args.stop,
       retry=teacher_client.RetryPolicy(args.max_attempts, args.retry_base_delay, args.retry_max_delay),
       budget=budget)
@@ -120,7 +138,7 @@ def summarize_generation(prog: str, out: str, result: teacher.GenerationResult,
   if result.stopped:
     print(f"stopped early: {result.stopped}", file=sys.stderr)
   print(f"{result.remaining:,} example(s) remain; rerun the same command to continue", file=sys.stderr)
-  return EXIT_INTERRUPTED if result.stopped == "interrupted" else EXIT_INCOMPLETE
+  return EXIT_INCOMPLETE
 
 
 def add_parser(subparsers) -> None:
@@ -181,10 +199,15 @@ def run_generate(args: argparse.Namespace) -> int:
     print("dsbs rationales generate: error: --prompt is required with --input", file=sys.stderr)
     return 2
   template = teacher.PromptTemplate.load(prompt_path)
+  temperature(args)  # a bad one is refused before the inputs are read
   examples = _read_examples(args)
   client = make_client(args, template, make_budget(args), api_key_from_env(args))
-  result = teacher.generate(examples, template, client, args.out, parser=args.parser,
-                            concurrency=args.concurrency, progress=args.progress)
+  with stop_signals.phase("asking the teacher for rationales",
+                          resume=f"the records in {args.out} are kept; rerun the same command "
+                                 "to go on"):
+    result = teacher.generate(examples, template, client, args.out, parser=args.parser,
+                              concurrency=args.concurrency, progress=args.progress,
+                              samples=args.samples)
   return summarize_generation("dsbs rationales generate", args.out, result, client,
                               args.max_attempts)
 
@@ -202,10 +225,14 @@ def run_stats(args: argparse.Namespace) -> int:
   all_stats = [teacher.record_stats(path, rationales.read_records(path),
                                     args.parser or _default_stats_parser(path))
                for path in args.files]
+  sampled = any(s.samples > 1 for s in all_stats)
   columns = ("file", "records", "with gold", "parse failures", "empty rationales",
-             "teacher accuracy", "metric")
+             *(("samples", "one-sample accuracy", "vote accuracy") if sampled
+               else ("teacher accuracy",)), "metric")
   rows = [(s.path, f"{s.records:,}", f"{s.with_gold_labels:,}", f"{s.parse_failures:,}",
-           f"{s.empty_rationales:,}", _percent(s.teacher_accuracy), s.metric) for s in all_stats]
+           f"{s.empty_rationales:,}",
+           *((f"{s.samples}", _percent(s.single_sample_accuracy)) if sampled else ()),
+           _percent(s.teacher_accuracy), s.metric) for s in all_stats]
   widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
   print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
   for row in rows:
@@ -214,5 +241,14 @@ def run_stats(args: argparse.Namespace) -> int:
     for reason, count in s.parse_failures_by_reason.items():
       print(f"  {s.path}: {count:,} x {reason}")
   for s in all_stats:
+    if s.samples > 1:
+      print(f"  {s.path}: vote accuracy by agreement: {agreement_buckets(s)}")
+  for s in all_stats:
     print(s.to_json())
   return 0
+
+
+def agreement_buckets(stats: teacher.RecordStats) -> str:
+  """"5/5 93.1% (700 inputs), 4/5 ..." (no accuracy without gold labels)."""
+  return ", ".join(f"{name}{' ' + _percent(b['accuracy']) if b['accuracy'] is not None else ''} "
+                   f"({b['inputs']:,} inputs)" for name, b in stats.by_agreement.items())

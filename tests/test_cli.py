@@ -265,6 +265,11 @@ def test_rationales_generate_refuses_bad_input(tmp_path, capsys, monkeypatch):
       (["--teacher", "localhost:8000", "--prompt", CQA_PROMPT], "argument --teacher: 'localhost:8000'"),
       (["--teacher", dead_teacher, "--prompt", inputs], f"{inputs}: not valid JSON"),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--concurrency", "0"], "--concurrency"),
+      (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--samples", "0"], "--samples"),
+      (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--samples", "3", "--temperature", "0"],
+       "--temperature 0: must be above 0 with --samples 3"),
+      (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--samples", "3"],
+       f"{out}:1: record 'a1bad13c86aca08528bc8803da576df1' has 1 sample(s), but --samples is 3"),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--max_connection_failures", "3",
         "--retry_base_delay", "0.01"], "in a row could not connect (--max_connection_failures=3)")]:
     assert_refused(capsys, ["rationales", "generate", *common, *argv], fragment, out)

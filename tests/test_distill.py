@@ -2,8 +2,9 @@
 every stage to an exported student that answers as `dsbs predict`; a run killed in stage 1
 and again in training resuming to the uninterrupted run's parameters; a teacher that cannot
 be reached or answers only errors stopped after the failures allowed; a dry run and a token
-budget across resumes; bad input named in one line. The teacher is the replay stand-in
-(dsbs_jax.replay_teacher) that the README's example uses."""
+budget across resumes; bad input named in one line; five samples an input (self-consistency)
+killed in stage 1, resumed, and reported one sample beside the vote. The teacher is the
+replay stand-in (dsbs_jax.replay_teacher) that the README's example uses."""
 import contextlib
 import json
 import os
@@ -21,6 +22,7 @@ import pytest
 
 import fake_teacher
 from dsbs_jax import cli
+from dsbs_jax import rationales
 from dsbs_jax import replay_teacher
 from dsbs_jax import run_dir
 from dsbs_jax import teacher
@@ -71,6 +73,14 @@ def test_dry_run_counts_requests_and_tokens_and_sends_none(cqa_teacher, tmp_path
   assert "dry run: 64 requests" in printed  # 48 inputs + 16 test examples
   assert "at most 16,384 completion tokens" in printed  # 64 x --max_tokens 256
   assert cqa_teacher.requests == before and not out.exists()
+
+
+def test_a_dry_run_of_five_samples_counts_their_completion_tokens(cqa_teacher, tmp_path, capsys):
+  assert cli.main(distill_args(cqa_teacher, tmp_path / "run", QUESTIONS, "--test", TEST,
+                               "--samples", "5", "--dry_run", *TINY_STUDENT)) == 0
+  printed = capsys.readouterr().out
+  assert "--samples 5: one request an input where the endpoint honours `n`, else 5" in printed
+  assert "at most 81,920 completion tokens (--max_tokens 256 each x 5 samples)" in printed
 
 
 def test_the_readmes_command_runs_dry_against_the_stand_in(cqa_teacher, monkeypatch, capsys,
@@ -288,3 +298,44 @@ def test_a_run_killed_in_stage_1_and_in_training_resumes_to_the_same_student(
   assert resumed_step == reference_step == 6
   for got, want in zip(jax.tree_util.tree_leaves(resumed), jax.tree_util.tree_leaves(reference)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_five_samples_an_input_killed_in_stage_1_resume_and_report_one_sample_beside_the_vote(
+    tmp_path, monkeypatch):
+  monkeypatch.setenv(fake_teacher.KEY_ENV, fake_teacher.SECRET)
+  shipped = replay_teacher.shipped_records("cqa")
+  labeled = fake_teacher.write_inputs(tmp_path / "labeled.jsonl", shipped[300:360])
+  test = fake_teacher.write_inputs(tmp_path / "test.jsonl", shipped[400:420])
+  out = tmp_path / "run"
+  records = out / "teacher" / "inputs.jsonl"
+  # An endpoint that ignores `n`, so that the kill falls between an input's five requests.
+  with fake_teacher.FakeTeacher({"cqa": shipped}, delay_s=0.05, honor_n=False,
+                                sampling=replay_teacher.Sampling(0.3)) as sampling_teacher:
+    argv = distill_args(sampling_teacher, out, labeled, "--test", test, "--samples", "5",
+                        "--gin.TaskOptions.train_rationales='vote'", *TINY_STUDENT)
+    run_until(argv, lambda: len(lines_of(records)) >= 5)
+    written_before = lines_of(records)
+    assert len(written_before) < 60, "stage 1 finished before the kill"
+    result = subprocess.run([sys.executable, "-m", "dsbs_jax.cli", *argv], cwd=REPO,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stdout + result.stderr
+  assert lines_of(records)[:len(written_before)] == written_before
+  generated = rationales.read_records(str(records))  # refuses duplicate ids
+  assert sorted(r.id for r in generated) == sorted(r.id for r in shipped[300:360])
+  assert all(len(r.samples) == 5 for r in generated)
+  stats = teacher.record_stats(str(records), generated, "cqa")
+  assert stats.teacher_accuracy > stats.single_sample_accuracy
+  report = (out / "report.md").read_text()
+  assert "- 5 samples an input at temperature 0.7;" in report
+  assert (f"on the same inputs: one sample {stats.single_sample_accuracy:.1%}, vote of 5 "
+          f"{stats.teacher_accuracy:.1%}.") in report
+  assert "| split | scored against | student | teacher, one sample | teacher, vote |" in report
+  # The rationale task holds the train inputs' samples that agree with their vote.
+  train = rationales.read_records(str(out / "data" / "labeled" / "train.jsonl"))
+  agreeing = sum(s.teacher_label == r.teacher_label for r in train for s in r.samples)
+  assert (f"{len(train)} label and {agreeing} rationale training examples "
+          "(TaskOptions.train_rationales 'vote' of each input's 5 rationales") in report
+  assert "--samples 5 --temperature 0.7" in report  # the command that redoes stage 1
+  assert json.loads((out / "student" / "results.json").read_text())["best_step"] > 0

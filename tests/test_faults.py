@@ -7,6 +7,7 @@ The end-to-end cases start `dsbs` in a subprocess beside the tiny finished run o
 conftest.py (`uninterrupted`), hence slow; the units below them need no model.
 """
 import errno
+import json
 import os
 import pathlib
 import re
@@ -20,22 +21,33 @@ import time
 
 import pytest
 
+import fake_teacher
 from conftest import tiny_run_flags
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import folder_lock
+from dsbs_jax import plots
+from dsbs_jax import replay_teacher
 from dsbs_jax import run_dir
 from dsbs_jax import stop_signals
 from test_cli import assert_refused
 from test_cli import snapshot
+from test_distill import QUESTIONS
+from test_distill import TINY_STUDENT
+from test_distill import distill_args
+from test_distill import lines_of
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def env(**extra) -> dict:
+  """This process's environment (as the test set it), with this checkout first on the path."""
+  return dict(os.environ, PYTHONPATH=str(REPO), **extra)
 
 
 def dsbs_process(argv, **kwargs) -> subprocess.Popen:
   return subprocess.Popen([sys.executable, "-m", "dsbs_jax.cli", *map(str, argv)], cwd=REPO,
-                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           **kwargs)
 
 
@@ -77,7 +89,7 @@ HOLD = textwrap.dedent("""
 @pytest.mark.slow
 def test_a_folder_in_use_is_refused_at_once_and_a_killed_holders_lock_blocks_nothing(
     finished_copy, uninterrupted, tmp_path, capsys):
-  holder = subprocess.Popen([sys.executable, "-c", HOLD, str(finished_copy)], env=ENV,
+  holder = subprocess.Popen([sys.executable, "-c", HOLD, str(finished_copy)], env=env(),
                             stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
@@ -159,7 +171,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_p
   flags = tiny_run_flags(mount / "run", train_steps=4)
   result = subprocess.run(
       ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FILL_AND_RESUME, "sh",
-       *flags], env=dict(ENV, MOUNT=str(mount), OUT=str(tmp_path), PYTHON=sys.executable),
+       *flags], env=env(MOUNT=str(mount), OUT=str(tmp_path), PYTHON=sys.executable),
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   stderr = (tmp_path / "stderr").read_text()
@@ -175,6 +187,16 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_p
   rows = run_dir.RunDir(run).metrics()
   assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
   assert run_dir.RunDir(run).results()["best_step"] == 4
+
+
+def test_a_full_disk_met_anywhere_else_is_one_line(monkeypatch, capsys):
+  def full(args):
+    raise OSError(errno.ENOSPC, "No space left on device", "/data/predictions.jsonl")
+
+  monkeypatch.setattr(plots, "run", full)
+  assert cli.main(["plot", "runs", "--out", "plots"]) == 2
+  assert capsys.readouterr().err == (
+      "dsbs plot: error: [Errno 28] No space left on device: '/data/predictions.jsonl'\n")
 
 
 def test_a_disk_that_fills_during_an_asynchronous_save_is_one_error(tmp_path, monkeypatch):
@@ -278,3 +300,26 @@ def test_a_stopped_export_is_one_line_and_leaves_nothing(uninterrupted, tmp_path
   assert output.splitlines() == [f"dsbs export: stopped by SIGTERM while exporting to {out}; "
                                  f"{out} was not changed; rerun the same command"], output
   assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_stop_in_distills_teacher_stage_is_one_line_and_keeps_the_records(tmp_path,
+                                                                            monkeypatch):
+  out = tmp_path / "distill"
+  records = out / "teacher" / "inputs.jsonl"
+  monkeypatch.setenv(fake_teacher.KEY_ENV, fake_teacher.SECRET)
+  with fake_teacher.FakeTeacher({"cqa": replay_teacher.shipped_records("cqa")},
+                                delay_s=0.2) as slow_teacher:
+    process = dsbs_process(distill_args(slow_teacher, out, QUESTIONS, *TINY_STUDENT))
+    while process.poll() is None and len(lines_of(records)) < 3:
+      time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+  written = lines_of(records)
+  assert process.returncode == 143, output
+  assert output.splitlines() == [
+      f"dsbs distill: stopped by SIGTERM while asking the teacher for rationales; the records "
+      f"in {out / 'teacher'} are kept; rerun the same command: the stages already done are "
+      "skipped"], output
+  assert 3 <= len(written) < 48 and all(json.loads(line)["id"] for line in written)
+  assert not folder_lock.lock_path(out).exists()

@@ -167,3 +167,37 @@ def test_shipped_rationales_equal_a_fresh_conversion(tmp_path):
       seqio_split = {"valid": "validation"}.get(split, split)
       shipped = records.read_split(str(resources.RATIONALES_DIR), dataset, seqio_split)
       assert list(shipped) == split_records, (dataset, split)
+
+
+SAMPLED = dict(GOOD, agreement=0.5, samples=[
+    {"teacher_label": "y", "rationale": "r", "teacher_output": "r. So the answer is (a) y.",
+     "parse_error": None},
+    {"teacher_label": " ", "rationale": " ", "teacher_output": "?", "parse_error": "no answer"}])
+
+
+def test_a_record_of_several_samples_round_trips(tmp_path):
+  record = rationales.record_from_dict(SAMPLED, "t")
+  assert record.agreement == 0.5 and record.all_samples()[1].parse_error == "no answer"
+  path = str(tmp_path / "r.jsonl")
+  rationales.write_records(path, [record])
+  assert rationales.read_records(path) == [record]
+  assert json.loads(open(path).read()) == SAMPLED
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"agreement": None}, "field 'agreement' must be a number in"),
+    ({"agreement": 1.5}, "field 'agreement' must be a number in"),
+    ({"samples": SAMPLED["samples"][:1]}, "field 'samples' must be a list of 2 or more"),
+    ({"samples": [SAMPLED["samples"][0], {"teacher_label": "y"}]},
+     r"samples\[1\] must be an object"),
+    ({"samples": [SAMPLED["samples"][0], dict(SAMPLED["samples"][0], rationale=3)]},
+     r"samples\[1\]\.rationale must be a string"),
+])
+def test_malformed_samples_name_file_and_line(tmp_path, change, message):
+  path = tmp_path / "r.jsonl"
+  write_lines(path, [json.dumps(GOOD), json.dumps(dict(SAMPLED, **change))])
+  with pytest.raises(rationales.RationaleFileError, match=r"r\.jsonl:2: " + message):
+    rationales.read_records(str(path))
+  write_lines(path, [json.dumps({k: v for k, v in SAMPLED.items() if k != "agreement"})])
+  with pytest.raises(rationales.RationaleFileError, match="'agreement' and 'samples' go together"):
+    rationales.read_records(str(path))

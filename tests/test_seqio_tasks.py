@@ -1,8 +1,11 @@
 """Tests for dsbs_jax.seqio_tasks: every task and mixture yields packed batches, rates follow
 alpha, both tasks see the same examples, prefixes, separators, the vocabulary TaskOptions
-names, and the options a command puts in use winning over gin's."""
+names, the options a command puts in use winning over gin's, and records of K teacher
+samples expanded, filtered and dropped as TaskOptions choose (counted per task)."""
+import collections
 import itertools
 import math
+import random
 import shutil
 
 import gin
@@ -12,9 +15,13 @@ import seqio
 
 from dsbs_jax import datasets
 from dsbs_jax import distillation
+from dsbs_jax import gin_utils
+from dsbs_jax import metrics
 from dsbs_jax import rationales
 from dsbs_jax import records
+from dsbs_jax import replay_teacher
 from dsbs_jax import resources
+from dsbs_jax import self_consistency
 from dsbs_jax import seqio_tasks
 
 LENGTHS = {"inputs": 256, "targets": 128}
@@ -199,3 +206,75 @@ def test_missing_rationales_dir_is_named(tmp_path):
   bind(rationales_dir=str(tmp_path))
   with pytest.raises(FileNotFoundError, match="run tools/convert_release.py"):
     ids_of("cqa_label_gold", split="test")
+
+
+@pytest.fixture(scope="module")
+def sampled_cqa_dir(tmp_path_factory):
+  """(rationales dir, train records): the shipped CQA splits, with 120 train records of 3
+  samples in four patterns, S the shipped output and W, W' other answers:
+  [S S S] (agreement 1, vote S), [S W S] (2/3, S), [W W S] (2/3, W), [W S W'] (1/3, W)."""
+  root = tmp_path_factory.mktemp("sampled")
+  shutil.copytree(f"{RATIONALES}/cqa", root / "cqa")
+  same = self_consistency.same_answer_for(metrics.exact_match_accuracy)
+  train = []
+  for i, record in enumerate(r for r in records.read_split(RATIONALES, "cqa", "train")
+                             if r.parse_error is None and r.teacher_label == r.label):
+    if len(train) == 120:
+      break
+    parsed = rationales.parse_cqa(record.teacher_output)
+    other = lambda seed: replay_teacher.OTHER_ANSWER["cqa"](parsed, record, random.Random(seed))
+    wrong, wrong_too = other(0), next(o for o in map(other, range(1, 99)) if o != other(0))
+    pattern = [[0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 0, 2]][len(train) % 4]
+    outputs = [[record.teacher_output, wrong, wrong_too][p] for p in pattern]
+    train.append(self_consistency.make_record("cqa", same, record.id, record.input, record.label,
+                                              outputs))
+  for path in (root / "cqa").glob("train.jsonl*"):
+    path.unlink()
+  rationales.write_records(str(root / "cqa" / "train.jsonl"), train)
+  return str(root), train
+
+
+def test_rationales_of_k_samples_expand_into_examples_as_the_options_choose(sampled_cqa_dir):
+  root, train = sampled_cqa_dir
+  assert [r.agreement for r in train[:4]] == pytest.approx([1, 2 / 3, 2 / 3, 1 / 3])
+  # Per pattern of four inputs: rationale examples, and how many agree with the vote or gold.
+  expected = {"first": 4, "all": 12, "vote": 3 + 2 + 2 + 1, "gold": 3 + 2 + 1 + 1}
+  for which, per_four in expected.items():
+    gin.clear_config()
+    bind(rationales_dir=root, train_rationales=which)
+    rationale_ids = ids_of("cqa_rationale")
+    assert len(rationale_ids) == per_four * 30, which
+    assert seqio.get_mixture_or_task("cqa_rationale").num_input_examples("train") == per_four * 30
+    assert len(ids_of("cqa_label_teacher")) == 120  # one label example per input, always
+    assert ids_of("cqa_rationale", split="validation") == ids_of("cqa_label_teacher",
+                                                                  split="validation")
+  # Filtering keeps exactly the rationales of the samples that agree with the vote.
+  gin.clear_config()
+  bind(rationales_dir=root, train_rationales="vote")
+  task = seqio.get_mixture_or_task("cqa_rationale")
+  targets = collections.Counter(
+      (ex["id"].decode(), ex["targets_pretokenized"].decode())
+      for ex in task.get_dataset(LENGTHS, split="train", shuffle=False).as_numpy_iterator())
+  wanted = collections.Counter((r.id, s.rationale) for r in train for s in r.samples
+                               if s.teacher_label == r.teacher_label)
+  assert targets == wanted
+
+
+def test_min_agreement_drops_inputs_from_both_tasks(sampled_cqa_dir):
+  root, train = sampled_cqa_dir
+  for threshold, per_four in ((0.5, 3), (0.9, 1), (0.0, 4)):
+    gin.clear_config()
+    bind(rationales_dir=root, min_agreement=threshold, train_rationales="all")
+    assert len(ids_of("cqa_label_teacher")) == per_four * 30
+    assert len(ids_of("cqa_rationale")) == per_four * 30 * 3
+  gin.clear_config()
+  with pytest.raises(gin_utils.GinConfigError, match="min_agreement must be in"):
+    distillation.TaskOptions(min_agreement=1.5)
+  with pytest.raises(gin_utils.GinConfigError, match="train_rationales must be one of"):
+    distillation.TaskOptions(train_rationales="best")
+
+
+def test_k_rationales_an_input_keep_the_mixture_at_alpha(sampled_cqa_dir):
+  root, _ = sampled_cqa_dir
+  bind(rationales_dir=root, train_rationales="all", alpha=0.3)
+  assert abs(label_share(seqio.get_mixture_or_task("cqa_dsbs_teacher"), 1000) - 0.3) < 0.05

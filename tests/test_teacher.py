@@ -1,7 +1,9 @@
 """Tests of dsbs_jax.teacher, stage 1: the prompt files (exemplars parse back, come from
 train, end with the query), and generation against a stand-in teacher (fake_teacher.py):
-the shipped records reproduced through faults, over both APIs, a killed run resumed without
-loss or duplicates, and bad input and output lines named."""
+the shipped records reproduced through faults (byte for byte with one sample), over both
+APIs, a killed run resumed without loss or duplicates (with one sample and with three), the
+vote of five samples more accurate than one on CQA and SVAMP, and bad input and output
+lines named."""
 import json
 import os
 import re
@@ -15,6 +17,8 @@ import pytest
 from dsbs_jax import cli
 from dsbs_jax import metrics
 from dsbs_jax import rationales
+from dsbs_jax import replay_teacher
+from dsbs_jax import self_consistency
 from dsbs_jax import teacher
 from fake_teacher import (FakeTeacher, KEY_ENV, REPO, SECRET, assert_matches_shipped,
                           generate_args, shipped, template, write_inputs)
@@ -89,6 +93,45 @@ def test_generation_reproduces_shipped_records_through_faults(cqa_records, svamp
   assert SECRET not in captured.out + captured.err
 
 
+def test_one_sample_writes_the_shipped_file_byte_for_byte(key_env, tmp_path):
+  shipped_path = os.path.join(REPO, "rationales", "svamp", "valid.jsonl")
+  with open(shipped_path, "rb") as f:
+    lines = f.readlines()[:30]
+  records = [rationales.record_from_dict(json.loads(line), "") for line in lines]
+  inputs = write_inputs(tmp_path / "in.jsonl", records)
+  out = tmp_path / "out.jsonl"
+  with FakeTeacher({"svamp": records}) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "svamp", "--concurrency", "1")) == 0
+  assert out.read_bytes() == b"".join(lines)
+
+
+@pytest.mark.parametrize("dataset, count", [("cqa", 200), ("svamp", 80)])
+def test_the_vote_of_five_samples_beats_one_sample_with_or_without_n(dataset, count, key_env,
+                                                                     tmp_path, capsys):
+  records = shipped(dataset, "validation")[:count]
+  inputs = write_inputs(tmp_path / "in.jsonl", records)
+  outs = {}
+  for honor_n in (True, False):
+    outs[honor_n] = tmp_path / f"out_{honor_n}.jsonl"
+    with FakeTeacher({dataset: records}, sampling=replay_teacher.Sampling(0.3, seed=0),
+                     honor_n=honor_n) as fake:
+      assert cli.main(generate_args(fake, inputs, outs[honor_n], dataset, "--samples", "5")) == 0
+    assert fake.requests == count * (1 if honor_n else 5)
+  # An endpoint that ignores `n` is asked five times; the samples are the same.
+  assert sorted(outs[True].read_text().splitlines()) == sorted(outs[False].read_text().splitlines())
+  generated = rationales.read_records(str(outs[True]))
+  assert {r.id for r in generated} == {r.id for r in records}
+  assert all(len(r.samples) == 5 for r in generated)
+  capsys.readouterr()
+  assert cli.main(["rationales", "stats", str(outs[True]), "--parser", dataset]) == 0
+  printed = capsys.readouterr().out
+  stats = json.loads(printed.splitlines()[-1])
+  assert stats["samples"] == 5
+  assert stats["teacher_accuracy"] > stats["single_sample_accuracy"] + 0.05, stats
+  assert "vote accuracy by agreement: 5/5" in printed
+  assert sum(b["inputs"] for b in stats["by_agreement"].values()) == count
+
+
 @pytest.mark.parametrize("dataset", ["esnli", "anli1"])
 def test_chat_api_reproduces_shipped_nli_records(dataset, key_env, tmp_path):
   records = shipped(dataset, "validation")[:5]
@@ -128,6 +171,42 @@ def test_killed_run_resumes_without_loss_or_duplicates(cqa_records, tmp_path):
   assert SECRET in fake.auth_headers.pop().removeprefix("Bearer ")  # the key was really sent
   for text in (first_out, first_err, second.stdout, second.stderr, out.read_bytes()):
     assert SECRET.encode() not in text
+
+
+@pytest.mark.slow  # two `dsbs` processes, one of them killed mid-run
+def test_killed_run_of_several_samples_resumes_without_duplicates_or_lost_samples(cqa_records,
+                                                                                  tmp_path):
+  inputs = write_inputs(tmp_path / "in.jsonl", cqa_records)
+  out = tmp_path / "out.jsonl"
+  env = {**os.environ, KEY_ENV: SECRET}
+  # An endpoint that ignores `n`: three requests an input, so the kill falls between them.
+  with FakeTeacher({"cqa": cqa_records}, delay_s=0.05, honor_n=False,
+                   sampling=replay_teacher.Sampling(0.3)) as fake:
+    command = [sys.executable, "-m", "dsbs_jax.cli", *generate_args(
+        fake, inputs, out, "cqa", "--samples", "3", "--concurrency", "2")]
+    first = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 8):
+      time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=10)
+    written_before = out.read_text().splitlines()
+    assert 8 <= len(written_before) < len(cqa_records)
+    second = subprocess.run(command, env=env, cwd=REPO, capture_output=True, timeout=60)
+  assert second.returncode == 0, second.stderr.decode()
+  # What was written before the kill stays as it was; every input has one record of 3 samples.
+  assert out.read_text().splitlines()[:len(written_before)] == written_before
+  generated = rationales.read_records(str(out))  # refuses duplicate ids
+  assert sorted(r.id for r in generated) == sorted(r.id for r in cqa_records)
+  same = self_consistency.same_answer_for(metrics.exact_match_accuracy)
+  for record in generated:
+    assert len(record.samples) == 3
+    winner, votes = self_consistency.vote(record.samples, same)
+    assert record.teacher_label == record.samples[winner].teacher_label
+    assert record.agreement == votes / 3
+  # Inputs killed in flight were asked again: at most the 2 in flight lost their samples.
+  assert len(cqa_records) * 3 <= fake.requests <= (len(cqa_records) + 2) * 3
 
 
 @pytest.mark.parametrize("line, message", [

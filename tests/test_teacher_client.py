@@ -1,6 +1,12 @@
 """Tests of dsbs_jax.teacher_client: endpoint URLs and the backoff schedule, connection
 failures counted in a row, the API key kept out of reprs and errors, and the request, token
-and retry budgets, against a stand-in teacher (fake_teacher.py)."""
+and retry budgets, against a stand-in teacher (fake_teacher.py); a teacher that accepts connections
+and never answers, and one that only errs, stopped at exactly the limits under concurrency."""
+import contextlib
+import socket
+import threading
+import time
+
 import pytest
 
 from dsbs_jax import cli
@@ -117,3 +123,59 @@ def test_a_ledger_carries_spending_across_budgets_and_survives_a_torn_line(tmp_p
     f.write("garbage\n")
   with pytest.raises(teacher_client.TeacherError, match=r"spend.jsonl:7: not a spend ledger line"):
     teacher_client.read_ledger(ledger)
+
+
+class SilentTeacher:
+  """A server that accepts every connection and never answers."""
+
+  def __init__(self):
+    self.sock = socket.create_server(("127.0.0.1", 0), backlog=128)
+    self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+    self.accepted = []
+    threading.Thread(target=self._accept, daemon=True).start()
+
+  def _accept(self):
+    with contextlib.suppress(OSError):  # the socket closed
+      while True:
+        self.accepted.append(self.sock.accept()[0])
+
+  def close(self):
+    self.sock.close()
+    for connection in self.accepted:
+      connection.close()
+
+
+def test_a_teacher_that_never_answers_stops_the_run_at_the_connection_limit(
+    cqa_records, key_env, tmp_path, capsys):
+  inputs = write_inputs(tmp_path / "in.jsonl", cqa_records)
+  out = tmp_path / "out.jsonl"
+  silent = SilentTeacher()
+  try:
+    started = time.monotonic()
+    code = cli.main(generate_args(silent, inputs, out, "cqa", "--timeout", "0.2", "--concurrency",
+                                  "4", "--max_connection_failures", "10", "--max_failed_examples",
+                                  "10"))
+    elapsed = time.monotonic() - started
+  finally:
+    silent.close()
+  assert code == 2
+  err = capsys.readouterr().err
+  assert ("10 attempts in a row could not connect (--max_connection_failures=10); last: no reply "
+          "within 0.2 s") in err, err
+  # Ten attempts time out, and no attempt starts after the tenth: at most the three others
+  # in flight then (with the 6 attempts of each of 4 examples, far more would be sent).
+  assert 10 <= len(silent.accepted) <= 13
+  assert elapsed < 10
+  assert out.read_text() == ""
+
+
+def test_failed_examples_stop_at_exactly_the_limit_under_concurrency(cqa_records, key_env,
+                                                                     tmp_path, capsys):
+  inputs = write_inputs(tmp_path / "in.jsonl", cqa_records)
+  with FakeTeacher({"cqa": cqa_records}, faults=dict.fromkeys(range(1, 999), "500")) as fake:
+    code = cli.main(generate_args(fake, inputs, tmp_path / "out.jsonl", "cqa", "--concurrency", "4",
+                                  "--max_attempts", "2", "--max_failed_examples", "3"))
+  assert code == 2
+  err = capsys.readouterr().err
+  assert "3 examples in a row failed every attempt (--max_failed_examples=3)" in err, err
+  assert fake.requests <= 6 * 2  # the three that failed, and at most three in flight then
