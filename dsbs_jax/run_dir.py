@@ -31,7 +31,6 @@ import glob
 import json
 import os
 import pathlib
-import tempfile
 from typing import Any, Optional
 
 import jax

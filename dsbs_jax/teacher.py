@@ -26,6 +26,7 @@ from dsbs_jax import rationales
 from dsbs_jax import resources
 from dsbs_jax import self_consistency
 from dsbs_jax import teacher_client
+from dsbs_jax import text_files
 
 # The teacher-label metric for each parser; parsers not named here use exact match.
 METRIC_FOR_PARSER = {"svamp": metrics.equation_accuracy}
@@ -67,12 +68,11 @@ class PromptTemplate:
   @classmethod
   def load(cls, path: str) -> "PromptTemplate":
     try:
-      with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
+      spec = text_files.read_json(path)
     except FileNotFoundError:
       raise FileNotFoundError(f"{path}: no such prompt file") from None
-    except json.JSONDecodeError as e:
-      raise PromptFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(spec, dict):
+      raise PromptFileError(f"{path}: expected a JSON object")
     required = ("parser", "input_fields", "query_template", "output_template", "exemplars")
     optional = ("exemplar_separator", "input_separator", "stop", "chat_instruction", "description")
     missing = [k for k in required if k not in spec]

@@ -263,7 +263,8 @@ def test_rationales_generate_refuses_bad_input(tmp_path, capsys, monkeypatch):
   common = ["--input", inputs, "--model", "m", "--out", out, "--api_key_env", KEY_ENV]
   for argv, fragment in [
       (["--teacher", "localhost:8000", "--prompt", CQA_PROMPT], "argument --teacher: 'localhost:8000'"),
-      (["--teacher", dead_teacher, "--prompt", inputs], f"{inputs}: not valid JSON"),
+      (["--teacher", dead_teacher, "--prompt", inputs],
+       (f"{inputs}:2: not valid JSON (Extra data at column 1)")),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--concurrency", "0"], "--concurrency"),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--samples", "0"], "--samples"),
       (["--teacher", dead_teacher, "--prompt", CQA_PROMPT, "--samples", "3", "--temperature", "0"],
