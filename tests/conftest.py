@@ -2,17 +2,27 @@
 finished training run (`uninterrupted`) that tests copy, or check they leave as it was, and
 a small copy of the shipped records whose NLI train inputs are given, and the records the
 stand-in teacher (fake_teacher.py) replays."""
+import atexit
 import json
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 # Eight simulated CPU devices for the sharding tests; set before anything imports jax.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_force_host_platform_device_count=8").strip()
+
+# One persistent compilation cache for the session, the `dsbs` processes the tests start
+# included: many tests train, evaluate and decode the same tiny model, and each program is then
+# compiled once instead of once per run. It is the session's own, removed at its end.
+COMPILATION_CACHE_DIR = tempfile.mkdtemp(prefix="dsbs_tests_jax_cache_")
+atexit.register(shutil.rmtree, COMPILATION_CACHE_DIR, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 from dsbs_jax import tpu_runtime
 

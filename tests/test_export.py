@@ -28,6 +28,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_TRAINING = [
     "--gin_file=quickstart.gin", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=4",
     "--gin.CHECKPOINT_PERIOD=4", "--gin.BATCH_SIZE=8", "--gin.train.eval_max_examples=16",
+    "--gin.train.final_eval_max_examples=16",
     "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8",
     "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}"]
 

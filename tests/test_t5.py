@@ -215,6 +215,16 @@ def loss_and_gradients(config, params, batch):
   return jax.jit(jax.value_and_grad(loss))(params)
 
 
+@pytest.fixture(scope="module")
+def unrolled_reference(tiny_config):
+  """(config, params, batch, (loss, gradients)) of the unrolled network with the defaults, which
+  each execution choice is compared with; computed once, as it is the same for every choice."""
+  unrolled = dataclasses.replace(tiny_config, scan_layers=False)
+  params = t5.init_params(unrolled, jax.random.key(0))
+  batch = packed_batch(tiny_config)
+  return unrolled, params, batch, loss_and_gradients(unrolled, params, batch)
+
+
 @pytest.mark.parametrize("execution", [
     {"scan_layers": True},
     {"scan_layers": True, "remat_policy": "full"},
@@ -224,11 +234,8 @@ def loss_and_gradients(config, params, batch):
     {"dense_backward": "xla"},
     {"scan_layers": True, "attention_implementation": "xla", "dense_backward": "xla"}],
     ids=lambda execution: ",".join(f"{k}={v}" for k, v in execution.items()))
-def test_execution_choices_give_the_same_loss_and_gradients(tiny_config, execution):
-  unrolled = dataclasses.replace(tiny_config, scan_layers=False)
-  params = t5.init_params(unrolled, jax.random.key(0))
-  batch = packed_batch(tiny_config)
-  expected_loss, expected_grads = loss_and_gradients(unrolled, params, batch)
+def test_execution_choices_give_the_same_loss_and_gradients(unrolled_reference, execution):
+  unrolled, params, batch, (expected_loss, expected_grads) = unrolled_reference
   config = dataclasses.replace(unrolled, **execution)
   loss, grads = loss_and_gradients(
       config, t5.params_in_layout(params, t5.scans_layers(config)), batch)

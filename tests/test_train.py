@@ -130,10 +130,12 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_p
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(uninterrupted, tmp_path,
+                                                                  capsys):
   model_dir = str(tmp_path / "nan")
-  assert cli.main(tiny_run_flags(model_dir, train_steps=2)) == 0
-  gin.clear_config()
+  shutil.copytree(uninterrupted, model_dir)
+  for step in ("4", "6"):  # as a run stopped after its checkpoint of step 2
+    shutil.rmtree(os.path.join(model_dir, run_dir.CHECKPOINTS_DIR, step))
   # Step 3's update, at this rate, leaves weights whose squares overflow in step 4's norms.
   assert cli.main(tiny_run_flags(model_dir, train_steps=4,
                                  extra=["--gin.LEARNING_RATE=1e30"])) == 2
@@ -180,20 +182,28 @@ def test_a_resumed_run_keeps_the_best_validation_result_it_had(uninterrupted, tm
 
 
 @pytest.mark.slow
-def test_a_checkpoint_left_half_written_is_never_restored(uninterrupted, tmp_path):
+def test_a_half_written_checkpoint_is_never_restored_and_the_rerun_logs_each_step_once(
+    uninterrupted, tmp_path):
   model_dir = str(tmp_path / "half_written")
   shutil.copytree(uninterrupted, model_dir)
   steps_dir = os.path.join(model_dir, run_dir.CHECKPOINTS_DIR)
-  # What a kill during orbax's write of step 6 leaves: a temporary folder, not "6".
+  # What a kill during orbax's write of step 6 leaves (after step 6 was logged and
+  # validated): a temporary folder, not "6".
   os.rename(os.path.join(steps_dir, "6"), os.path.join(steps_dir, "6.orbax-checkpoint-tmp-1"))
   for root, _, files in os.walk(os.path.join(steps_dir, "6.orbax-checkpoint-tmp-1")):
     for name in files[:1]:
       open(os.path.join(root, name), "wb").close()
-  os.remove(os.path.join(model_dir, "metrics.jsonl"))
   assert cli.main(tiny_run_flags(model_dir)) == 0
   np.testing.assert_allclose(train_losses(model_dir)[6], train_losses(uninterrupted)[6], rtol=1e-5)
   for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
+  for kind in ("validation", "final_validation", "final_test"):
+    assert logged_steps(model_dir, kind) == [6], kind
+  by_tag = tensorboard_steps(model_dir)
+  assert by_tag["train/loss"] == [1, 2, 3, 4, 5, 6]
+  for tag, steps in by_tag.items():
+    assert len(steps) == len(set(steps)), (tag, steps)
 
 
 @pytest.mark.slow
@@ -236,23 +246,6 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
   checkpointer = run_dir.RunDir(model_dir).checkpointer()
   assert checkpointer.latest_step() == stopped_at
   checkpointer.close()
-
-
-@pytest.mark.slow
-def test_a_resumed_run_logs_each_step_once(uninterrupted, tmp_path):
-  model_dir = str(tmp_path / "resumed")
-  shutil.copytree(uninterrupted, model_dir)
-  # As a kill after step 6 was logged and validated, but before its checkpoint was written.
-  shutil.rmtree(os.path.join(model_dir, run_dir.CHECKPOINTS_DIR, "6"))
-  assert cli.main(tiny_run_flags(model_dir)) == 0
-  assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
-  for kind in ("validation", "final_validation", "final_test"):
-    assert logged_steps(model_dir, kind) == [6], kind
-  by_tag = tensorboard_steps(model_dir)
-  assert by_tag["train/loss"] == [1, 2, 3, 4, 5, 6]
-  for tag, steps in by_tag.items():
-    assert len(steps) == len(set(steps)), (tag, steps)
-  np.testing.assert_allclose(train_losses(model_dir)[6], train_losses(uninterrupted)[6], rtol=1e-5)
 
 
 @pytest.mark.slow
