@@ -154,7 +154,7 @@ def test_a_lock_names_its_holder_and_removes_only_what_it_made(tmp_path):
 # ------------------------------------------------------------------------------
 FILL_AND_RESUME = """
 set -e
-mkdir -p "$MOUNT" && mount -t tmpfs -o size=6m tmpfs "$MOUNT"
+mkdir -p "$MOUNT" && mount -t tmpfs -o size=7500k tmpfs "$MOUNT"
 set +e
 "$PYTHON" -m dsbs_jax.cli "$@" > "$OUT/stdout" 2> "$OUT/stderr"
 echo $? > "$OUT/code"
@@ -164,7 +164,8 @@ cp -a "$MOUNT/run" "$OUT/run"
 
 @pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_path):
-  """A 6 MB tmpfs holds the run files and one 3.4 MB checkpoint of the tiny run, not two:
+  """A 7.5 MB tmpfs holds the run files (0.5 MB) and one ~4.5 MB checkpoint of the tiny run,
+  with room to spare, and not two:
   the save of step 4 is refused for want of room, step 2 stays intact, and the run copied
   to a disk with room resumes from it."""
   mount = tmp_path / "small_disk"
