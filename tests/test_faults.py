@@ -152,9 +152,12 @@ def test_a_lock_names_its_holder_and_removes_only_what_it_made(tmp_path):
 # ------------------------------------------------------------------------------
 # A full disk.
 # ------------------------------------------------------------------------------
-FILL_AND_RESUME = """
+FILL_AND_STOP = """
 set -e
-mkdir -p "$MOUNT" && mount -t tmpfs -o size=7500k tmpfs "$MOUNT"
+mkdir -p "$MOUNT" && mount -t tmpfs -o size=20m tmpfs "$MOUNT"
+"$PYTHON" -m dsbs_jax.cli "$@" --gin.TRAIN_STEPS=2 > /dev/null 2>&1
+dd if=/dev/zero of="$MOUNT/filler" bs=1M 2> /dev/null || true
+truncate -s -1M "$MOUNT/filler"
 set +e
 "$PYTHON" -m dsbs_jax.cli "$@" > "$OUT/stdout" 2> "$OUT/stderr"
 echo $? > "$OUT/code"
@@ -164,14 +167,13 @@ cp -a "$MOUNT/run" "$OUT/run"
 
 @pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_path):
-  """A 7.5 MB tmpfs holds the run files (0.5 MB) and one ~4.5 MB checkpoint of the tiny run,
-  with room to spare, and not two:
-  the save of step 4 is refused for want of room, step 2 stays intact, and the run copied
-  to a disk with room resumes from it."""
+  """A run of 2 steps on a small tmpfs, the disk then filled to 1 MB of room, and the run
+  continued to 4 steps: the save of step 4 is refused for want of room, step 2 stays intact,
+  and the run copied to a disk with room resumes from it."""
   mount = tmp_path / "small_disk"
   flags = tiny_run_flags(mount / "run", train_steps=4)
   result = subprocess.run(
-      ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FILL_AND_RESUME, "sh",
+      ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FILL_AND_STOP, "sh",
        *flags], env=env(MOUNT=str(mount), OUT=str(tmp_path), PYTHON=sys.executable),
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
@@ -183,11 +185,15 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_p
       r"a checkpoint takes about [\d.,]+ MB; the last complete checkpoint, step 2, is intact\. "
       r"Free some space and rerun the same command to resume\n", stderr), stderr
   run = tmp_path / "run"
-  assert sorted(p.name for p in (run / run_dir.CHECKPOINTS_DIR).iterdir()) == ["2"]
+  checkpointer = run_dir.RunDir(run).checkpointer()
+  assert checkpointer.all_steps() == [2]
+  checkpointer.close()
   assert cli.main(tiny_run_flags(run, train_steps=4)) == 0
   rows = run_dir.RunDir(run).metrics()
   assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3, 4]
-  assert run_dir.RunDir(run).results()["best_step"] == 4
+  checkpointer = run_dir.RunDir(run).checkpointer()
+  assert checkpointer.all_steps() == [2, 4]
+  checkpointer.close()
 
 
 def test_a_full_disk_met_anywhere_else_is_one_line(monkeypatch, capsys):
