@@ -42,9 +42,7 @@ def _add_predict(subparsers) -> None:
                   "label task was in training, and writes one JSON line per input.",
       epilog="example:\n  dsbs predict --checkpoint /tmp/dsbs_quickstart --input questions.txt "
              "--output answers.jsonl --rationale")
-  predict.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
-                       help="MODEL_DIR written by dsbs train")
-  predict.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  flags.add_checkpoint_arguments(predict)
   predict.add_argument("--input", required=True, metavar="FILE",
                        help="JSONL with 'input' (and 'id') per line, or plain text, one input "
                             "a line")
@@ -69,9 +67,7 @@ def _add_eval(subparsers) -> None:
       epilog="example:\n  dsbs eval --checkpoint /tmp/dsbs_quickstart --split validation "
              "--step latest")
   gin_utils.add_gin_arguments(evaluate)
-  evaluate.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
-                        help="MODEL_DIR written by dsbs train")
-  evaluate.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  flags.add_checkpoint_arguments(evaluate)
   evaluate.add_argument("--task", default=None,
                         help="label task to score (default: the run's; `dsbs tasks` lists them)")
   evaluate.add_argument("--split", default="test", choices=distillation.SPLITS,

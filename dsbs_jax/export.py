@@ -430,8 +430,7 @@ def add_parser(subparsers) -> None:
   parser = subparsers.add_parser(
       "export", description=__doc__.split("\n\n")[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--checkpoint", required=True, help="MODEL_DIR written by dsbs train")
-  parser.add_argument("--step", default="best", type=flags.checkpoint_step, help=flags.STEP_HELP)
+  flags.add_checkpoint_arguments(parser)
   parser.add_argument("--format", dest="export_format", required=True, choices=FORMATS,
                       help="hf: a Hugging Face T5 folder; saved_model: a TF SavedModel that "
                            "decodes raw strings")

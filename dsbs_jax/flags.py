@@ -35,3 +35,10 @@ def checkpoint_step(text: str) -> str:
   if text in ("best", "latest") or text.isdigit():
     return text
   raise argparse.ArgumentTypeError(f"{text!r}: expected 'best', 'latest' or a step number")
+
+
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+  """--checkpoint MODEL_DIR and --step, as every command that reads a trained run takes them."""
+  parser.add_argument("--checkpoint", required=True, metavar="MODEL_DIR",
+                      help="MODEL_DIR written by dsbs train")
+  parser.add_argument("--step", default="best", type=checkpoint_step, help=STEP_HELP)
