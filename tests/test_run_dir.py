@@ -22,14 +22,15 @@ VOCABULARY = str(resources.VOCABULARY_FILE)
 
 
 def tensorboard_steps(model_dir):
-  """{tag: [steps, repeats included]} over every event file of the run."""
+  """{tag: sorted steps, repeats included} over every event file of the run (the files' names
+  order them only within a second: TF numbers its writers 9, 10, ... in text)."""
   steps = {}
   for path in sorted(glob.glob(os.path.join(model_dir, "tensorboard", "*tfevents*"))):
     for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
       event = event_pb2.Event.FromString(record)
       for value in event.summary.value:
         steps.setdefault(value.tag, []).append(event.step)
-  return steps
+  return {tag: sorted(tag_steps) for tag, tag_steps in steps.items()}
 
 
 @pytest.fixture
