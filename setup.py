@@ -47,8 +47,10 @@ setuptools.setup(
         # range would pull several GB of CUDA wheels.
         # setuptools builds the wheel that tests/test_resources.py installs.
         # jax[tpu]: the tests compile for TPU topologies (tests/test_compile_report.py).
-        "test": ["pytest>=8,<10", "torch==2.13.0", "transformers>=5,<6", "setuptools>=70.1",
-                 "jax[tpu]>=0.10,<0.13"],
+        # pytest-xdist runs the suite on every core (pytest.ini); filelock lets its workers
+        # share one trained run (tests/conftest.py).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<4", "torch==2.13.0",
+                 "transformers>=5,<6", "setuptools>=70.1", "jax[tpu]>=0.10,<0.13"],
     },
     entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},
 )

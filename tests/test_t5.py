@@ -3,6 +3,7 @@ position buckets, packing, logical axes, dropout, dtypes, how the network runs (
 unrolled layers, rematerialization, attention and dense kernels), and the two layouts of
 the layers' parameters (stacked when scanned, per layer when unrolled) and their conversion."""
 import dataclasses
+import functools
 import json
 import re
 
@@ -307,8 +308,9 @@ def test_a_scanned_network_initializes_the_stacked_parameters(tiny_config):
   tokens = jnp.ones((1, 1), jnp.int32)
   boxed = t5.Transformer(scanned).init(jax.random.key(0), tokens, tokens, tokens,
                                        enable_dropout=False)["params"]
-  jax.tree.map(np.testing.assert_array_equal, nn.meta.unbox(boxed),
-               t5.init_params(scanned, jax.random.key(0)))
+  # Two programs draw the same numbers; the CPU compiler may round them apart by an ulp.
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+               nn.meta.unbox(boxed), t5.init_params(scanned, jax.random.key(0)))
   assert nn.get_partition_spec(boxed) == t5.param_partition_specs(scanned)
 
 
