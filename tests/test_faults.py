@@ -155,7 +155,7 @@ def test_a_lock_names_its_holder_and_removes_only_what_it_made(tmp_path):
 FILL_AND_STOP = """
 set -e
 mkdir -p "$MOUNT" && mount -t tmpfs -o size=20m tmpfs "$MOUNT"
-"$PYTHON" -m dsbs_jax.cli "$@" --gin.TRAIN_STEPS=2 > /dev/null 2>&1
+cp -a "$SOURCE" "$MOUNT/run"
 dd if=/dev/zero of="$MOUNT/filler" bs=1M 2> /dev/null || true
 truncate -s -1M "$MOUNT/filler"
 set +e
@@ -166,15 +166,21 @@ cp -a "$MOUNT/run" "$OUT/run"
 
 
 @pytest.mark.slow
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(tmp_path):
-  """A run of 2 steps on a small tmpfs, the disk then filled to 1 MB of room, and the run
-  continued to 4 steps: the save of step 4 is refused for want of room, step 2 stays intact,
-  and the run copied to a disk with room resumes from it."""
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(uninterrupted,
+                                                                            tmp_path):
+  """A run stopped after its checkpoint of step 2, copied to a small tmpfs, the disk then
+  filled to 1 MB of room, and the run continued to 4 steps: the save of step 4 is refused for
+  want of room, step 2 stays intact, and the run copied to a disk with room resumes from it."""
+  stopped = tmp_path / "stopped"
+  shutil.copytree(uninterrupted, stopped)
+  for step in ("4", "6"):
+    shutil.rmtree(stopped / run_dir.CHECKPOINTS_DIR / step)
   mount = tmp_path / "small_disk"
   flags = tiny_run_flags(mount / "run", train_steps=4)
   result = subprocess.run(
       ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", FILL_AND_STOP, "sh",
-       *flags], env=env(MOUNT=str(mount), OUT=str(tmp_path), PYTHON=sys.executable),
+       *flags], env=env(MOUNT=str(mount), OUT=str(tmp_path), SOURCE=str(stopped),
+                        PYTHON=sys.executable),
       cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
   stderr = (tmp_path / "stderr").read_text()
