@@ -171,8 +171,8 @@ def make_hf_t5(version: str, seed: int = 0, eos_boost: float = 0.0):
   the output tied to the scaled embedding. `eos_boost` raises EOS's output weights so
   that generated sequences end at varied lengths.
   """
-  torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
+  import torch  # pylint: disable=import-outside-toplevel  (slow to import: only where used)
+  import transformers  # pylint: disable=import-outside-toplevel
   gated = version == "v1.1"
   hf_config = transformers.T5Config(
       vocab_size=TINY_VOCAB_SIZE, d_model=32, d_kv=8, d_ff=64, num_layers=2,

@@ -8,7 +8,7 @@ import gin
 import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
-bench_t5x = pytest.importorskip("bench_t5x")
+import bench_t5x  # noqa: E402  (tools/ is not a package)
 
 from dsbs_jax import gin_utils  # noqa: E402
 from dsbs_jax.models import t5  # noqa: E402

@@ -17,8 +17,8 @@ from dsbs_jax import convert
 from dsbs_jax import resources
 from dsbs_jax.models import t5
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+import torch
+from safetensors import torch as safetensors_torch
 
 # Two padded examples: [batch, length] inputs and targets, 0 = padding, 1 = EOS.
 ENCODER_TOKENS = np.array([[5, 17, 33, 90, 12, 7, 1, 0],
@@ -119,7 +119,7 @@ def test_hf_name_table_covers_every_parameter(tiny_config):
 def write_t5x_msgpack_checkpoint(params, checkpoint_dir: pathlib.Path):
   """T5X's legacy layout: a msgpack `checkpoint` file whose arrays are tensorstore specs
   of zarr arrays in `target.<name>` directories, paths relative to the checkpoint dir."""
-  ts = pytest.importorskip("tensorstore")
+  import tensorstore as ts  # pylint: disable=import-outside-toplevel
   checkpoint_dir.mkdir(parents=True)
   specs = {}
   for name, array in traverse_util.flatten_dict(params, sep="/").items():
@@ -151,7 +151,7 @@ def test_t5x_msgpack_tensorstore_checkpoint_imports_same_params(tmp_path, tiny_c
 
 def test_t5x_orbax_checkpoint_with_flaxformer_kernels_imports_same_params(tmp_path,
                                                                           tiny_config):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   params = t5.init_params(tiny_config, jax.random.key(4))
   flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   # Flaxformer keeps attention kernels 3-d: [embed, heads, head_dim] and [heads, head_dim, embed].

@@ -243,7 +243,7 @@ def hf_and_ours(request, tmp_path_factory):
 
 
 def hf_generate(hf_model, encoder_tokens, **kwargs):
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=import-outside-toplevel  (slow to import: only where used)
   inputs = torch.tensor(encoder_tokens)
   output = hf_model.generate(
       inputs, attention_mask=inputs > 0, max_new_tokens=MAX_LENGTH, min_new_tokens=0,

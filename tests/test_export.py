@@ -81,8 +81,7 @@ def dsbs_export(*argv) -> int:
 
 def hf_generate(directory: pathlib.Path, texts: list[str]) -> list[str]:
   """Greedy outputs of transformers on the export, as a user would run it."""
-  transformers = pytest.importorskip("transformers")
-  pytest.importorskip("torch")
+  import transformers  # pylint: disable=import-outside-toplevel  (slow to import: only where used)
   tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
   model = transformers.T5ForConditionalGeneration.from_pretrained(directory,
                                                                   local_files_only=True)
