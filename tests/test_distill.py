@@ -287,7 +287,9 @@ def test_a_run_killed_in_stage_1_and_in_training_resumes_to_the_same_student(
     assert len(lines_of(records)) < 48, "stage 1 finished before the kill"
     run_until(argv, lambda: (checkpoints / "2").is_dir())
     assert lines_of(records) and not (out / "student" / "results.json").exists()
-    assert cli.main(argv) == 0
+    result = subprocess.run([sys.executable, "-m", "dsbs_jax.cli", *argv], cwd=REPO,
+                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stdout + result.stderr
     served = slow_teacher.served_ids
     # Each example was asked for once, but those in flight at the kill (4 at most).
     assert len(served) - len(set(served)) <= 4 and len(set(served)) == 64
@@ -315,7 +317,10 @@ def test_five_samples_an_input_killed_in_stage_1_resume_and_report_one_sample_be
     run_until(argv, lambda: len(lines_of(records)) >= 5)
     written_before = lines_of(records)
     assert len(written_before) < 60, "stage 1 finished before the kill"
-    assert cli.main(argv) == 0
+    result = subprocess.run([sys.executable, "-m", "dsbs_jax.cli", *argv], cwd=REPO,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stdout + result.stderr
   assert lines_of(records)[:len(written_before)] == written_before
   generated = rationales.read_records(str(records))  # refuses duplicate ids
   assert sorted(r.id for r in generated) == sorted(r.id for r in shipped[300:360])
