@@ -15,10 +15,16 @@ import tempfile
 # two thirds of the CPU time and run about as fast. TPU compiles ignore these two flags (the
 # same memory and cost analysis of a train step on v5p:2x2x2 with and without them).
 FAST_CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def xla_flags(device_count: int = 1) -> str:
+  """XLA_FLAGS for a process of the tests: the fast CPU compiles, `device_count` CPU devices."""
+  return f"{FAST_CPU_COMPILE_FLAGS} --xla_force_host_platform_device_count={device_count}"
+
+
 # Set before anything imports jax, with eight simulated CPU devices for the sharding tests.
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), FAST_CPU_COMPILE_FLAGS,
-                                      "--xla_force_host_platform_device_count=8"]).strip()
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 
 # One persistent compilation cache for the session, its pytest-xdist workers and the `dsbs`
 # processes the tests start included: many tests train, evaluate and decode the same tiny

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import FAST_CPU_COMPILE_FLAGS
+from conftest import xla_flags
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 
@@ -20,8 +20,7 @@ def free_port():
 
 
 def run_worker(args, device_count, **kwargs):
-  env = dict(os.environ, XLA_FLAGS=f"{FAST_CPU_COMPILE_FLAGS} "
-                                   f"--xla_force_host_platform_device_count={device_count}")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(device_count))
   return subprocess.Popen([sys.executable, WORKER, *args], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, **kwargs)
 
@@ -58,8 +57,7 @@ def test_dsbs_train_runs_as_two_processes(tmp_path):
            "--gin.train.eval_max_examples=8", "--gin.train.final_eval_max_examples=8",
            "--gin.train.eval_batch_size=8", "--gin.T5Config.emb_dim=32",
            "--gin.T5Config.mlp_dim=64", "--gin.T5Config.head_dim=8"]
-  env = dict(os.environ,
-             XLA_FLAGS=f"{FAST_CPU_COMPILE_FLAGS} --xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   processes = [subprocess.Popen(
       [sys.executable, "-m", "dsbs_jax.cli", "train", f"--coordinator_address={address}",
        "--num_processes=2", f"--process_id={i}", *flags], env=env, stdout=subprocess.PIPE,

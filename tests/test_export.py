@@ -17,6 +17,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
+from conftest import xla_flags
 from dsbs_jax import cli
 from dsbs_jax import export
 from dsbs_jax import infer
@@ -146,7 +147,7 @@ def test_hf_export_of_original_t5_generates_as_dsbs_predict(v1_0_student, tmp_pa
 @pytest.mark.slow
 def test_sharded_checkpoint_exports_on_one_device(v1_1_student, tmp_path):
   # Trained on 8 devices (4 x 2 mesh); a fresh process sees one.
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-m", "dsbs_jax.cli", "export", "--checkpoint", str(v1_1_student),
        "--format", "hf", "--out", str(tmp_path / "hf")],

@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from conftest import FAST_CPU_COMPILE_FLAGS
+from conftest import xla_flags
 from dsbs_jax import resources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -48,8 +48,8 @@ def test_wheel_ships_gin_and_rationales_and_trains_outside_the_checkout(tmp_path
     else:
       shutil.copy(REPO / name, source / name)
   # One device, as a user's machine has, and the suite's fast CPU compiles.
-  env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "XLA_FLAGS")}
-  env["XLA_FLAGS"] = FAST_CPU_COMPILE_FLAGS
+  env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+  env["XLA_FLAGS"] = xla_flags(1)
   pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
   run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path / "dist", source],
       tmp_path, env)
