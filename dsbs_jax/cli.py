@@ -22,13 +22,14 @@ from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
 from dsbs_jax import host_allocator
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax import text_files
 from dsbs_jax import tpu_runtime
 
 # Errors that mean bad input rather than a bug. Subcommand modules add theirs as `USER_ERRORS`.
 BASE_USER_ERRORS = (gin_utils.GinConfigError, text_files.TextFileError, FileNotFoundError,
                     PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
-                    folder_lock.FolderInUseError)
+                    folder_lock.FolderInUseError, storage.StorageError)
 
 # Subcommand -> (module that registers it, its line in `dsbs --help`), in the order of work.
 SUBCOMMANDS = {

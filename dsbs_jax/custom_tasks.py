@@ -22,7 +22,6 @@ with the same arguments is left as it is.
 
 This module must not define the benchmarks (datasets.py does) or talk to a teacher.
 """
-import os
 import re
 from typing import Mapping, Optional, Sequence
 
@@ -34,6 +33,7 @@ from dsbs_jax import metrics
 from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import seqio_tasks
+from dsbs_jax import storage
 
 METRICS = {"exact_match": metrics.exact_match_accuracy, "equation": metrics.equation_accuracy}
 _NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]*")
@@ -88,13 +88,17 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
           f"{test_file if split == 'test' and test_file else rationales_file}: too few records "
           f"{'left after dropping parse failures ' if drop_parse_failures else ''}"
           f"for a {split} split of custom dataset {name}")
-  layout_dir = layout_dir or os.path.dirname(os.path.abspath(rationales_file))
-  dataset_dir = os.path.join(layout_dir, name)
-  os.makedirs(dataset_dir, exist_ok=True)
+  layout_dir = str(storage.path(layout_dir or _folder_of(rationales_file)))
+  dataset_dir = storage.path(layout_dir) / name
+  dataset_dir.mkdir(parents=True, exist_ok=True)
   for split, kept in splits.items():
-    rationales.write_records(os.path.join(dataset_dir, f"{split}.jsonl"), kept)
+    rationales.write_records(str(dataset_dir / f"{split}.jsonl"), kept)
   return seqio_tasks.register_dataset(
       distillation.DatasetSpec(name=name, metric_fn=METRICS[metric], rationales_dir=layout_dir))
+
+
+def _folder_of(file: str) -> str:
+  return str(storage.path(file).parent)
 
 
 @gin.configurable
@@ -118,6 +122,17 @@ def names_in_gin() -> list[str]:
   """The names of the custom datasets that gin's config in use registers."""
   bound = gin.get_bindings(register_custom_datasets).get("datasets", ())
   return [dict(kwargs).get("name") for kwargs in bound]
+
+
+def paths_in_gin() -> tuple[list[str], list[str]]:
+  """(files read, folders written) by the custom datasets that gin's config registers."""
+  read, written = [], []
+  for kwargs in gin.get_bindings(register_custom_datasets).get("datasets", ()):
+    kwargs = dict(kwargs)
+    read += [kwargs[key] for key in ("rationales_file", "test_file") if kwargs.get(key)]
+    if kwargs.get("rationales_file"):
+      written.append(kwargs.get("layout_dir") or _folder_of(kwargs["rationales_file"]))
+  return read, written
 
 
 @gin.config.register_finalize_hook

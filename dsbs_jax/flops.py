@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 
+from dsbs_jax import storage
 from dsbs_jax import targets
 from dsbs_jax.models import t5
 
@@ -107,9 +108,7 @@ PEAK_REPEATS = 30
 
 def peak_cache_path() -> pathlib.Path:
   """Where measured peaks are kept: $DSBS_CACHE_DIR, else the user's cache folder."""
-  folder = os.environ.get("DSBS_CACHE_DIR") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "dsbs_jax")
-  return pathlib.Path(folder) / "matmul_peaks.json"
+  return storage.cache_dir() / "matmul_peaks.json"
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,12 +2,20 @@
 on what they write, so that a second process on a folder in use is refused at once instead
 of interleaving its files with the first one's.
 
-The lock is `fcntl.flock` on a small file naming its holder (pid, host, command, start). The
-kernel drops a flock when its holder's process ends, however it ends (kill -9 and reboots
-included), so a lock file left behind by a killed run never blocks the next one; on NFS,
-Linux maps flock to byte-range locks that every client sees. A multi-host run takes one
-lock per process (`process_index`), so the hosts of one run do not refuse each other while
-a second run's hosts meet the first run's locks.
+On a disk (`FolderLock`) the lock is `fcntl.flock` on a small file naming its holder (pid,
+host, command, start). The kernel drops a flock when its holder's process ends, however it
+ends (kill -9 and reboots included), so a lock file left behind by a killed run never blocks
+the next one; on NFS, Linux maps flock to byte-range locks that every client sees.
+
+An object store has no flock. There (`LeaseLock`) the lock is an object created only if
+absent (a generation precondition, so of two racing processes one wins) holding a lease
+that its holder renews every LEASE_S / 4 seconds. A holder that died stops renewing: its
+lock is stale once the lease has run out, or at once for a process on the same host whose
+pid is gone, and the next run takes it over (again by precondition, so only one does).
+
+A multi-host run takes one lock per process (`process_index`), so the hosts of one run do
+not refuse each other while a second run's hosts meet the first run's locks. `lock_for`
+picks the kind of lock from the folder's path.
 
 This module must not know what the folders hold.
 """
@@ -18,35 +26,57 @@ import json
 import os
 import pathlib
 import socket
+import threading
 import time
 from typing import Optional
 
+from dsbs_jax import storage
+
 LOCK_NAME = ".dsbs.lock"
+# How long an object store's lock outlives its holder's last renewal.
+LEASE_S = 60.0
 
 
 class FolderInUseError(RuntimeError):
   """Another live process holds the folder; the message names it."""
 
 
-def lock_path(folder: pathlib.Path, process_index: int = 0) -> pathlib.Path:
+def lock_path(folder, process_index: int = 0):
   """The lock file of `folder` held by the run's process `process_index`."""
   name = LOCK_NAME if process_index == 0 else f"{LOCK_NAME}.{process_index}"
-  return pathlib.Path(folder) / name
+  return storage.path(folder) / name
+
+
+def lock_for(path, description: str, command: str):
+  """The lock on the file `path`: a FolderLock on a disk, a LeaseLock on an object store."""
+  if storage.is_url(path):
+    return LeaseLock(str(path), description, command)
+  return FolderLock(path, description, command)
+
+
+def _holder_record(command: str) -> dict:
+  return {"command": command, "pid": os.getpid(), "host": socket.gethostname(),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _describe(holder: dict) -> str:
+  return f"`{holder['command']}` (pid {holder['pid']} on {holder['host']}, since {holder['since']})"
 
 
 def _holder_text(fd: int) -> str:
   """Who holds the lock open on `fd`, in words, from what its holder wrote there."""
   os.lseek(fd, 0, os.SEEK_SET)
   try:
-    holder = json.loads(os.read(fd, 4096).decode("utf-8"))
-    return (f"`{holder['command']}` (pid {holder['pid']} on {holder['host']}, since "
-            f"{holder['since']})")
+    return _describe(json.loads(os.read(fd, 4096).decode("utf-8")))
   except (ValueError, KeyError, TypeError):  # its holder is still writing it
     return "another process"
 
 
 def holder(folder) -> Optional[str]:
   """Who holds `folder`'s lock now, in words; None when nobody does."""
+  if storage.is_url(folder):
+    lease = _live_lease(str(lock_path(folder)))
+    return None if lease is None else _describe(lease[0])
   try:
     fd = os.open(lock_path(folder), os.O_RDONLY)
   except OSError:
@@ -103,9 +133,7 @@ class FolderLock:
         pass
       os.close(fd)  # its last holder removed this file as we opened it: take a new one
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({
-        "command": self.command, "pid": os.getpid(),
-        "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+    os.write(fd, json.dumps(_holder_record(self.command)).encode())
     self._fd = fd
 
   def __exit__(self, *exc) -> None:
@@ -123,3 +151,86 @@ class FolderLock:
         if error.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
           raise
         return
+
+
+def _pid_is_gone(pid) -> bool:
+  try:
+    os.kill(int(pid), 0)
+  except ProcessLookupError:
+    return True
+  except (OSError, ValueError, TypeError):
+    return False
+  return False
+
+
+def _live_lease(url: str) -> Optional[tuple[dict, int, float]]:
+  """(holder, generation, seconds of lease left) of the lock object `url` while its lease
+  holds; None when there is none or it is stale (see the module docstring)."""
+  found = storage.read_with_generation(url)
+  if found is None:
+    return None
+  content, generation, age = found
+  try:
+    holder = json.loads(content.decode("utf-8"))
+    lease = float(holder["lease_s"])
+    _describe(holder)
+  except (ValueError, KeyError, TypeError, AttributeError):  # damaged: it still expires
+    holder = {"command": "an unknown process", "pid": "?", "host": "?", "since": "?"}
+    lease = LEASE_S
+  if age > lease or (holder["host"] == socket.gethostname() and _pid_is_gone(holder["pid"])):
+    return ({**holder, "stale": True}, generation, 0.0)
+  return holder, generation, lease - age
+
+
+class LeaseLock:
+  """Holds the lock object `url` while in a `with` block, renewing its lease from a thread."""
+
+  def __init__(self, url: str, description: str, command: str):
+    self.url, self.description, self.command = url, description, command
+    self._generation = None
+    self._stop = threading.Event()
+    self._renewer = None
+
+  def __enter__(self) -> "LeaseLock":
+    content = json.dumps({**_holder_record(self.command), "lease_s": LEASE_S}).encode()
+    try:
+      self._generation = storage.create_exclusive(self.url, content)
+    except storage.PreconditionFailed:
+      self._take_over_stale(content)
+    self._renewer = threading.Thread(target=self._renew, args=(content,), daemon=True,
+                                     name="lease-renewal")
+    self._renewer.start()
+    return self
+
+  def _take_over_stale(self, content: bytes) -> None:
+    lease = _live_lease(self.url)
+    if lease is None:  # released meanwhile
+      self._generation = storage.create_exclusive(self.url, content)
+      return
+    holder, generation, left = lease
+    if not holder.get("stale"):
+      raise FolderInUseError(
+          f"{self.description} is in use by {_describe(holder)}; wait for it to end or stop "
+          f"it (a stopped run's lock goes with it; a killed one's lease runs out in "
+          f"{left:.0f} s)")
+    try:
+      self._generation = storage.replace_if_generation(self.url, content, generation)
+    except storage.PreconditionFailed:
+      raise FolderInUseError(f"{self.description} was just taken by another process") from None
+
+  def _renew(self, content: bytes) -> None:
+    while not self._stop.wait(LEASE_S / 4):
+      try:
+        self._generation = storage.replace_if_generation(self.url, content, self._generation)
+      except storage.PreconditionFailed:
+        return  # taken over after a lapse longer than the lease: it is no longer ours
+      except Exception:  # pylint: disable=broad-except  (a failed renewal is retried next time)
+        continue
+
+  def __exit__(self, *exc) -> None:
+    self._stop.set()
+    if self._renewer is not None:
+      self._renewer.join()
+    if self._generation is not None:
+      storage.delete_if_generation(self.url, self._generation)
+      self._generation = None

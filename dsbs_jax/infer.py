@@ -32,6 +32,7 @@ from dsbs_jax import rationales
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
@@ -127,11 +128,8 @@ def evaluate_split(predictor: Predictor, task_name: str, split: str, lengths: di
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)
+  storage.write_atomically(path, "".join(json.dumps(record, ensure_ascii=False) + "\n"
+                                         for record in records).encode("utf-8"))
 
 
 def read_prediction_inputs(path: str) -> list[dict]:
@@ -148,7 +146,11 @@ def read_prediction_inputs(path: str) -> list[dict]:
 
 
 def check_output_file(path: str) -> None:
-  """Refuses, before any work, an output file whose folder is missing or not writable."""
+  """Refuses, before any work, an output file whose folder is missing or not writable (a
+  URL: whose bucket is missing or not writable)."""
+  if storage.is_url(path):
+    storage.check(write=[path])
+    return
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise run_dir.ModelDirError(f"{path}: is a folder; name the output file")

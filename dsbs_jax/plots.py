@@ -15,7 +15,7 @@ also draws its own run's learning curves into MODEL_DIR (plot_learning_curves). 
 reads runs through run_dir.RunDir only: it must not train, evaluate or change runs.
 """
 import collections
-import pathlib
+import io
 from typing import Optional
 
 import matplotlib
@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
 from dsbs_jax import run_dir  # noqa: E402
+from dsbs_jax import storage  # noqa: E402
 
 # Mixture (or single task) name suffix -> (method, plot style). Longest suffixes first.
 METHODS = {
@@ -53,8 +54,8 @@ def method_of(mixture_or_task_name: str) -> Optional[tuple[str, str]]:
   return None
 
 
-def run_name(run: run_dir.RunDir, runs_dir: pathlib.Path) -> str:
-  relative = run.path.relative_to(runs_dir.absolute())
+def run_name(run: run_dir.RunDir, runs_dir: storage.Path) -> str:
+  relative = run.path.relative_to(runs_dir)
   return "_".join(relative.parts) if relative.parts else run.path.name
 
 
@@ -74,7 +75,7 @@ def accuracy_points(runs: list[run_dir.RunDir]) -> dict:
   return points
 
 
-def plot_data_efficiency(dataset: str, by_method: dict, path: pathlib.Path) -> None:
+def plot_data_efficiency(dataset: str, by_method: dict, path: storage.Path) -> None:
   figure, axes = plt.subplots(figsize=(6, 4.2))
   fractions = set()
   for method in STYLES:
@@ -98,11 +99,18 @@ def plot_data_efficiency(dataset: str, by_method: dict, path: pathlib.Path) -> N
   axes.grid(alpha=0.3)
   axes.legend(fontsize=8, loc="lower right")
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
+  _save(figure, path)
+
+
+def _save(figure, path) -> None:
+  """Writes `figure` as a PNG to `path` (a local path or a URL) and closes it."""
+  png = io.BytesIO()
+  figure.savefig(png, format="png", dpi=120)
   plt.close(figure)
+  storage.write_atomically(path, png.getvalue())
 
 
-def plot_learning_curves(name: str, metrics: list[dict], path: pathlib.Path) -> bool:
+def plot_learning_curves(name: str, metrics: list[dict], path: storage.Path) -> bool:
   """Writes the run's curves; False when it has no training metrics yet."""
   train = [m for m in metrics if m.get("kind") == "train"]
   validation = [m for m in metrics if m.get("kind") == "validation" and "accuracy" in m]
@@ -133,14 +141,13 @@ def plot_learning_curves(name: str, metrics: list[dict], path: pathlib.Path) -> 
   accuracy_axes.grid(alpha=0.3)
   figure.suptitle(name)
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  _save(figure, path)
   return True
 
 
-def plot_runs(runs_dir, out_dir) -> list[pathlib.Path]:
+def plot_runs(runs_dir, out_dir) -> list[storage.Path]:
   """Writes every figure the runs allow; returns the PNG paths."""
-  runs_dir, out_dir = pathlib.Path(runs_dir), pathlib.Path(out_dir)
+  runs_dir, out_dir = storage.path(runs_dir), storage.path(out_dir)
   runs = run_dir.find_runs(runs_dir)
   if not runs:
     raise FileNotFoundError(f"{runs_dir}: no run folders (with "

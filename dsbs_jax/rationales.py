@@ -17,11 +17,12 @@ This module must not read ../shared, build SeqIO tasks, or touch TensorFlow.
 """
 import dataclasses
 import gzip
+import io
 import json
-import os
 import re
 from typing import Callable, Iterable, Iterator, NamedTuple, Optional
 
+from dsbs_jax import storage
 from dsbs_jax import text_files
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")
@@ -150,16 +151,17 @@ def read_records(path: str) -> list[RationaleRecord]:
 
 
 def write_records(path: str, records: Iterable[RationaleRecord]) -> int:
-  """Writes records as JSONL (gzip when `path` ends in .gz, reproducibly); returns the count."""
+  """Writes records as JSONL (gzip when `path` ends in .gz, reproducibly), replacing the
+  file atomically; returns the count."""
   count = 0
-  tmp_path = f"{path}.tmp"
-  raw = open(tmp_path, "wb")
+  raw = io.BytesIO()
   stream = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if path.endswith(".gz") else raw
-  with raw, stream:
-    for record in records:
-      stream.write((record.to_json() + "\n").encode("utf-8"))
-      count += 1
-  os.replace(tmp_path, path)
+  for record in records:
+    stream.write((record.to_json() + "\n").encode("utf-8"))
+    count += 1
+  if stream is not raw:
+    stream.close()
+  storage.write_atomically(path, raw.getvalue())
   return count
 
 

@@ -12,13 +12,13 @@ TensorFlow Datasets for a "tfds:" source of train inputs.
 import dataclasses
 import functools
 import math
-import os
 from typing import Sequence
 
 import numpy as np
 
 from dsbs_jax import distillation
 from dsbs_jax import rationales
+from dsbs_jax import storage
 
 _SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
 # Teacher labels that agree with gold labels less often than this mean the inputs were
@@ -52,9 +52,9 @@ def subsample(records: list, fraction: float, seed: int) -> list:
 
 
 def split_path(rationales_dir: str, dataset: str, split: str) -> str:
-  base = os.path.join(rationales_dir, dataset, _SPLIT_FILES[split] + ".jsonl")
+  base = f"{str(rationales_dir).rstrip('/')}/{dataset}/{_SPLIT_FILES[split]}.jsonl"
   for candidate in (base, base + ".gz"):
-    if os.path.exists(candidate):
+    if storage.path(candidate).is_file():
       return candidate
   raise FileNotFoundError(
       f"{base}[.gz]: no rationale file for {dataset}/{split}; set TaskOptions.rationales_dir "
@@ -69,7 +69,7 @@ def _read_records_cached(path: str, mtime: float) -> tuple:
 
 def read_split(rationales_dir: str, dataset: str, split: str) -> tuple:
   path = split_path(rationales_dir, dataset, split)
-  return _read_records_cached(path, os.path.getmtime(path))
+  return _read_records_cached(path, storage.modified_time(path))
 
 
 def _nli_label_text(value, where: str) -> str:

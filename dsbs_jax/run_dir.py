@@ -26,7 +26,6 @@ the TensorBoard log, so that `dsbs plot` reads runs without it.
 """
 import contextlib
 import dataclasses
-import filecmp
 import glob
 import json
 import os
@@ -38,6 +37,7 @@ import jax
 from dsbs_jax import checkpoints
 from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
+from dsbs_jax import storage
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
@@ -79,15 +79,6 @@ class RunSpec:
     return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
 
 
-def _write_if_changed(path: pathlib.Path, content: bytes) -> None:
-  """Writes `content` to `path` atomically, leaving an identical file untouched."""
-  if path.is_file() and path.read_bytes() == content:
-    return
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(content)
-  os.replace(tmp, path)
-
-
 def _differences(pairs: list[tuple[str, object, object]], where: str) -> list[str]:
   return [f"{name} is {there!r} in {where}, {now!r} now" for name, there, now in pairs
           if there != now]
@@ -104,7 +95,7 @@ class RunDir:
   """One MODEL_DIR: the paths of its files and their reading and writing."""
 
   def __init__(self, path):
-    self.path = pathlib.Path(path).absolute()
+    self.path = storage.path(path)
     self.config_path = self.path / checkpoints.CONFIG_FILE
     self.spec_path = self.path / SPEC_FILE
     self.vocabulary_path = self.path / VOCABULARY_FILE
@@ -119,7 +110,7 @@ class RunDir:
   def __repr__(self) -> str:
     return f"RunDir({str(self.path)!r})"
 
-  def predictions_path(self, split: str, step: Optional[int] = None) -> pathlib.Path:
+  def predictions_path(self, split: str, step: Optional[int] = None) -> storage.Path:
     """The final evaluation's predictions of `split` (the test split's is predictions.jsonl),
     or with `step` those `dsbs eval` writes for that checkpoint."""
     if step is not None:
@@ -139,10 +130,10 @@ class RunDir:
       raise ModelDirError(f"{self.spec_path}: not a run spec written by dsbs train ({error})") from None
 
   def vocabulary_file(self) -> pathlib.Path:
-    """The run's SentencePiece model, which must be there."""
+    """The run's SentencePiece model, which must be there, as a local file."""
     if not self.vocabulary_path.is_file():
       raise FileNotFoundError(f"{self.vocabulary_path}: vocabulary missing from the model dir")
-    return self.vocabulary_path
+    return pathlib.Path(storage.local_copy(self.vocabulary_path))
 
   def tokenization(self, spec: RunSpec) -> dict[str, Any]:
     """The TaskOptions fields that make the data pipeline tokenize as this run did."""
@@ -183,7 +174,7 @@ class RunDir:
   # ----------------------------------------------------------------------------
   # JSON files: the best step so far and the final results.
   # ----------------------------------------------------------------------------
-  def _read_object(self, path: pathlib.Path) -> Optional[dict]:
+  def _read_object(self, path: storage.Path) -> Optional[dict]:
     if not path.is_file():
       return None
     values = text_files.read_json(path)
@@ -206,7 +197,7 @@ class RunDir:
     return best["step"] if best else None
 
   def write_best(self, best: dict) -> None:
-    _write_if_changed(self.best_path, json.dumps(best).encode())
+    storage.write_if_changed(self.best_path, json.dumps(best).encode())
 
   def forget_best(self) -> None:
     self.best_path.unlink(missing_ok=True)
@@ -216,10 +207,10 @@ class RunDir:
     return self._read_object(self.results_path)
 
   def write_results(self, results: dict) -> None:
-    _write_if_changed(self.results_path, json.dumps(results, indent=2).encode())
+    storage.write_if_changed(self.results_path, json.dumps(results, indent=2).encode())
 
   def write_gin_config(self, text: str) -> None:
-    _write_if_changed(self.gin_config_path, text.encode())
+    storage.write_if_changed(self.gin_config_path, text.encode())
 
   # ----------------------------------------------------------------------------
   # Before a run writes: does this folder take it?
@@ -246,7 +237,7 @@ class RunDir:
           ("VOCABULARY_EXTRA_IDS", there.vocabulary_extra_ids, spec.vocabulary_extra_ids)],
           SPEC_FILE)
     if (self.vocabulary_path.is_file()
-        and not filecmp.cmp(self.vocabulary_path, vocabulary_path, shallow=False)):
+        and self.vocabulary_path.read_bytes() != storage.path(vocabulary_path).read_bytes()):
       differences.append(f"VOCABULARY {vocabulary_path} is not the {VOCABULARY_FILE} there")
     if differences:
       raise ModelDirMismatchError(self._mismatch_message(differences))
@@ -271,8 +262,8 @@ class RunDir:
     """Holds MODEL_DIR for this process while the block writes it (folder_lock.py): a
     folder in use by another run is refused at once, as is one that cannot be written; a
     MODEL_DIR the block created and left empty is removed again."""
-    lock = folder_lock.FolderLock(folder_lock.lock_path(self.path, jax.process_index()),
-                                  f"MODEL_DIR {self.path}", command)
+    lock = folder_lock.lock_for(folder_lock.lock_path(self.path, jax.process_index()),
+                                f"MODEL_DIR {self.path}", command)
     try:
       lock.__enter__()
     except OSError as error:
@@ -297,9 +288,9 @@ class RunDir:
   def write_run_files(self, config: t5.T5Config, spec: RunSpec, vocabulary_path: str) -> None:
     """config.json, run.json and vocabulary.model: what eval, predict and export read."""
     self.path.mkdir(parents=True, exist_ok=True)
-    _write_if_changed(self.config_path, (config.to_json() + "\n").encode())
-    _write_if_changed(self.spec_path, spec.to_json().encode())
-    _write_if_changed(self.vocabulary_path, pathlib.Path(vocabulary_path).read_bytes())
+    storage.write_if_changed(self.config_path, (config.to_json() + "\n").encode())
+    storage.write_if_changed(self.spec_path, spec.to_json().encode())
+    storage.write_if_changed(self.vocabulary_path, storage.path(vocabulary_path).read_bytes())
 
   # ----------------------------------------------------------------------------
   # The metrics log.
@@ -324,9 +315,8 @@ class RunDir:
 
 def find_runs(root) -> list[RunDir]:
   """Every folder under `root` (itself included) holding one of RUN_MARKERS."""
-  root = pathlib.Path(root)
-  return [RunDir(path) for path in sorted({marker.parent for name in RUN_MARKERS
-                                           for marker in root.rglob(name)})]
+  return [RunDir(path) for path in sorted({file.parent for file in storage.files_under(root)
+                                           if file.name in RUN_MARKERS})]
 
 
 def _logged_after(step: int):
@@ -356,7 +346,7 @@ def rewrite_metrics(path: pathlib.Path, dropped, added: tuple[str, ...] = ()) ->
     if not dropped(str(row.get("kind", "")), int(row.get("step", 0))):
       kept.append(line)
   if kept != lines or added:
-    _write_if_changed(path, "".join(line + "\n" for line in kept + list(added)).encode("utf-8"))
+    storage.write_if_changed(path, "".join(line + "\n" for line in kept + list(added)).encode("utf-8"))
 
 
 def drop_tensorboard_events(directory: pathlib.Path, dropped) -> None:
@@ -390,6 +380,10 @@ class MetricsLog:
   A run resumed at `start_step` first drops what earlier runs logged past that step, so
   that every step is logged once. An earlier final evaluation's rows stay until this run's
   replace them (`write_final`): a run stopped before then keeps its results.json true.
+
+  Both are written in a storage.Mirror of MODEL_DIR: on a disk, the files themselves; on an
+  object store, which cannot append, local copies uploaded whole after each write, so that
+  the store holds every row written before the last upload, and a row at most once.
   """
 
   def __init__(self, run: RunDir, start_step: int):
@@ -398,10 +392,14 @@ class MetricsLog:
     if self._active:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see the module docstring)
       self._tf = tf
-      rewrite_metrics(run.metrics_path, _logged_after(start_step))
-      drop_tensorboard_events(run.tensorboard_dir, _logged_after(start_step))
-      self._jsonl = open(run.metrics_path, "a", encoding="utf-8")
-      self._writer = tf.summary.create_file_writer(str(run.tensorboard_dir))
+      self._mirror = storage.Mirror(run.path, (METRICS_FILE, TENSORBOARD_DIR))
+      self._metrics_path = self._mirror.local / METRICS_FILE
+      self._tensorboard_dir = self._mirror.local / TENSORBOARD_DIR
+      rewrite_metrics(self._metrics_path, _logged_after(start_step))
+      drop_tensorboard_events(self._tensorboard_dir, _logged_after(start_step))
+      self._mirror.sync()
+      self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
+      self._writer = tf.summary.create_file_writer(str(self._tensorboard_dir))
 
   @staticmethod
   def _line(step: int, kind: str, values: dict) -> str:
@@ -413,6 +411,7 @@ class MetricsLog:
     self._jsonl.write(self._line(step, kind, values) + "\n")
     self._jsonl.flush()
     self._write_summaries(step, kind, values)
+    self._mirror.sync()
 
   def _write_summaries(self, step: int, kind: str, values: dict) -> None:
     with self._writer.as_default(step=step):
@@ -427,15 +426,17 @@ class MetricsLog:
     if not self._active:
       return
     self._jsonl.close()
-    rewrite_metrics(self._run.metrics_path, _final,
+    rewrite_metrics(self._metrics_path, _final,
                     tuple(self._line(step, kind, values) for kind, values in rows.items()))
-    self._jsonl = open(self._run.metrics_path, "a", encoding="utf-8")
+    self._jsonl = open(self._metrics_path, "a", encoding="utf-8")
     self._writer.flush()
-    drop_tensorboard_events(self._run.tensorboard_dir, _final)
+    drop_tensorboard_events(self._tensorboard_dir, _final)
     for kind, values in rows.items():
       self._write_summaries(step, kind, values)
+    self._mirror.sync()
 
   def close(self) -> None:
     if self._active:
       self._jsonl.close()
       self._writer.close()
+      self._mirror.close()

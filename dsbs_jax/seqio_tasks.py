@@ -22,6 +22,7 @@ from dsbs_jax import distillation
 from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import self_consistency
+from dsbs_jax import storage
 
 TARGETS = {  # task kind -> the target text of a record in a split
     "label_gold": lambda record, split: record.label,
@@ -190,9 +191,10 @@ class OptionsVocabulary(seqio.SentencePieceVocabulary):
 
 @functools.lru_cache(maxsize=8)
 def _sentencepiece_vocabulary(path: str, extra_ids: int) -> seqio.SentencePieceVocabulary:
-  if not tf.io.gfile.exists(path):  # a local path, or a URL such as gs://... that TF reads
+  if not storage.path(path).is_file():
     raise FileNotFoundError(f"{path}: SentencePiece model not found (TaskOptions.vocabulary_path)")
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  # SeqIO reads through TensorFlow's file system, which is handed no URL (storage.py).
+  return seqio.SentencePieceVocabulary(storage.local_copy(path), extra_ids=extra_ids)
 
 
 def output_features() -> dict:

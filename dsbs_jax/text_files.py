@@ -1,5 +1,5 @@
 """Reading the text files users hand to `dsbs`: record and input JSONL, plain-text inputs,
-JSON configs. Text is UTF-8, gzipped when the name ends in .gz, and a leading byte-order
+JSON configs, on a disk or an object store (storage.py opens them). Text is UTF-8, gzipped when the name ends in .gz, and a leading byte-order
 mark is skipped, as most JSONL readers do. Bytes that are not UTF-8, a damaged gzip stream
 and JSON that does not parse each end as one TextFileError naming the file, the line and
 the byte offset or column.
@@ -10,11 +10,13 @@ files.
 import codecs
 import gzip
 import json
-import pathlib
+import os
 import zlib
 from typing import Iterator, Union
 
-PathLike = Union[str, pathlib.Path]
+from dsbs_jax import storage
+
+PathLike = Union[str, os.PathLike]
 # What a gzip stream that was cut short or garbled raises while being read.
 _GZIP_ERRORS = (gzip.BadGzipFile, EOFError, zlib.error)
 
@@ -24,7 +26,8 @@ class TextFileError(ValueError):
 
 
 def _open_binary(path: PathLike):
-  return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
+  raw = storage.open_binary(path)
+  return gzip.GzipFile(fileobj=raw, mode="rb") if str(path).endswith(".gz") else raw
 
 
 def _decode(data: bytes, path: PathLike, line_number: int, offset: int) -> str:
@@ -49,7 +52,7 @@ def _without_bom(data: bytes) -> tuple[bytes, int]:
 def iter_lines(path: PathLike) -> Iterator[tuple[int, str]]:
   """(line number from 1, line with its newline) for each line of a text file."""
   offset = 0
-  if not pathlib.Path(path).exists():
+  if not storage.path(path).exists():
     raise FileNotFoundError(f"{path}: no such file")
   try:
     with _open_binary(path) as f:

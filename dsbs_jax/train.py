@@ -27,6 +27,7 @@ import jax
 
 from dsbs_jax import checkpoints
 from dsbs_jax import console
+from dsbs_jax import custom_tasks
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import flags
@@ -41,6 +42,7 @@ from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax import tpu_runtime
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
@@ -50,7 +52,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 USER_ERRORS = (trainer_lib.NonFiniteLossError, checkpoints.CheckpointError,
-               run_dir.ModelDirMismatchError, input_pipeline.TaskDataError, run_dir.ModelDirError)
+               run_dir.ModelDirMismatchError, input_pipeline.TaskDataError, run_dir.ModelDirError,
+               storage.StorageError)
 
 
 def model_config_for(initial_checkpoint_path: Optional[str]) -> t5.T5Config:
@@ -459,9 +462,23 @@ def initialize_distributed(args) -> None:
     jax.distributed.initialize()
 
 
+def check_storage() -> None:
+  """Checks every URL the parsed gin names (storage.check), before anything reads, builds or
+  writes: MODEL_DIR, INITIAL_CHECKPOINT_PATH, the vocabulary, the record files."""
+  bound = gin.get_bindings(train)
+  with gin_utils.as_config_errors(ValueError, TypeError, configurable="TaskOptions"):
+    options = distillation.TaskOptions()
+  custom_read, custom_written = custom_tasks.paths_in_gin()
+  storage.check(
+      read=[bound.get("initial_checkpoint_path"), options.vocabulary_path,
+            options.rationales_dir, *options.train_inputs.values(), *custom_read],
+      write=[bound.get("model_dir"), *custom_written])
+
+
 def run(args) -> int:
   initialize_distributed(args)
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+  check_storage()
   datasets.register_all()
   try:
     train()

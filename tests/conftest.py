@@ -10,6 +10,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
+
+import gcs_emulator
 
 # The CPU compiler without LLVM's costly optimizations: the tests' tiny programs compile in
 # two thirds of the CPU time and run about as fast. TPU compiles ignore these two flags (the
@@ -37,6 +40,9 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
   os.environ["JAX_COMPILATION_CACHE_DIR"] = COMPILATION_CACHE_DIR
   os.environ["JAX_COMPILATION_CACHE_MAX_SIZE"] = str(8 << 30)
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  # One Cloud Storage emulator for the session, its workers and their `dsbs` processes (each
+  # test makes a bucket of its own: `gcs_bucket`); started before anything reads the variables.
+  gcs_emulator.use(gcs_emulator.start(pathlib.Path(COMPILATION_CACHE_DIR) / "fake-gcs-server.log"))
 
 from dsbs_jax import tpu_runtime
 
@@ -69,6 +75,15 @@ def pytest_xdist_auto_num_workers(config):
 def private_cache(tmp_path_factory):
   """Measured matmul peaks go to a cache of the session's own, not the user's."""
   os.environ["DSBS_CACHE_DIR"] = str(tmp_path_factory.mktemp("dsbs_cache"))
+
+
+@pytest.fixture
+def gcs_bucket() -> str:
+  """gs://NAME of a new, empty bucket on the session's emulator."""
+  from google.cloud import storage as gcs  # pylint: disable=g-import-not-at-top
+  name = f"test-{uuid.uuid4().hex[:16]}"
+  gcs.Client().create_bucket(name)
+  return f"gs://{name}"
 
 
 @pytest.fixture(autouse=True)

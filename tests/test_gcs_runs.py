@@ -1,0 +1,178 @@
+"""`dsbs` commands with every path on gs://, against the session's Cloud Storage emulator
+(conftest.py): a run killed mid-checkpoint resumes to an uninterrupted run's losses, one
+writer per run folder (a live lease refuses, a dead holder's is taken over), a bucket that
+does not exist is refused in one line with nothing created, and runs read their
+vocabulary, records and initial checkpoint from gs://."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import gin
+import jax
+import numpy as np
+import pytest
+from google.cloud import storage as gcs
+
+from conftest import tiny_run_flags
+from dsbs_jax import checkpoints
+from dsbs_jax import cli
+from dsbs_jax import folder_lock
+from dsbs_jax import resources
+from dsbs_jax import run_dir
+from dsbs_jax import storage
+from dsbs_jax.models import t5
+
+
+def train_losses(model_dir) -> dict:
+  return {r["step"]: r["loss"] for r in run_dir.RunDir(model_dir).metrics() if r["kind"] == "train"}
+
+
+def logged_steps(model_dir, kind="train") -> list:
+  return [r["step"] for r in run_dir.RunDir(model_dir).metrics() if r["kind"] == kind]
+
+
+def final_params(model_dir, step):
+  checkpointer = run_dir.RunDir(model_dir).checkpointer()
+  try:
+    state, _ = checkpointer.restore(step, None)
+  finally:
+    checkpointer.close()
+  return jax.tree.leaves(t5.params_in_layout(state["params"], stacked=False))
+
+
+def objects_under(url: str) -> list[str]:
+  bucket, _, prefix = url[len("gs://"):].partition("/")
+  return sorted(blob.name for blob in gcs.Client().list_blobs(bucket, prefix=prefix.rstrip("/") + "/"))
+
+
+def assert_equal_to_uninterrupted(model_dir, uninterrupted):
+  assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
+  resumed, reference = train_losses(model_dir), train_losses(uninterrupted)
+  for step, loss in resumed.items():
+    np.testing.assert_allclose(loss, reference[step], rtol=1e-5, err_msg=f"step {step}")
+  for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_runs_losses(
+    uninterrupted, gcs_bucket):
+  model_dir = f"{gcs_bucket}/runs/killed"
+  process = subprocess.Popen([sys.executable, "-m", "dsbs_jax.cli", *tiny_run_flags(model_dir)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  while time.time() < deadline and process.poll() is None:
+    if objects_under(f"{model_dir}/checkpoints/4"):  # the write of step 4 has begun
+      break
+  process.send_signal(signal.SIGKILL)
+  output = process.communicate()[0]
+  assert objects_under(f"{model_dir}/checkpoints/2"), output[-3000:]
+  # Whatever of step 4 the kill let through, a step without orbax's commit marker is only
+  # half written: take the marker away, as a kill a moment earlier would have.
+  bucket = gcs.Client().bucket(gcs_bucket[len("gs://"):])
+  for name in objects_under(f"{model_dir}/checkpoints/4"):
+    if name.endswith("commit_success.txt"):
+      bucket.blob(name).delete()
+  assert cli.main(tiny_run_flags(model_dir)) == 0
+  assert_equal_to_uninterrupted(model_dir, uninterrupted)
+  results = json.loads(storage.path(f"{model_dir}/results.json").read_text())
+  assert "accuracy" in results["test"]
+  assert storage.path(f"{model_dir}/learning_curves.png").read_bytes().startswith(b"\x89PNG")
+  assert not storage.path(f"{model_dir}/{folder_lock.LOCK_NAME}").exists()  # released
+
+
+def write_lock(url: str, host: str, pid: int, lease_s: float) -> None:
+  storage.path(url).write_text(json.dumps({"command": "dsbs train", "pid": pid, "host": host,
+                                           "since": "2026-12-07 10:00:00", "lease_s": lease_s}))
+
+
+@pytest.mark.slow
+def test_one_writer_per_gcs_folder_and_a_dead_holders_lease_is_taken_over(gcs_bucket, capsys):
+  model_dir = f"{gcs_bucket}/runs/shared"
+  lock = f"{model_dir}/{folder_lock.LOCK_NAME}"
+  write_lock(lock, "worker-7", 4242, lease_s=60)  # a live run on another host
+  assert cli.main(tiny_run_flags(model_dir, train_steps=2)) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"dsbs train: error: MODEL_DIR {model_dir} is in use by `dsbs train` "
+                        "(pid 4242 on worker-7, since 2026-12-07 10:00:00)"), err
+  assert err.count("\n") == 1
+  assert objects_under(model_dir) == [f"runs/shared/{folder_lock.LOCK_NAME}"]  # nothing else
+  gin.clear_config()
+  dead_pid = subprocess.Popen(["true"])  # a pid on this host that is gone
+  dead_pid.wait()
+  write_lock(lock, socket.gethostname(), dead_pid.pid, lease_s=60)
+  assert cli.main(tiny_run_flags(model_dir, train_steps=2)) == 0
+  assert logged_steps(model_dir) == [1, 2]
+  gin.clear_config()
+  write_lock(lock, "worker-7", 4242, lease_s=0.0)  # another host's, whose lease ran out
+  assert cli.main(tiny_run_flags(model_dir, train_steps=4)) == 0
+  assert logged_steps(model_dir) == [1, 2, 3, 4]
+
+
+def test_a_lease_is_renewed_while_held_and_released_at_the_end(gcs_bucket, monkeypatch):
+  monkeypatch.setattr(folder_lock, "LEASE_S", 0.4)
+  url = f"{gcs_bucket}/run/{folder_lock.LOCK_NAME}"
+  with folder_lock.lock_for(url, "MODEL_DIR x", "dsbs train"):
+    generation = storage.read_with_generation(url)[1]
+    deadline = time.time() + 10
+    while storage.read_with_generation(url)[1] == generation:
+      assert time.time() < deadline, "the lease was not renewed"
+    assert folder_lock.holder(f"{gcs_bucket}/run").startswith("`dsbs train` (pid ")
+    with pytest.raises(folder_lock.FolderInUseError, match="in use by `dsbs train`"):
+      with folder_lock.lock_for(url, "MODEL_DIR x", "dsbs train"):
+        pass
+  assert storage.read_with_generation(url) is None
+  assert folder_lock.holder(f"{gcs_bucket}/run") is None
+
+
+def test_a_missing_bucket_is_refused_in_one_line_and_nothing_is_created(tmp_path, monkeypatch,
+                                                                        capsys):
+  monkeypatch.chdir(tmp_path)
+  url = "gs://no-such-bucket-here/runs/q1"
+  assert cli.main(tiny_run_flags(url, train_steps=2)) == 2
+  assert capsys.readouterr().err == f"dsbs train: error: {url}: no such bucket\n"
+  assert os.listdir(tmp_path) == []
+
+
+def test_another_scheme_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(tiny_run_flags("s3://bucket/runs/q1", train_steps=2)) == 2
+  assert capsys.readouterr().err == (
+      "dsbs train: error: s3://bucket/runs/q1: s3:// is not supported; use a local path or "
+      "gs://\n")
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_vocabulary_records_and_initial_checkpoint_read_from_gcs(uninterrupted, gcs_bucket,
+                                                                 tmp_path, capsys):
+  vocabulary = f"{gcs_bucket}/vocab/cqa_8k.model"
+  storage.path(vocabulary).write_bytes(resources.VOCABULARY_FILE.read_bytes())
+  records_url = f"{gcs_bucket}/data/mine.jsonl"
+  lines = [json.dumps({"id": f"{i:03d}", "input": f"question {i}", "label": "yes" if i % 2 else "no",
+                       "teacher_label": "yes", "rationale": f"because {i}"}) for i in range(40)]
+  storage.path(records_url).write_text("\n".join(lines) + "\n")
+  params, config, _ = run_dir.RunDir(uninterrupted).load_params("latest")
+  pretrained = f"{gcs_bucket}/models/pretrained"
+  checkpoints.save_model(pretrained, params, config)
+  model_dir = f"{gcs_bucket}/runs/custom"
+  flags = tiny_run_flags(model_dir, train_steps=2, extra=[
+      f"--gin.TaskOptions.vocabulary_path='{vocabulary}'",
+      f"--gin.INITIAL_CHECKPOINT_PATH='{pretrained}'",
+      "--gin.MIXTURE_OR_TASK_NAME='mine_dsbs_teacher'",
+      f"--gin.register_custom_datasets.datasets=[{{'name': 'mine', 'rationales_file': "
+      f"'{records_url}'}}]"])
+  assert cli.main(flags) == 0
+  out = capsys.readouterr().out
+  assert f"initialized from {pretrained}" in out
+  assert "mine_dsbs_teacher: every record read and checked" in out
+  # The custom dataset's splits are laid out beside its record file, on gs://.
+  assert sorted(objects_under(f"{gcs_bucket}/data/mine")) == [
+      "data/mine/test.jsonl", "data/mine/train.jsonl", "data/mine/valid.jsonl"]
+  assert (storage.path(f"{model_dir}/vocabulary.model").read_bytes()
+          == resources.VOCABULARY_FILE.read_bytes())
+  assert logged_steps(model_dir) == [1, 2]
