@@ -260,15 +260,18 @@ def _blob(url: str):
 def read_with_generation(url: str) -> Optional[tuple[bytes, int, float]]:
   """(content, generation, seconds since it was last written, by the store's clock) of an
   object; None when there is none."""
-  blob = _blob(url)
-  try:
-    content = blob.download_as_bytes(retry=_retry())
-  except _not_found_errors():
-    return None
   import datetime  # pylint: disable=g-import-not-at-top
-  blob.reload(retry=_retry())
-  age = (datetime.datetime.now(datetime.timezone.utc) - blob.updated).total_seconds()
-  return content, blob.generation, age
+  bucket, name = _bucket_and_name(url)
+  while True:
+    blob = _client().bucket(bucket).get_blob(name, retry=_retry())
+    if blob is None:
+      return None
+    try:  # the content of the generation the metadata describe, or a look again
+      content = blob.download_as_bytes(if_generation_match=blob.generation, retry=_retry())
+    except _precondition_errors():
+      continue
+    age = (datetime.datetime.now(datetime.timezone.utc) - blob.updated).total_seconds()
+    return content, blob.generation, age
 
 
 def create_exclusive(url: str, content: bytes) -> int:

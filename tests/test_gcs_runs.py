@@ -154,7 +154,9 @@ def test_vocabulary_records_and_initial_checkpoint_read_from_gcs(uninterrupted, 
   storage.path(vocabulary).write_bytes(resources.VOCABULARY_FILE.read_bytes())
   records_url = f"{gcs_bucket}/data/mine.jsonl"
   lines = [json.dumps({"id": f"{i:03d}", "input": f"question {i}", "label": "yes" if i % 2 else "no",
-                       "teacher_label": "yes", "rationale": f"because {i}"}) for i in range(40)]
+                       "teacher_label": "yes", "rationale": f"because {i}",
+                       "teacher_output": f"because {i}. So the answer is yes."})
+           for i in range(40)]
   storage.path(records_url).write_text("\n".join(lines) + "\n")
   params, config, _ = run_dir.RunDir(uninterrupted).load_params("latest")
   pretrained = f"{gcs_bucket}/models/pretrained"
