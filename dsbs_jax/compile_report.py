@@ -40,6 +40,7 @@ from dsbs_jax import encoder_decoder
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
 from dsbs_jax import partitioning
+from dsbs_jax import storage
 from dsbs_jax import targets
 from dsbs_jax import train
 from dsbs_jax import trainer as trainer_lib
@@ -536,6 +537,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
+  storage.check(write=[args.json])
   target = targets.parse_target(args.topology)
   if target.platform == "cpu":
     try:
@@ -552,6 +554,6 @@ def run(args) -> int:
   result = compile_and_report(shape, target, args.steps, None if args.no_knobs else run_flags,
                               capacity, print_fn=lambda *a: print(*a, flush=True))
   if args.json:
-    with open(args.json, "a", encoding="utf-8") as f:
-      f.write(json.dumps(result) + "\n")
+    with storage.Appender(args.json) as report:
+      report.write(json.dumps(result) + "\n")
   return 1 if any(step["fits"] is False for step in result["steps"]) else 0

@@ -146,11 +146,9 @@ def read_prediction_inputs(path: str) -> list[dict]:
 
 
 def check_output_file(path: str) -> None:
-  """Refuses, before any work, an output file whose folder is missing or not writable (a
-  URL: whose bucket is missing or not writable)."""
+  """Refuses, before any work, an output file whose folder is missing or not writable."""
   if storage.is_url(path):
-    storage.check(write=[path])
-    return
+    return  # storage.check, at the command's start
   folder = os.path.dirname(os.path.abspath(path))
   if os.path.isdir(path):
     raise run_dir.ModelDirError(f"{path}: is a folder; name the output file")
@@ -167,6 +165,7 @@ def _predictor(args, run: run_dir.RunDir, spec: run_dir.RunSpec, params, config)
 
 
 def run_predict(args: argparse.Namespace) -> int:
+  storage.check(read=[args.checkpoint, args.input], write=[args.output])
   run = run_dir.RunDir(args.checkpoint)
   spec = run.spec()
   examples = read_prediction_inputs(args.input)
@@ -203,6 +202,7 @@ def label_task_of(mixture_or_task_name: str, flag: str = "MIXTURE_OR_TASK_NAME")
 
 
 def run_eval(args: argparse.Namespace) -> int:
+  storage.check(read=[args.checkpoint], write=[args.output or args.checkpoint])
   run = run_dir.RunDir(args.checkpoint)
   spec = run.spec()
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)

@@ -15,7 +15,8 @@ grow (metrics, TensorBoard) are written in a `Mirror` and uploaded whole.
 What an object store cannot do, done its own way:
 - no rename: `write_atomically` is one upload there (an object appears whole or not at
   all), a temporary file and `os.replace` on a disk;
-- no append: `Mirror` keeps a local copy and uploads each changed file whole;
+- no append: `Mirror` keeps a local copy and uploads each changed file whole (`Appender`
+  appends through one);
 - no flock: `create_exclusive`, `replace_if_generation` and `delete_if_generation` hold
   generation preconditions, on which folder_lock.py builds its lease.
 
@@ -30,6 +31,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 from typing import Iterable, Optional, Union
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # read once, when epath first picks a backend
@@ -226,6 +228,36 @@ class Mirror:
     self.sync()
     if self.local != self.remote:
       shutil.rmtree(self.local, ignore_errors=True)
+
+
+class Appender:
+  """Appends text to the file `p`: on a disk, a file opened to append and flushed at each
+  write; on an object store, which cannot append, a Mirror of it uploaded whole at most every
+  `upload_every_s` seconds and at `close` (a kill loses what came after the last upload)."""
+
+  def __init__(self, p: PathLike, upload_every_s: float = 30.0):
+    target = path(p)
+    self._mirror = Mirror(target.parent, [target.name])
+    self._file = open(self._mirror.local / target.name, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+    self._upload_every_s = upload_every_s
+    self._uploaded_at = time.monotonic()
+
+  def write(self, text: str) -> None:
+    self._file.write(text)
+    self._file.flush()
+    if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+      self._mirror.sync()
+      self._uploaded_at = time.monotonic()
+
+  def close(self) -> None:
+    self._file.close()
+    self._mirror.close()
+
+  def __enter__(self) -> "Appender":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 # ------------------------------------------------------------------------------

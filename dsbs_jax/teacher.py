@@ -14,7 +14,6 @@ import collections
 import dataclasses
 import json
 import logging
-import os
 import queue
 import threading
 from typing import Callable, Iterable, Optional, Sequence
@@ -25,6 +24,7 @@ from dsbs_jax import metrics
 from dsbs_jax import rationales
 from dsbs_jax import resources
 from dsbs_jax import self_consistency
+from dsbs_jax import storage
 from dsbs_jax import teacher_client
 from dsbs_jax import text_files
 
@@ -176,16 +176,14 @@ def resume_output(path: str,
   warning) and its example generated again. Any other bad line is an error naming it, as
   is a record of another number of samples than `samples` (when given).
   """
-  if not os.path.exists(path):
+  if not storage.path(path).exists():
     return {}
-  with open(path, "rb") as f:
-    content = f.read()
+  content = storage.path(path).read_bytes()
   complete_end = content.rfind(b"\n") + 1
   if complete_end < len(content):
     logger.warning("%s: dropping a torn last line (%d bytes, from an interrupted run); "
                    "its example will be generated again", path, len(content) - complete_end)
-    with open(path, "r+b") as f:
-      f.truncate(complete_end)
+    storage.write_atomically(path, content[:complete_end])
   done = {}
   for line_number, line in enumerate(content[:complete_end].decode("utf-8").splitlines(), start=1):
     if not line.strip():
@@ -267,7 +265,7 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
                   postfix={"failed": 0})
   pending, in_flight = iter(pending), 0
   try:
-    with open(out_path, "a", encoding="utf-8") as out:
+    with storage.Appender(out_path) as out:
       while True:
         while in_flight < concurrency and not client.stop_event.is_set():
           example = next(pending, None)
@@ -300,7 +298,6 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
           raise error
         else:
           out.write(record.to_json() + "\n")
-          out.flush()
           client.budget.record_example(None)
           result.written += 1
           bar.update(1)

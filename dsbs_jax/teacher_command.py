@@ -16,6 +16,7 @@ from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 
@@ -198,6 +199,7 @@ def run_generate(args: argparse.Namespace) -> int:
   if not prompt_path:
     print("dsbs rationales generate: error: --prompt is required with --input", file=sys.stderr)
     return 2
+  storage.check(read=[prompt_path, args.input], write=[args.out])
   template = teacher.PromptTemplate.load(prompt_path)
   temperature(args)  # a bad one is refused before the inputs are read
   examples = _read_examples(args)
@@ -213,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def _default_stats_parser(path: str):
-  folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+  folder = storage.path(path).parent.name
   return folder if folder in rationales.PARSERS else None
 
 

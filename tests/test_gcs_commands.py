@@ -1,0 +1,79 @@
+"""`dsbs eval`, `predict`, `rationales generate` and `compile --json` reading and writing gs://
+on the session's Cloud Storage emulator (conftest.py): the same outputs as on a local disk."""
+import json
+
+import pytest
+
+from dsbs_jax import cli
+from dsbs_jax import rationales
+from dsbs_jax import storage
+from fake_teacher import FakeTeacher, assert_matches_shipped, generate_args, shipped
+
+
+def upload_tree(local_folder, url: str) -> None:
+  """Copies a local folder to `url`, file by file."""
+  for file in storage.files_under(local_folder):
+    target = storage.path(f"{url}/{file.relative_to(local_folder)}")
+    target.write_bytes(file.read_bytes())
+
+
+@pytest.mark.slow
+def test_eval_and_predict_read_a_run_on_gcs_and_write_there(uninterrupted, gcs_bucket, tmp_path,
+                                                           capsys):
+  model_dir = f"{gcs_bucket}/runs/trained"
+  upload_tree(uninterrupted, model_dir)
+  inputs = f"{gcs_bucket}/in/questions.jsonl"
+  storage.path(inputs).write_text('{"id": "a", "input": "Where do you keep milk?"}\n'
+                                  '{"id": "b", "input": "What is round?"}\n')
+  output = f"{gcs_bucket}/out/answers.jsonl"
+  local_output = tmp_path / "answers.jsonl"
+  for checkpoint, out in ((model_dir, output), (uninterrupted, str(local_output))):
+    assert cli.main(["predict", "--checkpoint", checkpoint, "--input", inputs,
+                     "--output", out, "--step", "6"]) == 0
+  assert storage.path(output).read_bytes() == local_output.read_bytes()
+  assert [json.loads(line)["id"] for line in local_output.read_text().splitlines()] == ["a", "b"]
+  capsys.readouterr()
+  assert cli.main(["eval", "--checkpoint", model_dir, "--split", "validation", "--step", "6",
+                   "--batch_size", "64"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["step"] == 6 and "accuracy" in result
+  written = storage.path(f"{model_dir}/predictions_validation_step6.jsonl").read_text()
+  assert len(written.splitlines()) == 975  # CQA's validation split
+
+
+def test_predict_refuses_a_missing_output_bucket_before_any_work(uninterrupted, capsys):
+  assert cli.main(["predict", "--checkpoint", uninterrupted, "--input", "x.txt",
+                   "--output", "gs://no-such-bucket-here/answers.jsonl"]) == 2
+  assert capsys.readouterr().err == (
+      "dsbs predict: error: gs://no-such-bucket-here/answers.jsonl: no such bucket\n")
+
+
+def test_generate_writes_and_resumes_records_on_gcs(key_env, gcs_bucket, tmp_path):
+  records = shipped("svamp", "validation")[:12]
+  inputs = f"{gcs_bucket}/inputs/svamp.jsonl"
+  storage.path(inputs).write_text("".join(
+      json.dumps({"id": r.id, "input": r.input, "label": r.label}) + "\n" for r in records))
+  out = f"{gcs_bucket}/records/svamp.jsonl"
+  # A run stopped after four records, its last line torn by the kill.
+  done = "".join(r.to_json() + "\n" for r in records[:4])
+  storage.path(out).write_text(done + records[4].to_json()[:20])
+  with FakeTeacher({"svamp": records}) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "svamp")) == 0
+    assert fake.requests == 8  # only the records not already there
+  local = tmp_path / "svamp.jsonl"
+  local.write_bytes(storage.path(out).read_bytes())
+  assert_matches_shipped(local, records)
+  assert len(rationales.read_records(out)) == 12
+
+
+def test_compile_appends_its_json_report_to_gcs(gcs_bucket, capfd):
+  report = f"{gcs_bucket}/reports/compile.jsonl"
+  flags = ["compile", "--topology=cpu:2", "--gin_file=quickstart.gin", "--steps", "train",
+           "--no_knobs", f"--json={report}", "--gin.T5Config.vocab_size=128",
+           "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64",
+           "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", "--gin.BATCH_SIZE=4"]
+  for _ in range(2):
+    assert cli.main(flags) == 0
+  rows = [json.loads(line) for line in storage.path(report).read_text().splitlines()]
+  assert len(rows) == 2 and rows[0]["steps"][0]["step"] == "train"
+  capfd.readouterr()
