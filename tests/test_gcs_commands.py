@@ -1,12 +1,15 @@
-"""`dsbs eval`, `predict`, `rationales generate` and `compile --json` reading and writing gs://
+"""`dsbs eval`, `predict`, `plot`, `rationales generate` and `compile --json` reading and writing gs://
 on the session's Cloud Storage emulator (conftest.py): the same outputs as on a local disk."""
 import json
+import pathlib
+import sys
 
 import pytest
 
 from dsbs_jax import cli
 from dsbs_jax import rationales
 from dsbs_jax import storage
+from dsbs_jax import teacher
 from fake_teacher import FakeTeacher, assert_matches_shipped, generate_args, shipped
 
 
@@ -39,6 +42,9 @@ def test_eval_and_predict_read_a_run_on_gcs_and_write_there(uninterrupted, gcs_b
   assert result["step"] == 6 and "accuracy" in result
   written = storage.path(f"{model_dir}/predictions_validation_step6.jsonl").read_text()
   assert len(written.splitlines()) == 975  # CQA's validation split
+  assert cli.main(["plot", f"{gcs_bucket}/runs", "--out", f"{gcs_bucket}/figures"]) == 0
+  figure = storage.path(f"{gcs_bucket}/figures/learning_curves_trained.png")
+  assert figure.read_bytes().startswith(b"\x89PNG")
 
 
 def test_predict_refuses_a_missing_output_bucket_before_any_work(uninterrupted, capsys):
@@ -57,8 +63,12 @@ def test_generate_writes_and_resumes_records_on_gcs(key_env, gcs_bucket, tmp_pat
   # A run stopped after four records, its last line torn by the kill.
   done = "".join(r.to_json() + "\n" for r in records[:4])
   storage.path(out).write_text(done + records[4].to_json()[:20])
+  prompt = f"{gcs_bucket}/prompts/svamp.json"
+  storage.path(prompt).write_bytes(pathlib.Path(teacher.default_prompt_path("svamp")).read_bytes())
   with FakeTeacher({"svamp": records}) as fake:
-    assert cli.main(generate_args(fake, inputs, out, "svamp")) == 0
+    args = generate_args(fake, inputs, out, "svamp")
+    args[args.index("--prompt") + 1] = prompt
+    assert cli.main(args) == 0
     assert fake.requests == 8  # only the records not already there
   local = tmp_path / "svamp.jsonl"
   local.write_bytes(storage.path(out).read_bytes())
@@ -77,3 +87,18 @@ def test_compile_appends_its_json_report_to_gcs(gcs_bucket, capfd):
   rows = [json.loads(line) for line in storage.path(report).read_text().splitlines()]
   assert len(rows) == 2 and rows[0]["steps"][0]["step"] == "train"
   capfd.readouterr()
+
+
+@pytest.mark.slow
+def test_the_checkpoint_benchmark_reports_the_store_against_the_local_disk(gcs_bucket, tmp_path,
+                                                                         capsys):
+  sys.path.insert(0, str(pathlib.Path(__file__).parents[1] / "tools"))
+  import bench_checkpoint_storage  # pylint: disable=g-import-not-at-top
+  out = tmp_path / "bench.jsonl"
+  url = f"{gcs_bucket}/bench"
+  assert bench_checkpoint_storage.main(["--url", url, "--saves", "1", "--out", str(out)]) == 0
+  local, remote = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (local["store"], remote["store"]) == ("local", url)
+  assert remote["blocking_ratio_to_local"] == remote["blocking_s"] / local["blocking_s"]
+  assert local["state_bytes"] == remote["state_bytes"] > 0
+  assert url in capsys.readouterr().out
