@@ -171,6 +171,7 @@ def plot_runs(runs_dir, out_dir) -> list[storage.Path]:
 
 
 def run(args) -> int:
+  storage.check(read=[args.runs_dir], write=[args.out])
   for path in plot_runs(args.runs_dir, args.out):
     print(path)
   return 0

@@ -21,7 +21,8 @@ What an object store cannot do, done its own way:
   generation preconditions, on which folder_lock.py builds its lease.
 
 An emulator is used when STORAGE_EMULATOR_HOST is set (google-cloud-storage's and gcsfs's
-variable); tensorstore's own, TENSORSTORE_GCS_HTTP_URL, is set from it when unset.
+variable); tensorstore's own, TENSORSTORE_GCS_HTTP_URL, is set from it when unset, and so
+is a stand-in token for tensorstore, which the emulator does not check.
 
 This module must not know what the files mean.
 """
@@ -39,6 +40,8 @@ os.environ.setdefault("EPATH_USE_TF", "false")  # read once, when epath first pi
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 if os.environ.get("STORAGE_EMULATOR_HOST"):
   os.environ.setdefault("TENSORSTORE_GCS_HTTP_URL", os.environ["STORAGE_EMULATOR_HOST"])
+  # An emulator takes any token; without one, tensorstore logs that it found no credentials.
+  os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")
 
 import fsspec  # pylint: disable=g-import-not-at-top,wrong-import-position
 from etils import epath  # pylint: disable=g-import-not-at-top,wrong-import-position

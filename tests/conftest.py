@@ -1,7 +1,8 @@
 """Shared test fixtures: the tiny T5 config, tiny random Hugging Face T5 models, one tiny
 finished training run (`uninterrupted`) that tests copy, or check they leave as it was, and
-a small copy of the shipped records whose NLI train inputs are given, and the records the
-stand-in teacher (fake_teacher.py) replays."""
+a small copy of the shipped records whose NLI train inputs are given, the records the
+stand-in teacher (fake_teacher.py) replays, and a new bucket on the session's Cloud Storage
+emulator (`gcs_bucket`; gcs_emulator.py)."""
 import atexit
 import json
 import os
