@@ -1,6 +1,10 @@
 """Importers of pretrained T5 checkpoints (Hugging Face and T5X) into this project's model
 format, and the `dsbs convert` subcommand (its flags: command_flags.py).
 
+Sources and --out may be local or gs:// URLs: T5X arrays are read by tensorstore and orbax,
+which read gs:// themselves, and each Hugging Face weights file, which safetensors and torch
+read only from a disk, from a temporary local copy.
+
 It also holds the other direction of the Hugging Face mapping (`hf_config`, `hf_weights`),
 which the exporter writes. Only foreign formats and renaming/reshaping their arrays belong
 here; the network lives in models/t5.py and our own checkpoint format in checkpoints.py.
@@ -8,7 +12,6 @@ It must not import TensorFlow.
 """
 import argparse
 import dataclasses
-import os
 import pathlib
 import re
 import sys
@@ -23,6 +26,7 @@ from flax import traverse_util
 from dsbs_jax import checkpoints
 from dsbs_jax import resources
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax import text_files
 from dsbs_jax.models import t5
 
@@ -35,7 +39,7 @@ class ConversionError(ValueError):
 # Matching a foreign parameter set against the config's parameter tree.
 # ------------------------------------------------------------------------------
 def _fit_params(config: t5.T5Config, lookup: Callable[[str], Optional[np.ndarray]],
-                source: pathlib.Path) -> dict[str, Any]:
+                source: storage.Path) -> dict[str, Any]:
   """Our parameter tree (per layer, however `config` runs), each leaf
   `lookup(our/slash/name)` checked against its shape."""
   per_layer = dataclasses.replace(config, scan_layers=False)
@@ -69,7 +73,7 @@ def _reshape_joined_heads(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
   return array
 
 
-def _reject_unused(names: set[str], used: set[str], source: pathlib.Path) -> None:
+def _reject_unused(names: set[str], used: set[str], source: storage.Path) -> None:
   unused = sorted(names - used)
   if unused:
     raise ConversionError(f"{source}: parameters the config has no place for: {unused[:8]}"
@@ -140,7 +144,7 @@ def hf_layout(our_name: str, array: np.ndarray) -> np.ndarray:
   return array.T if our_name.endswith(("kernel", "rel_embedding")) else array
 
 
-def config_from_hf(hf_config: dict[str, Any], source: pathlib.Path,
+def config_from_hf(hf_config: dict[str, Any], source: storage.Path,
                    dtype: str = "float32") -> t5.T5Config:
   """Our config for a transformers T5Config dict (config.json)."""
   model_type = hf_config.get("model_type")
@@ -179,7 +183,7 @@ def config_from_hf(hf_config: dict[str, Any], source: pathlib.Path,
       dtype=dtype)
 
 
-def _read_hf_weights(src_dir: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_hf_weights(src_dir: storage.Path) -> dict[str, np.ndarray]:
   """All tensors of a save_pretrained directory: safetensors or torch .bin, sharded or not."""
   for weights_name, reader in (("model.safetensors", _read_safetensors),
                                ("pytorch_model.bin", _read_torch_bin)):
@@ -201,26 +205,28 @@ def _read_hf_weights(src_dir: pathlib.Path) -> dict[str, np.ndarray]:
       "sharded *.index.json")
 
 
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_safetensors(path: storage.Path) -> dict[str, np.ndarray]:
   import safetensors  # pylint: disable=g-import-not-at-top
   # The 'flax' framework reads bfloat16, which plain numpy cannot.
-  with safetensors.safe_open(path, framework="flax") as tensors:
+  with (storage.temporary_local_copy(path) as local,
+        safetensors.safe_open(local, framework="flax") as tensors):
     return {name: np.asarray(tensors.get_tensor(name), np.float32) for name in tensors.keys()}
 
 
-def _read_torch_bin(path: pathlib.Path) -> dict[str, np.ndarray]:
+def _read_torch_bin(path: storage.Path) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as error:
     raise ImportError(f"reading {path} needs PyTorch (pip install torch), or convert the "
                       "checkpoint to safetensors first") from error
-  state_dict = torch.load(path, map_location="cpu", weights_only=True)
+  with storage.temporary_local_copy(path) as local:
+    state_dict = torch.load(local, map_location="cpu", weights_only=True)
   return {name: tensor.float().numpy() for name, tensor in state_dict.items()}
 
 
 def convert_hf(src_dir, dtype: str = "float32") -> tuple[dict[str, Any], t5.T5Config]:
   """(params, config) from a Hugging Face T5 directory (config.json + weights)."""
-  src_dir = pathlib.Path(src_dir).absolute()
+  src_dir = storage.path(src_dir)
   config_path = src_dir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"no Hugging Face config at {config_path}")
@@ -293,7 +299,7 @@ def hf_weights(params: Any) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------
 # T5X names need no renaming: our tree is T5X's minimal T5 layout under `target/`
 # (flaxformer's 3-d attention kernels are reshaped by `_reshape_joined_heads`).
-def _find_t5x_checkpoint(path: pathlib.Path) -> pathlib.Path:
+def _find_t5x_checkpoint(path: storage.Path) -> storage.Path:
   """The checkpoint directory for a step directory, a `checkpoint` file, or a model dir."""
   if path.is_file():
     return path.parent
@@ -306,7 +312,7 @@ def _find_t5x_checkpoint(path: pathlib.Path) -> pathlib.Path:
   return path
 
 
-def _read_t5x_msgpack(checkpoint_file: pathlib.Path) -> Optional[dict[str, Any]]:
+def _read_t5x_msgpack(checkpoint_file: storage.Path) -> Optional[dict[str, Any]]:
   """The target tree of a T5X msgpack checkpoint, or None if the file is not one."""
   contents = serialization.msgpack_restore(checkpoint_file.read_bytes())
   if not isinstance(contents, dict) or "optimizer" not in contents:
@@ -323,25 +329,27 @@ def _is_tensorstore_spec(value) -> bool:
   return isinstance(value, dict) and {"driver", "kvstore"} <= set(value)
 
 
-def _read_tensorstore(spec: dict[str, Any], checkpoint_dir: pathlib.Path,
+def _read_tensorstore(spec: dict[str, Any], checkpoint_dir: storage.Path,
                       name: str) -> np.ndarray:
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   kvstore = dict(spec["kvstore"])
   # T5X writes paths relative to the checkpoint directory; older tensorstore
-  # versions kept the path at the top level, and GCS checkpoints name a bucket
-  # that a local copy no longer needs.
+  # versions kept the path at the top level, and GCS checkpoints name the bucket
+  # they were written to, which the checkpoint may since have left.
   relative_path = kvstore.get("path", spec.get("path"))
+  array_path = checkpoint_dir / relative_path
   spec = {key: value for key, value in spec.items() if key != "path"}
-  spec["kvstore"] = {"driver": "file", "path": str(checkpoint_dir / relative_path)}
+  spec["kvstore"] = (str(array_path) if storage.is_url(array_path)  # tensorstore's gs:// URL
+                     else {"driver": "file", "path": str(array_path)})
   metadata = {k: v for k, v in spec.get("metadata", {}).items()
               if k not in ("chunks", "compressor")}
   spec["metadata"] = metadata
-  if not os.path.exists(spec["kvstore"]["path"]):
-    raise FileNotFoundError(f"array {name} missing: no {spec['kvstore']['path']}")
+  if not array_path.exists():
+    raise FileNotFoundError(f"array {name} missing: no {array_path}")
   return np.asarray(ts.open(spec, open=True, read=True).result().read().result())
 
 
-def _read_t5x_orbax(checkpoint_dir: pathlib.Path) -> dict[str, Any]:
+def _read_t5x_orbax(checkpoint_dir: storage.Path) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   state_dir = checkpoint_dir / "state" if (checkpoint_dir / "state").is_dir() else checkpoint_dir
   with ocp.PyTreeCheckpointer() as checkpointer:
@@ -351,9 +359,9 @@ def _read_t5x_orbax(checkpoint_dir: pathlib.Path) -> dict[str, Any]:
           for name, value in traverse_util.flatten_dict(target, sep="/").items()}
 
 
-def read_t5x_params(path) -> tuple[dict[str, np.ndarray], pathlib.Path]:
+def read_t5x_params(path) -> tuple[dict[str, np.ndarray], storage.Path]:
   """Flat {'encoder/layers_0/...': array} of a T5X checkpoint's target, and where it was."""
-  checkpoint_dir = _find_t5x_checkpoint(pathlib.Path(path).absolute())
+  checkpoint_dir = _find_t5x_checkpoint(storage.path(path))
   msgpack_file = checkpoint_dir / "checkpoint"
   if msgpack_file.is_file():
     flat = _read_t5x_msgpack(msgpack_file)
@@ -490,10 +498,12 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
 # ------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
   try:
-    out = pathlib.Path(args.out)
+    storage.check(read=[args.source], write=[args.out])
+    out = storage.path(args.out)
     if not args.overwrite and ((out / checkpoints.PARAMS_DIR).exists()
                                or (out / checkpoints.CONFIG_FILE).exists()):
-      raise ConversionError(f"--out {out} already holds a model; pass --overwrite to replace it")
+      raise ConversionError(f"--out {args.out} already holds a model; pass --overwrite to "
+                            "replace it")
     if args.source_format == "hf":
       if args.gin_file or args.config:
         raise ConversionError("--gin_file/--config are for --from t5x; Hugging Face "

@@ -21,6 +21,12 @@ step, where the last run stopped:
 Inputs without gold labels train and validate on the teacher's labels (accuracy is then
 agreement with the teacher); a --test file with gold labels gives true accuracy.
 
+--out, --inputs, --test, --prompt, --vocabulary and a converted or gin --student may be
+gs:// URLs. An object store cannot append: there the records are uploaded every 30 s and
+when stage 1 ends (storage.Appender; a kill -9 loses the records since, which the rerun asks
+for again), and the spend ledger after each request, so --max_teacher_tokens holds as on a
+disk.
+
 This module only composes the stages' own modules (teacher.py and teacher_command.py,
 custom_tasks.py through gin, train.py, export.py, run_dir.py); it must not reimplement
 generation, splitting, training, evaluation or export.
@@ -56,6 +62,7 @@ from dsbs_jax import rationales
 from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
 from dsbs_jax import teacher_command
@@ -83,11 +90,11 @@ USER_ERRORS = ((DistillError, teacher_client.TeacherError, teacher.PromptFileErr
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """The files of one distill run folder (DIR)."""
-  root: pathlib.Path
+  """The files of one distill run folder (DIR), on a disk or an object store."""
+  root: storage.Path
 
   def __post_init__(self):
-    object.__setattr__(self, "root", pathlib.Path(self.root).absolute())
+    object.__setattr__(self, "root", storage.path(self.root))
 
   teacher_dir = property(lambda self: self.root / "teacher")
   inputs_records = property(lambda self: self.teacher_dir / "inputs.jsonl")
@@ -99,7 +106,7 @@ class Layout:
   student = property(lambda self: run_dir.RunDir(self.root / "student"))
   report = property(lambda self: self.root / "report.md")
 
-  def export_dir(self, export_format: str) -> pathlib.Path:
+  def export_dir(self, export_format: str) -> storage.Path:
     return self.root / "export" / export_format
 
 
@@ -143,16 +150,16 @@ def _dataset_name(args) -> str:
 
 def _student(student: str) -> tuple[str, Optional[str]]:
   """(gin model file to include, converted checkpoint or None) for --student."""
-  path = pathlib.Path(student)
+  path = storage.path(student)
   if path.is_dir():
     if not (path / checkpoints.CONFIG_FILE).is_file():
       raise DistillError(f"--student {student}: a folder without {checkpoints.CONFIG_FILE}; give "
                          "a converted checkpoint (dsbs convert --out) or a gin model")
-    return "", str(path.absolute())
+    return "", str(path)
   if path.suffix == ".gin":
     if not path.is_file():
       raise DistillError(f"--student {student}: no such gin file")
-    return str(path.absolute()), None
+    return str(path), None
   if (resources.GIN_MODELS_DIR / f"{student}.gin").is_file():
     return f"models/{student}.gin", None
   known = ", ".join(sorted(p.stem for p in resources.GIN_MODELS_DIR.glob("*.gin")))
@@ -200,7 +207,7 @@ def plan_run(args) -> Plan:
 # ------------------------------------------------------------------------------
 # Stage 1: rationales.
 # ------------------------------------------------------------------------------
-def _annotation_jobs(plan: Plan, layout: Layout) -> list[tuple[str, list, pathlib.Path]]:
+def _annotation_jobs(plan: Plan, layout: Layout) -> list[tuple[str, list, storage.Path]]:
   jobs = [("--inputs", plan.inputs, layout.inputs_records)]
   return jobs + ([("--test", plan.test, layout.test_records)] if plan.test else [])
 
@@ -216,7 +223,7 @@ def dry_run(args, plan: Plan, layout: Layout) -> int:
     prompt_tokens += sum(teacher_client.estimate_tokens(build_prompt(e.input), "") for e in pending)
     print(f"{flag} {getattr(args, flag[2:])}: {len(examples):,} examples, {len(done):,} already "
           f"annotated in {path}, {len(pending):,} to send")
-  spent = teacher_client.read_ledger(str(layout.ledger))[1] if layout.ledger.is_file() else 0
+  spent = teacher_client.read_ledger(str(layout.ledger))[1]
   completion_tokens = requests * args.max_tokens * args.samples
   cap = f"{args.max_tokens_total:,}" if args.max_tokens_total else "none"
   if args.samples > 1:
@@ -233,10 +240,10 @@ def dry_run(args, plan: Plan, layout: Layout) -> int:
 
 def _check_teacher_settings(args, plan: Plan, layout: Layout) -> None:
   """Refuses to mix, in one folder, records of another teacher model, prompt or sampling."""
-  with open(plan.template.path, "rb") as f:
-    settings = {"teacher_model": args.model, "prompt_sha256": hashlib.sha256(f.read()).hexdigest(),
-                "api": args.api, "samples": args.samples,
-                "temperature": teacher_command.temperature(args)}
+  prompt = storage.path(plan.template.path).read_bytes()
+  settings = {"teacher_model": args.model, "prompt_sha256": hashlib.sha256(prompt).hexdigest(),
+              "api": args.api, "samples": args.samples,
+              "temperature": teacher_command.temperature(args)}
   if layout.teacher_settings.is_file():
     before = {**TEACHER_SETTING_DEFAULTS, **json.loads(layout.teacher_settings.read_text())}
     flag_of = {"teacher_model": "--teacher_model", "prompt_sha256": "--prompt", "api": "--api",
@@ -247,10 +254,11 @@ def _check_teacher_settings(args, plan: Plan, layout: Layout) -> None:
             f"{flag_of[key]}: differs from what wrote the records in {layout.teacher_dir} "
             f"({key} {before.get(key)!r}); rerun with the same one, or use a new --out")
   else:
-    layout.teacher_settings.write_text(json.dumps(settings, indent=1) + "\n")
+    storage.write_atomically(layout.teacher_settings,
+                             (json.dumps(settings, indent=1) + "\n").encode())
 
 
-def _check_records_match(flag: str, source: str, examples: list, path: pathlib.Path) -> None:
+def _check_records_match(flag: str, source: str, examples: list, path: storage.Path) -> None:
   """Refuses records in `path` that no longer fit the examples (the input file changed)."""
   if not path.is_file():
     return
@@ -286,7 +294,8 @@ def annotate(args, plan: Plan, layout: Layout) -> int:
 # Stages 2-4: the dataset and the run's gin, training, export.
 # ------------------------------------------------------------------------------
 def _gin_literal(value) -> str:
-  return repr(str(value) if isinstance(value, pathlib.Path) else value)
+  """A string or path as a gin string literal."""
+  return repr(str(value))
 
 
 def train_gin_text(args, plan: Plan, layout: Layout) -> str:
@@ -310,7 +319,7 @@ def train_gin_text(args, plan: Plan, layout: Layout) -> str:
             f"CHECKPOINT_PERIOD = {max(1, min(1000, args.steps // 4))}",
             f"EVAL_PERIOD = {max(1, min(1000, args.steps // 2))}"]
   if args.vocabulary:
-    lines.append(f"VOCABULARY = {_gin_literal(pathlib.Path(args.vocabulary).absolute())}")
+    lines.append(f"VOCABULARY = {_gin_literal(storage.path(args.vocabulary))}")
   if plan.initial_checkpoint:
     config = checkpoints.load_config(plan.initial_checkpoint)
     lines += [f"INITIAL_CHECKPOINT_PATH = {plan.initial_checkpoint!r}",
@@ -357,7 +366,7 @@ def train_student(args, layout: Layout, gin_text: str) -> int:
   if unchanged and training_done(layout, args.steps):
     print(f"train: done ({layout.student.path}), skipped")
     return 0
-  layout.train_gin.write_text(gin_text)
+  storage.write_atomically(layout.train_gin, gin_text.encode())
   with run_config(args, layout):
     try:
       train.train()
@@ -402,15 +411,19 @@ def _train_examples(train_sizes: dict, options: distillation.TaskOptions, sample
   return text
 
 
+def _absolute(path: str) -> str:
+  return path if storage.is_url(path) else os.path.abspath(path)
+
+
 def commands(args, plan: Plan, layout: Layout) -> list[tuple[str, str]]:
   """(what, shell command) that redo each stage by hand."""
-  teacher_flags = ["--prompt", os.path.abspath(args.prompt), "--teacher", args.teacher,
+  teacher_flags = ["--prompt", _absolute(args.prompt), "--teacher", args.teacher,
                    "--model", args.model, "--api", args.api, "--api_key_env", args.api_key_env]
   if args.samples > 1:
     teacher_flags += ["--samples", str(args.samples),
                       "--temperature", f"{teacher_command.temperature(args):g}"]
   listed = [(f"rationales for {flag}", shlex.join(
-      ["dsbs", "rationales", "generate", "--input", os.path.abspath(getattr(args, flag[2:])),
+      ["dsbs", "rationales", "generate", "--input", _absolute(getattr(args, flag[2:])),
        *teacher_flags,
        "--out", str(path)])) for flag, _, path in _annotation_jobs(plan, layout)]
   search = [f"--gin_search_path={p}" for p in args.gin_search_path]
@@ -521,7 +534,7 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   for what, command in commands(args, plan, layout):
     lines += [f"{what}:", "", "```bash", command, "```", ""]
   text = "\n".join(lines)
-  layout.report.write_text(text)
+  storage.write_atomically(layout.report, text.encode())
   return text
 
 
@@ -585,13 +598,15 @@ def add_parser(subparsers) -> None:
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")
+  storage.check(read=[args.inputs, args.test, args.prompt, args.student, args.vocabulary],
+                write=[args.out])
   layout = Layout(args.out)
   plan = plan_run(args)
   if args.dry_run:
     return dry_run(args, plan, layout)
   resume = "rerun the same command: the stages already done are skipped"
-  with folder_lock.FolderLock(folder_lock.lock_path(layout.root), f"--out {layout.root}",
-                              "dsbs distill"):
+  with folder_lock.lock_for(folder_lock.lock_path(layout.root), f"--out {layout.root}",
+                            "dsbs distill"):
     layout.teacher_dir.mkdir(parents=True, exist_ok=True)
     with stop_signals.phase("asking the teacher for rationales",
                             resume=f"the records in {layout.teacher_dir} are kept; {resume}"):

@@ -14,7 +14,16 @@ with the task prefix, tokenization and decoding inside the graph; its tokenizer 
 tensorflow-text's, which must be imported to load it. In --out/token_ids, the token-ids
 one: token ids in, generated ids out, loadable with TensorFlow alone (stock TensorFlow
 Serving). Both formats write the manifest dsbs_export.json, which says what each part
-needs, and appear at --out only once complete.
+needs.
+
+--checkpoint and --out may be local or gs:// URLs. An export is written to a local folder
+first (TensorFlow and safetensors write local files). On a disk that folder is renamed into
+place, so an export appears at --out only once complete and a failed one leaves an old --out
+as it was. An object store has no folder rename: there each file is uploaded (an object
+appears whole), dsbs_export.json deleted first and uploaded last, and the old export's files
+that the new one lacks deleted once the rest are up. A failure before the upload leaves --out
+as it was; a kill during it can leave old and new files mixed, without dsbs_export.json:
+rerun with --overwrite.
 
 This module only reads trained students and writes foreign formats; training, prediction
 and the network live elsewhere (train.py, infer.py, encoder_decoder.py, models/t5.py).
@@ -28,6 +37,7 @@ import os
 import pathlib
 import shutil
 import sys
+import tempfile
 import uuid
 from typing import Any, Callable, Optional
 
@@ -51,6 +61,7 @@ from dsbs_jax import rationales
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
 from dsbs_jax import stop_signals
+from dsbs_jax import storage
 from dsbs_jax.models import t5
 
 MANIFEST_FILE = "dsbs_export.json"
@@ -216,7 +227,7 @@ def write_hf(student: Student, directory: pathlib.Path, decode: DecodeOptions) -
   _write_json(directory / "generation_config.json", {
       "decoder_start_token_id": 0, "eos_token_id": t5.EOS_ID, "pad_token_id": 0,
       "max_new_tokens": decode.decode_length, "num_beams": 1, "do_sample": False})
-  shutil.copyfile(student.run.vocabulary_path, directory / VOCABULARY_FILES["hf"])
+  shutil.copyfile(student.run.vocabulary_file(), directory / VOCABULARY_FILES["hf"])
   vocabulary = infer.vocabulary_of(student.run, spec)
   piece = vocabulary.tokenizer.id_to_piece
   _write_json(directory / "tokenizer_config.json", {
@@ -289,7 +300,7 @@ def write_saved_model(student: Student, directory: pathlib.Path,
   inside the graph) and, in TOKEN_IDS_DIR, the token-ids one, which TensorFlow alone loads
   (stock TensorFlow Serving has no tensorflow-text ops)."""
   spec, config = student.spec, student.config
-  vocabulary = _ServingVocabulary(str(student.run.vocabulary_path),
+  vocabulary = _ServingVocabulary(str(student.run.vocabulary_file()),
                                   extra_ids=spec.vocabulary_extra_ids)
   prefixes = {"prediction": spec.label_prefix}
   if decode.with_rationales:
@@ -329,8 +340,7 @@ def write_saved_model(student: Student, directory: pathlib.Path,
         SIGNATURE_NAME: serve_text, TOKEN_IDS_SIGNATURE: serve_token_ids})
     tf.saved_model.save(token_ids_model, str(directory / TOKEN_IDS_DIR),
                         signatures={SIGNATURE_NAME: serve_token_ids})
-  shutil.copyfile(student.run.vocabulary_path,
-                  directory / VOCABULARY_FILES["saved_model"])
+  shutil.copyfile(student.run.vocabulary_file(), directory / VOCABULARY_FILES["saved_model"])
   token_ids = {
       "inputs": {TOKEN_IDS_INPUT: (
           f"[batch, {spec.input_length}] int32: the task prefix and input tokenized with the "
@@ -367,18 +377,19 @@ def _new_sibling_dir(out: pathlib.Path, kind: str) -> pathlib.Path:
   return directory
 
 
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
+def _check_out(out: storage.Path, overwrite: bool) -> None:
   if out.exists() and not overwrite:
     raise ExportError(f"{out} exists; pass --overwrite to replace it")
 
 
 def export(model_dir, out, export_format: str, step: str = "best",
-           decode: DecodeOptions = DecodeOptions(), overwrite: bool = False) -> pathlib.Path:
+           decode: DecodeOptions = DecodeOptions(), overwrite: bool = False) -> storage.Path:
   """Writes MODEL_DIR's student at `step` to `out` in `export_format`; returns `out`.
 
-  Everything is written to a temporary directory beside `out`, renamed into place once
-  complete, so a failed export leaves nothing at `out` (and an old `out` as it was). One
-  export at a time writes `out` (a lock beside it), and never over a folder a run holds.
+  Everything is written to a temporary directory and then put in place as the module
+  docstring says: on a disk, a failed export leaves nothing at `out` (and an old `out` as it
+  was). One export at a time writes `out` (a lock beside it), and never over a folder a run
+  holds.
   """
   if export_format not in WRITERS:
     raise ExportError(f"--format {export_format!r}: expected one of {FORMATS}")
@@ -387,10 +398,11 @@ def export(model_dir, out, export_format: str, step: str = "best",
   if export_format == "hf" and (decode.method != "greedy" or decode.with_rationales):
     raise ExportError("--decode beam and --with_rationales are for --format saved_model; "
                       "with --format hf, prepend the manifest's task prefix yourself")
-  out = pathlib.Path(out).absolute()
+  storage.check(read=[model_dir], write=[out])
+  out = storage.path(out)
   _check_out(out, overwrite)
-  with folder_lock.FolderLock(out.parent / f".{out.name}{folder_lock.LOCK_NAME}", f"--out {out}",
-                              "dsbs export"):
+  with folder_lock.lock_for(out.parent / f".{out.name}{folder_lock.LOCK_NAME}", f"--out {out}",
+                            "dsbs export"):
     if (holder := folder_lock.holder(out)) is not None:
       raise ExportError(f"--out {out} is in use by {holder}; export elsewhere")
     with stop_signals.phase(f"exporting to {out}",
@@ -402,9 +414,11 @@ def export(model_dir, out, export_format: str, step: str = "best",
   return out
 
 
-def _write_staged(student: Student, out: pathlib.Path, export_format: str,
+def _write_staged(student: Student, out: storage.Path, export_format: str,
                   decode: DecodeOptions, overwrite: bool) -> None:
-  staging = _new_sibling_dir(out, "tmp")
+  on_store = storage.is_url(out)
+  staging = (pathlib.Path(tempfile.mkdtemp(prefix="dsbs-export-")) if on_store
+             else _new_sibling_dir(out, "tmp"))
   try:
     format_entries = WRITERS[export_format](student, staging, decode)
     values = manifest(student, export_format, decode, format_entries)
@@ -412,7 +426,12 @@ def _write_staged(student: Student, out: pathlib.Path, export_format: str,
     if export_format == "hf":
       (staging / MODEL_CARD_FILE).write_text(model_card(values, student.config), encoding="utf-8")
     _check_out(out, overwrite)  # again: another export may have finished meanwhile
-    if out.exists():
+    if on_store:
+      with stop_signals.phase(f"uploading to {out}",
+                              resume=f"{out} may mix old and new files; rerun the same command "
+                                     "with --overwrite"):
+        storage.replace_folder(out, staging, last=MANIFEST_FILE)
+    elif out.exists():
       replaced = _new_sibling_dir(out, "old")
       os.replace(out, replaced / out.name)
       os.replace(staging, out)

@@ -14,6 +14,7 @@ import tokenize
 import gin
 
 from dsbs_jax import resources
+from dsbs_jax import storage
 from dsbs_jax import text_files
 
 GIN_FLAG_HELP = (
@@ -34,11 +35,19 @@ def _gin_file_text(path: str) -> io.StringIO:
   return io.StringIO(text_files.read_text(path))
 
 
-# Gin files (includes too) are read as text_files reads text: a byte-order mark skipped, bytes
-# that are not UTF-8 named by line. gin's register_file_reader would append this reader after
-# its own plain `open`, which then always wins.
+def _is_gin_file(path: str) -> bool:
+  try:
+    return storage.path(path).is_file()
+  except storage.StorageError:  # a scheme storage.py does not take: not a file here
+    return False
+
+
+# Gin files (includes too) are read as text_files reads text, from a disk or a URL: a
+# byte-order mark skipped, bytes that are not UTF-8 named by line. gin's
+# register_file_reader would append this reader after its own plain `open`, which then
+# always wins.
 gin.config._FILE_READERS.insert(  # pylint: disable=protected-access
-    0, (_gin_file_text, os.path.isfile))
+    0, (_gin_file_text, _is_gin_file))
 
 
 def add_gin_arguments(parser: argparse.ArgumentParser) -> None:

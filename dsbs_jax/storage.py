@@ -26,6 +26,7 @@ is a stand-in token for tensorstore, which the emulator does not check.
 
 This module must not know what the files mean.
 """
+import contextlib
 import functools
 import hashlib
 import os
@@ -33,7 +34,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Iterable, Optional, Union
+from typing import Iterable, Iterator, Optional, Union
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # read once, when epath first picks a backend
 # gcsfs's experimental layer asks the storage-control API about each bucket before use.
@@ -180,6 +181,37 @@ def local_copy(p: PathLike) -> str:
     blob.download_to_filename(str(tmp), retry=_retry())
     os.replace(tmp, copy)
   return str(copy)
+
+
+@contextlib.contextmanager
+def temporary_local_copy(p: PathLike) -> Iterator[pathlib.Path]:
+  """`p` as a local file while the block reads it: itself on a disk; for a URL, a copy in a
+  temporary folder removed after the block (for files too big to keep, as model weights)."""
+  if not is_url(p):
+    yield path(p)
+    return
+  with tempfile.TemporaryDirectory(prefix="dsbs-copy-") as folder:
+    copy = pathlib.Path(folder) / path(p).name
+    with open_binary(p) as source, open(copy, "wb") as target:
+      shutil.copyfileobj(source, target)
+    yield copy
+
+
+def replace_folder(target: PathLike, local: pathlib.Path, last: str) -> None:
+  """Makes the folder `target` on an object store hold what the local folder `local` holds,
+  file by file, as it has no folder rename: `target/last` is deleted first and uploaded
+  last, so that while it is missing the folder is known to be incomplete, and the files
+  only the old folder had are deleted once every new one is uploaded."""
+  target = path(target)
+  old = {str(file.relative_to(target)) for file in files_under(target)}
+  new = sorted((str(file.relative_to(local)) for file in files_under(local)),
+               key=lambda relative: relative == last)
+  (target / last).unlink(missing_ok=True)
+  for relative in new:
+    with open(local / relative, "rb") as source, (target / relative).open("wb") as upload:
+      shutil.copyfileobj(source, upload)
+  for relative in sorted(old - set(new)):
+    (target / relative).unlink(missing_ok=True)
 
 
 class Mirror:

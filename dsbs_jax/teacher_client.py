@@ -27,6 +27,8 @@ import urllib.parse
 import urllib.request
 from typing import Optional, Union
 
+from dsbs_jax import storage
+
 APIS = ("completions", "chat")
 CHARS_PER_TOKEN_ESTIMATE = 4  # OpenAI's rule of thumb for English, used when a reply has no `usage`
 _MAX_ERROR_BODY_CHARS = 300
@@ -77,15 +79,12 @@ def read_ledger(path: str) -> tuple[int, int, int]:
   A last line without its newline (a run killed mid-write) is cut off: at most one
   request's spending is forgotten.
   """
-  try:
-    with open(path, "rb") as f:
-      content = f.read()
-  except FileNotFoundError:
+  if not storage.path(path).is_file():
     return 0, 0, 0
+  content = storage.path(path).read_bytes()
   complete_end = content.rfind(b"\n") + 1
   if complete_end < len(content):
-    with open(path, "r+b") as f:
-      f.truncate(complete_end)
+    storage.write_atomically(path, content[:complete_end])
   totals = [0, 0, 0]
   for number, line in enumerate(content[:complete_end].decode("utf-8").splitlines(), start=1):
     try:
@@ -160,9 +159,9 @@ class Budget:
     self._lock = threading.Lock()
 
   def _record(self, entry: dict) -> None:
-    if self.ledger_path:
-      with open(self.ledger_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
+    if self.ledger_path:  # on an object store, uploaded before the next request is counted
+      with storage.Appender(self.ledger_path, upload_every_s=0.0) as ledger:
+        ledger.write(json.dumps(entry) + "\n")
 
   def record_connection(self, error: Optional[str]) -> None:
     """Counts an attempt that could not connect or timed out (`error`), or resets the count

@@ -4,9 +4,11 @@ import json
 import pathlib
 import sys
 
+import gin
 import pytest
 
 from dsbs_jax import cli
+from dsbs_jax import gin_utils
 from dsbs_jax import rationales
 from dsbs_jax import storage
 from dsbs_jax import teacher
@@ -102,3 +104,11 @@ def test_the_checkpoint_benchmark_reports_the_store_against_the_local_disk(gcs_b
   assert remote["blocking_ratio_to_local"] == remote["blocking_s"] / local["blocking_s"]
   assert local["state_bytes"] == remote["state_bytes"] > 0
   assert url in capsys.readouterr().out
+
+
+def test_a_gin_file_is_read_from_gcs(gcs_bucket):
+  config = f"{gcs_bucket}/configs/steps.gin"
+  storage.path(config).write_text("include 'quickstart.gin'\nTRAIN_STEPS = 7\n")
+  gin_utils.parse_gin([config], [])
+  assert gin.query_parameter("%TRAIN_STEPS") == 7
+  assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "cqa_dsbs_teacher"

@@ -178,3 +178,142 @@ def test_vocabulary_records_and_initial_checkpoint_read_from_gcs(uninterrupted, 
   assert (storage.path(f"{model_dir}/vocabulary.model").read_bytes()
           == resources.VOCABULARY_FILE.read_bytes())
   assert logged_steps(model_dir) == [1, 2]
+
+
+# ------------------------------------------------------------------------------
+# `dsbs export`, `convert` and `distill` on gs://.
+# ------------------------------------------------------------------------------
+def copy_tree(source, target) -> None:
+  """Copies the files under `source` to `target`, either of them local or gs://."""
+  for file in storage.files_under(source):
+    copy = storage.path(f"{target}/{file.relative_to(storage.path(source))}")
+    copy.parent.mkdir(parents=True, exist_ok=True)
+    copy.write_bytes(file.read_bytes())
+
+
+def relative_files(folder) -> list[str]:
+  return [str(file.relative_to(storage.path(folder))) for file in storage.files_under(folder)]
+
+
+@pytest.mark.slow
+def test_hf_export_of_a_run_on_gcs_to_gcs_is_the_local_export_and_overwrite_replaces_it(
+    uninterrupted, gcs_bucket, tmp_path):
+  from dsbs_jax import export  # pylint: disable=import-outside-toplevel  (loads TensorFlow)
+  model_dir, out, local = f"{gcs_bucket}/runs/trained", f"{gcs_bucket}/exports/hf", tmp_path / "hf"
+  copy_tree(uninterrupted, model_dir)
+  for checkpoint, folder in ((model_dir, out), (uninterrupted, local)):
+    assert cli.main(["export", "--checkpoint", checkpoint, "--format", "hf", "--out",
+                     str(folder)]) == 0
+  names = relative_files(local)
+  assert relative_files(out) == names and export.MANIFEST_FILE in names
+  for name in names:
+    exported, expected = storage.path(f"{out}/{name}").read_bytes(), (local / name).read_bytes()
+    if name in (export.MANIFEST_FILE, export.MODEL_CARD_FILE):  # they name the checkpoint
+      exported = exported.replace(model_dir.encode(), str(uninterrupted).encode())
+    assert exported == expected, name
+  # An export there is replaced only with --overwrite; files the new one lacks go.
+  storage.path(f"{out}/stale.bin").write_bytes(b"an older export's")
+  flags = ["export", "--checkpoint", model_dir, "--format", "hf", "--out", out, "--step", "4"]
+  assert cli.main(flags) == 2
+  assert storage.path(f"{out}/stale.bin").exists()
+  assert cli.main([*flags, "--overwrite"]) == 0
+  manifest = json.loads(storage.path(f"{out}/{export.MANIFEST_FILE}").read_text())
+  assert manifest["source"]["checkpoint"] == model_dir and manifest["source"]["step"] == 4
+  # Nothing is left beside it: no lock, no staging.
+  assert objects_under(f"{gcs_bucket}/exports") == [f"exports/hf/{name}" for name in names]
+
+
+@pytest.mark.slow
+def test_saved_model_export_of_a_run_on_gcs_to_gcs_uploads_a_tree_that_serves(
+    uninterrupted, gcs_bucket, tmp_path):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  from dsbs_jax import export  # pylint: disable=import-outside-toplevel
+  model_dir, out = f"{gcs_bucket}/runs/trained", f"{gcs_bucket}/exports/saved_model"
+  copy_tree(uninterrupted, model_dir)
+  # TensorFlow, which must not be handed a URL, tokenizes with the run's vocabulary.
+  assert cli.main(["export", "--checkpoint", model_dir, "--format", "saved_model",
+                   "--out", out]) == 0
+  names = relative_files(out)
+  assert {"saved_model.pb", "token_ids/saved_model.pb", run_dir.VOCABULARY_FILE,
+          export.MANIFEST_FILE} <= set(names)
+  assert any(name.startswith("token_ids/variables/") for name in names)
+  copy_tree(out, tmp_path / "saved_model")
+  signature = tf.saved_model.load(str(tmp_path / "saved_model")).signatures[export.SIGNATURE_NAME]
+  served = signature(inputs=tf.constant(["Where do you keep milk?", "What is round?"]))
+  assert served["prediction"].shape == (2,)
+
+
+def test_export_to_a_missing_bucket_is_refused_in_one_line_before_any_work(tmp_path, capsys):
+  url = "gs://no-such-bucket-here/exports/hf"
+  assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--format", "hf", "--out",
+                   url]) == 2
+  assert capsys.readouterr().err == f"dsbs export: error: {url}: no such bucket\n"
+
+
+@pytest.mark.slow
+def test_convert_reads_hf_and_t5x_checkpoints_on_gcs_and_writes_models_there(gcs_bucket, tmp_path,
+                                                                            tiny_config):
+  import test_convert  # pylint: disable=import-outside-toplevel  (its T5X writer; loads torch)
+  from conftest import make_hf_t5  # pylint: disable=import-outside-toplevel
+  make_hf_t5("v1.0", seed=2).save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+  copy_tree(tmp_path / "hf", f"{gcs_bucket}/pretrained/hf")
+  converted = f"{gcs_bucket}/models/from_hf"
+  for source, out in ((f"{gcs_bucket}/pretrained/hf", converted),
+                      (tmp_path / "hf", tmp_path / "from_hf")):
+    assert cli.main(["convert", "--from", "hf", str(source), "--out", str(out)]) == 0
+  (params, config), (local_params, local_config) = map(
+      checkpoints.load_model, (converted, tmp_path / "from_hf"))
+  assert config == local_config
+  jax.tree.map(np.testing.assert_array_equal, params, local_params)
+  assert cli.main(["convert", "--from", "hf", f"{gcs_bucket}/pretrained/hf", "--out",
+                   converted]) == 2  # already holds a model
+
+  t5x_params = t5.init_params(tiny_config, jax.random.key(3))
+  test_convert.write_t5x_msgpack_checkpoint(t5x_params, tmp_path / "t5x" / "checkpoint_1000")
+  copy_tree(tmp_path / "t5x", f"{gcs_bucket}/t5x")
+  # A model directory: the latest checkpoint_<step> is taken, its arrays read by tensorstore.
+  assert cli.main(["convert", "--from", "t5x", f"{gcs_bucket}/t5x", "--config", "t5_1_1_tiny",
+                   "--out", f"{gcs_bucket}/models/from_t5x"]) == 0
+  imported, _ = checkpoints.load_model(f"{gcs_bucket}/models/from_t5x")
+  jax.tree.map(np.testing.assert_array_equal, imported, t5x_params)
+
+
+@pytest.mark.slow
+def test_distill_with_inputs_and_out_on_gcs_runs_every_stage_there_and_a_rerun_skips_them(
+    gcs_bucket, monkeypatch, capsys):
+  import fake_teacher  # pylint: disable=import-outside-toplevel
+  from dsbs_jax import replay_teacher  # pylint: disable=import-outside-toplevel
+  from dsbs_jax import teacher  # pylint: disable=import-outside-toplevel
+  monkeypatch.setenv(fake_teacher.KEY_ENV, fake_teacher.SECRET)
+  inputs, test = f"{gcs_bucket}/inputs/questions.jsonl", f"{gcs_bucket}/inputs/test.jsonl"
+  out = f"{gcs_bucket}/distill/questions"
+  copy_tree(resources.RATIONALES_DIR / "examples" / "distill", f"{gcs_bucket}/inputs")
+  with fake_teacher.FakeTeacher({"cqa": replay_teacher.shipped_records("cqa")}) as fake:
+    argv = ["distill", "--inputs", inputs, "--test", test,
+            "--prompt", teacher.default_prompt_path("cqa"),
+            "--teacher", fake.url, "--teacher_model", "palm-replay", "--api_key_env",
+            fake_teacher.KEY_ENV, "--out", out, "--export", "hf", "--student", "t5_1_1_tiny",
+            "--steps", "2", "--gin.T5Config.vocab_size=8000", "--gin.BATCH_SIZE=8",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
+            "--gin.train.eval_batch_size=8", *fake_teacher.FAST_RETRIES]
+    assert cli.main(argv) == 0
+    written = relative_files(out)
+    for name in ("teacher/inputs.jsonl", "teacher/test.jsonl", "teacher/spend.jsonl",
+                 "teacher/settings.json", "train.gin", "data/questions/train.jsonl",
+                 "data/questions/test.jsonl", "student/results.json",
+                 "export/hf/dsbs_export.json", "export/hf/model.safetensors", "report.md"):
+      assert name in written, name
+    assert any(name.startswith("student/checkpoints/2/") for name in written)
+    assert not any(folder_lock.LOCK_NAME in name for name in written)
+    assert len(storage.path(f"{out}/teacher/inputs.jsonl").read_text().splitlines()) == 48
+    report = storage.path(f"{out}/report.md").read_text()
+    assert "over every run in this folder: 6,400 in 64 requests" in report  # the ledger's
+    assert "| test | gold labels |" in report
+    assert f"--input {inputs}" in report and f"--input {test}" in report
+    assert f"{out}/export/hf" in report
+    requests = fake.requests
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "train: done" in printed and "export hf: done" in printed
+    assert fake.requests == requests
