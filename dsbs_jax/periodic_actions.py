@@ -2,7 +2,7 @@
 and at the last one (as clu's periodic_actions): the progress report (losses per task,
 throughput, MFU, time left), checkpointing, and validation, which keeps the step best on
 validation; the first step's startup report; and the stop requests (SIGTERM, SIGINT) the
-loop checks after each step.
+loop checks after each step, agreed on by every host of a multi-host run.
 
 Nothing here runs a training step, builds a model or reads data; train.py owns the loop.
 """
@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from dsbs_jax import checkpoints
@@ -216,20 +217,54 @@ class Validation(PeriodicAction):
 
 
 class StopRequests:
-  """Turns SIGTERM/SIGINT into a flag the loop checks, so it can checkpoint and stop."""
+  """Turns SIGTERM/SIGINT into a reason to stop that the loop asks for once a step, so that
+  it can checkpoint and stop.
+
+  One process: a signal sets a flag; the loop stops after the step that reads it.
+
+  Several processes (jax.distributed): every host must save the same step, or the save (a
+  collective) hangs. JAX's preemption sync manager owns SIGTERM: jax.distributed.initialize
+  installs its handler over the one cli.main set before, and a Python handler installed
+  after it would hide the notice from JAX, so none is. A notice to any one host reaches all
+  of them, and `requested` answers on every host at the step they agree on
+  (multihost_utils.reached_preemption_sync_point). SIGINT is passed on to JAX as SIGTERM,
+  so Ctrl-C on any host stops them all at that step too: stopped on one host alone, the
+  others would wait in the next collective for ever.
+  """
 
   def __init__(self):
-    self.signal_name = None
+    self._signal_name = None
     self._previous = {}
+    self._checks = 0
+    self._hosts = jax.process_count()
 
   def __enter__(self):
-    for signum in (signal.SIGTERM, signal.SIGINT):
-      self._previous[signum] = signal.signal(signum, self._handle)
+    if self._hosts == 1:
+      handlers = {signal.SIGTERM: self._handle, signal.SIGINT: self._handle}
+    else:
+      handlers = {signal.SIGINT: self._pass_to_jax}
+    for signum, handler in handlers.items():
+      self._previous[signum] = signal.signal(signum, handler)
     return self
 
   def _handle(self, signum, frame):
     del frame
-    self.signal_name = signal.Signals(signum).name
+    self._signal_name = signal.Signals(signum).name
+
+  def _pass_to_jax(self, signum, frame):
+    del signum, frame
+    signal.raise_signal(signal.SIGTERM)  # the C handler JAX installed, not a Python one
+
+  def requested(self) -> Optional[str]:
+    """What asked the run to stop after this step, or None; asked once a step, by every host."""
+    if self._hosts == 1:
+      return self._signal_name
+    # The sync point is agreed in calls, not steps: JAX's count starts at 0, so a notice from
+    # before the first call falls on call 1, which a restored run's steps would never meet.
+    self._checks += 1
+    if multihost_utils.reached_preemption_sync_point(self._checks):
+      return f"a preemption notice (SIGTERM or SIGINT to one of the {self._hosts} hosts)"
+    return None
 
   def __exit__(self, *exc):
     for signum, handler in self._previous.items():

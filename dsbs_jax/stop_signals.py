@@ -6,7 +6,8 @@ checkpoints closed, temporary files removed) and end as one line from `stopped_l
 Commands name what they are doing with `phase("compiling the train step", resume="...")`;
 the line names the innermost phase the signal interrupted and that phase's way to go on.
 The training loop catches the signals itself, to checkpoint first
-(periodic_actions.StopRequests).
+(periodic_actions.StopRequests). In a multi-host run jax.distributed.initialize installs
+JAX's own SIGTERM handler over this one, so from then on SIGTERM raises nothing there.
 
 This module must not print, and holds no command's knowledge: phases come from the commands.
 """

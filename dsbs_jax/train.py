@@ -269,7 +269,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                                             settings.config, print_fn)
           report.add(batch, metrics)
           # Read once: a signal arriving later in this step is acted on after the next one.
-          stopping = stop.signal_name is not None
+          stopping = stop.requested()
           validate = validation.due(step)
           save = checkpointing.due(step) or validate or stopping
           if not (report.due(step) or save):
@@ -281,7 +281,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
             validation(step, state.params)
           if stopping:
             checkpointer.wait()
-            raise TrainingInterrupted(f"{stop.signal_name} at step {step}: checkpoint saved in "
+            raise TrainingInterrupted(f"{stopping} at step {step}: checkpoint saved in "
                                       f"{checkpointer.directory}; rerun the same command to "
                                       "resume")
           report.restart()

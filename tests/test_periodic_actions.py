@@ -1,5 +1,10 @@
 """Tests for dsbs_jax.periodic_actions: when an action is due, the time left, the progress
-report's refusal of non-finite metrics, and the best step kept on validation."""
+report's refusal of non-finite metrics, the best step kept on validation, and the stop
+requests of one host and of several."""
+import signal
+
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
@@ -81,3 +86,32 @@ def test_the_best_step_is_kept_only_when_beaten_and_forgotten_past_a_restore(tmp
   assert run.best_step() == 6
   resumed.forget_if_after(4, checkpointer)
   assert resumed.step is None and run.best() is None and checkpointer.calls[-1] == ("keep", None)
+
+
+def test_one_host_stops_after_the_step_a_signal_came_in():
+  before = signal.getsignal(signal.SIGTERM)
+  with periodic_actions.StopRequests() as stop:
+    assert stop.requested() is None
+    signal.raise_signal(signal.SIGTERM)
+    assert stop.requested() == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_several_hosts_leave_sigterm_to_jax_and_stop_at_its_sync_point(monkeypatch):
+  checks, notices = [], []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda count: checks.append(count) or count == 3)
+  jax_handler = lambda signum, frame: notices.append(signum)  # stands in for JAX's C handler
+  previous = signal.signal(signal.SIGTERM, jax_handler)
+  try:
+    with periodic_actions.StopRequests() as stop:
+      assert signal.getsignal(signal.SIGTERM) is jax_handler  # a Python one would hide notices
+      signal.raise_signal(signal.SIGINT)  # Ctrl-C on this host: a notice to all of them
+      assert notices == [signal.SIGTERM]
+      assert stop.requested() is None and stop.requested() is None
+      assert "preemption notice" in stop.requested()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  # Counted in calls, the same on every host whatever step a restored run starts at.
+  assert checks == [1, 2, 3]
