@@ -1,8 +1,9 @@
 """`dsbs` commands with every path on gs://, against the session's Cloud Storage emulator
 (conftest.py): a run killed mid-checkpoint resumes to an uninterrupted run's losses, one
 writer per run folder (a live lease refuses, a dead holder's is taken over), a bucket that
-does not exist is refused in one line with nothing created, and runs read their
-vocabulary, records and initial checkpoint from gs://."""
+does not exist is refused in one line with nothing created, runs read their vocabulary,
+records and initial checkpoint from gs://, and export, convert and distill read and write
+there."""
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 from google.cloud import storage as gcs
 
 from conftest import tiny_run_flags
+from test_train import assert_resumed_like_uninterrupted, logged_steps
 from dsbs_jax import checkpoints
 from dsbs_jax import cli
 from dsbs_jax import folder_lock
@@ -27,35 +29,9 @@ from dsbs_jax import storage
 from dsbs_jax.models import t5
 
 
-def train_losses(model_dir) -> dict:
-  return {r["step"]: r["loss"] for r in run_dir.RunDir(model_dir).metrics() if r["kind"] == "train"}
-
-
-def logged_steps(model_dir, kind="train") -> list:
-  return [r["step"] for r in run_dir.RunDir(model_dir).metrics() if r["kind"] == kind]
-
-
-def final_params(model_dir, step):
-  checkpointer = run_dir.RunDir(model_dir).checkpointer()
-  try:
-    state, _ = checkpointer.restore(step, None)
-  finally:
-    checkpointer.close()
-  return jax.tree.leaves(t5.params_in_layout(state["params"], stacked=False))
-
-
 def objects_under(url: str) -> list[str]:
   bucket, _, prefix = url[len("gs://"):].partition("/")
   return sorted(blob.name for blob in gcs.Client().list_blobs(bucket, prefix=prefix.rstrip("/") + "/"))
-
-
-def assert_equal_to_uninterrupted(model_dir, uninterrupted):
-  assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
-  resumed, reference = train_losses(model_dir), train_losses(uninterrupted)
-  for step, loss in resumed.items():
-    np.testing.assert_allclose(loss, reference[step], rtol=1e-5, err_msg=f"step {step}")
-  for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -78,7 +54,7 @@ def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_runs_losses(
     if name.endswith("commit_success.txt"):
       bucket.blob(name).delete()
   assert cli.main(tiny_run_flags(model_dir)) == 0
-  assert_equal_to_uninterrupted(model_dir, uninterrupted)
+  assert_resumed_like_uninterrupted(model_dir, uninterrupted)
   results = json.loads(storage.path(f"{model_dir}/results.json").read_text())
   assert "accuracy" in results["test"]
   assert storage.path(f"{model_dir}/learning_curves.png").read_bytes().startswith(b"\x89PNG")

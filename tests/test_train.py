@@ -29,8 +29,7 @@ from dsbs_jax.models import t5
 
 
 def metrics_rows(model_dir):
-  with open(os.path.join(model_dir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
+  return run_dir.RunDir(model_dir).metrics()
 
 
 def train_losses(model_dir):
@@ -120,9 +119,14 @@ def test_run_killed_with_sigkill_resumes_to_the_same_result(uninterrupted, tmp_p
   process.communicate()
   assert os.path.isdir(os.path.join(steps_dir, "2")), "killed before the first checkpoint"
   assert cli.main(tiny_run_flags(model_dir)) == 0
+  assert_resumed_like_uninterrupted(model_dir, uninterrupted)
+
+
+def assert_resumed_like_uninterrupted(model_dir, uninterrupted):
+  """A resumed 6-step run (local or gs://) logged each step once, and the steps logged after
+  its restore repeat the uninterrupted run's losses and end with its parameters."""
   assert logged_steps(model_dir) == [1, 2, 3, 4, 5, 6]
   resumed, reference = train_losses(model_dir), train_losses(uninterrupted)
-  # Steps logged after the restore repeat the uninterrupted run's losses exactly.
   for step, loss in resumed.items():
     np.testing.assert_allclose(loss, reference[step], rtol=1e-5, err_msg=f"step {step}")
   for got, want in zip(final_params(model_dir, 6), final_params(uninterrupted, 6)):
