@@ -421,9 +421,10 @@ class _UnresolvedValues(config_parser.ParserDelegate):
     return _Macro(macro_name)
 
 
-def _find_gin_file(name: str, search_paths: list, included_at: str) -> pathlib.Path:
+def _find_gin_file(name: str, search_paths: list, included_at: str) -> storage.Path:
   for folder in ("", *search_paths):  # as given (absolute, or from the working dir) first
-    candidate = pathlib.Path(folder) / name
+    candidate = (storage.path(f"{str(folder).rstrip('/')}/{name}" if folder else name)
+                 if storage.is_url(folder or name) else pathlib.Path(folder) / name)
     if candidate.is_file():
       return candidate
   raise FileNotFoundError(f"{included_at}gin file {name!r} not found in the working directory "
@@ -431,7 +432,7 @@ def _find_gin_file(name: str, search_paths: list, included_at: str) -> pathlib.P
                           "--gin_search_path")
 
 
-def _read_gin_bindings(gin_file: pathlib.Path, search_paths: list, config_values: dict,
+def _read_gin_bindings(gin_file: storage.Path, search_paths: list, config_values: dict,
                        macros: dict) -> None:
   """Adds the file's (and its includes') T5Config bindings and macros, the last one winning."""
   try:
@@ -475,7 +476,7 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
   bound to %gin.REQUIRED (T5X's DROPOUT_RATE) keeps its default: dropout and dtype are set
   by the training run.
   """
-  search_paths = [*map(pathlib.Path, search_paths), resources.GIN_DIR]
+  search_paths = [*search_paths, resources.GIN_DIR]
   gin_file = _find_gin_file(str(gin_file), search_paths, "")
   bindings, macros = {}, {}
   _read_gin_bindings(gin_file, search_paths, bindings, macros)

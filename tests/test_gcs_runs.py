@@ -36,11 +36,18 @@ def objects_under(url: str) -> list[str]:
 
 @pytest.mark.slow
 def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_runs_losses(
-    uninterrupted, gcs_bucket):
+    uninterrupted, gcs_bucket, capsys):
   model_dir = f"{gcs_bucket}/runs/killed"
   process = subprocess.Popen([sys.executable, "-m", "dsbs_jax.cli", *tiny_run_flags(model_dir)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   deadline = time.time() + 240
+  lock = storage.path(f"{model_dir}/{folder_lock.LOCK_NAME}")
+  while time.time() < deadline and process.poll() is None and not lock.exists():
+    pass
+  # A second run on the folder while the first holds it (it compiles for seconds yet).
+  assert cli.main(tiny_run_flags(model_dir)) == 2
+  assert f"is in use by `dsbs train` (pid {process.pid} on " in capsys.readouterr().err
+  gin.clear_config()
   while time.time() < deadline and process.poll() is None:
     if objects_under(f"{model_dir}/checkpoints/4"):  # the write of step 4 has begun
       break
@@ -53,6 +60,8 @@ def test_a_run_killed_mid_checkpoint_resumes_to_the_uninterrupted_runs_losses(
   for name in objects_under(f"{model_dir}/checkpoints/4"):
     if name.endswith("commit_success.txt"):
       bucket.blob(name).delete()
+  # The killed run's lock is still there; its pid is gone from this host, so it is taken.
+  assert storage.read_with_generation(str(lock)) is not None
   assert cli.main(tiny_run_flags(model_dir)) == 0
   assert_resumed_like_uninterrupted(model_dir, uninterrupted)
   results = json.loads(storage.path(f"{model_dir}/results.json").read_text())
