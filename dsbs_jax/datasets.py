@@ -17,9 +17,11 @@ _NLI_TRAIN_INPUTS = ("the JSONL that the paper's data_utils.py writes from Huggi
                      "`{hf}` {split} ({file}: premise, hypothesis, label), or '{tfds}'")
 BENCHMARKS = (
     # CommonsenseQA (via CoS-E v1.11): the label is the chosen answer's text.
-    distillation.DatasetSpec(name="cqa", metric_fn=metrics.exact_match_accuracy),
+    distillation.DatasetSpec(name="cqa", metric_fn=metrics.exact_match_accuracy,
+                             validation_carved=True),
     # SVAMP math word problems: the label is an equation, scored by its value.
-    distillation.DatasetSpec(name="svamp", metric_fn=metrics.equation_accuracy),
+    distillation.DatasetSpec(name="svamp", metric_fn=metrics.equation_accuracy,
+                             validation_carved=True),
     # e-SNLI and ANLI R1: train inputs are not in the paper's release and are joined.
     distillation.DatasetSpec(
         name="esnli", metric_fn=metrics.exact_match_accuracy,

@@ -59,6 +59,7 @@ from dsbs_jax import infer
 from dsbs_jax import input_pipeline
 from dsbs_jax import metrics
 from dsbs_jax import rationales
+from dsbs_jax import records
 from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax import stop_signals
@@ -74,7 +75,7 @@ TOKEN_CAP_FLAG = "--max_teacher_tokens"
 FLAG_OF_MACRO = {"MODEL_DIR": "--out", "MIXTURE_OR_TASK_NAME": "--name and --use_gold",
                  "TRAIN_STEPS": "--steps", "ALPHA": "--alpha", "INITIAL_CHECKPOINT_PATH": "--student",
                  "VOCABULARY": "--vocabulary"}
-VALID_FRACTION = 0.1  # custom_tasks' default: the paper's carving of CQA's validation split
+VALID_FRACTION = records.VALID_FRACTION  # custom_tasks' default too
 # DIR/teacher/settings.json: what its records were made with, and the value of each setting
 # in folders written before the setting was recorded.
 TEACHER_SETTING_DEFAULTS = {"samples": 1, "temperature": 0.0}

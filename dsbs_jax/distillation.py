@@ -52,11 +52,14 @@ class DatasetSpec:
   rationales_dir: the folder holding <name>/<split>.jsonl; None means
   TaskOptions.rationales_dir (the shipped benchmarks).
   train_inputs_hint: set when the records lack train inputs, saying where to get them.
+  validation_carved: the validation split is the paper's carve of 10% of the original train
+    (records.VALID_FRACTION), which the paper makes after subsampling (CQA, SVAMP).
   """
   name: str
   metric_fn: Callable[[Sequence[str], Sequence[str]], dict]
   train_inputs_hint: Optional[str] = None
   rationales_dir: Optional[str] = None
+  validation_carved: bool = False
 
 
 @gin.configurable

@@ -1,7 +1,7 @@
 """A dataset's records as a run reads them: the split files on disk, the train inputs the
-paper's release lacks joined in (with an alignment check), parse failures and inputs of low
-teacher agreement left out on request, and the training split subsampled as the paper
-subsamples it.
+paper's release lacks joined in (with an alignment check), the training split subsampled as
+the paper subsamples it (with a validation split carved from train, that too), and parse
+failures and inputs of low teacher agreement then left out on request.
 
 The label task and the rationale task of a dataset read the same records through the same
 subsampling, so they always see exactly the same examples.
@@ -21,6 +21,10 @@ from dsbs_jax import rationales
 from dsbs_jax import storage
 
 _SPLIT_FILES = {"train": "train", "validation": "valid", "test": "test"}
+# The paper's carve of validation from train where a benchmark has none:
+# train_test_split(test_size=0.1, seed=0).
+VALID_FRACTION = 0.1
+VALID_SEED = 0
 # Teacher labels that agree with gold labels less often than this mean the inputs were
 # joined in an order other than the teacher outputs' (3-way NLI chance is 1/3).
 MIN_JOINED_TEACHER_ACCURACY = 0.5
@@ -49,6 +53,29 @@ def subsample(records: list, fraction: float, seed: int) -> list:
   if fraction >= 1.0:
     return list(records)
   return split_records(records, 1.0 - fraction, seed)[0]
+
+
+def uncarved(kept: Sequence, held_out: Sequence, held_out_fraction: float, seed: int) -> list:
+  """The records `split_records(records, held_out_fraction, seed)` split into (kept,
+  held_out), in their original order again."""
+  records = [*held_out, *kept]
+  if len(held_out) != math.ceil(held_out_fraction * len(records)):
+    raise ValueError(f"{len(held_out)} held out of {len(records)} records is not a carve of "
+                     f"{held_out_fraction}")
+  original = [None] * len(records)
+  for index, record in zip(np.random.default_rng(seed).permutation(len(records)), records):
+    original[index] = record
+  return original
+
+
+def paper_subsample_of_carved(train: Sequence, validation: Sequence, fraction: float,
+                              seed: int) -> tuple[list, list]:
+  """(train, validation) as the paper's run.py makes them for a dataset whose validation is
+  carved from train (CQA, SVAMP): it subsamples the whole original train first
+  (`train_test_split(test_size=1 - fraction, seed=run)`) and carves validation from what is
+  left, so at a fraction below 1 both differ from the carve shipped in rationales/."""
+  original = uncarved(train, validation, VALID_FRACTION, VALID_SEED)
+  return split_records(subsample(original, fraction, seed), VALID_FRACTION, VALID_SEED)
 
 
 def split_path(rationales_dir: str, dataset: str, split: str) -> str:
@@ -143,10 +170,12 @@ def _joined_train_records(rationales_dir: str, dataset: str, source: str) -> tup
 
 def records_for(spec: distillation.DatasetSpec, split: str,
                 options: distillation.TaskOptions) -> list:
-  """The records a task reads for `split` under `options`: joined, filtered, subsampled."""
+  """The records a task reads for `split` under `options`: joined, subsampled as the paper
+  subsamples (for a dataset with a carved validation split, validation too), filtered."""
   if split not in distillation.SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {distillation.SPLITS}")
   rationales_dir = spec.rationales_dir or options.rationales_dir
+  carved_subsample = spec.validation_carved and options.train_fraction < 1.0
   if split == "train" and spec.train_inputs_hint:
     source = options.train_inputs.get(spec.name)
     if not source:
@@ -155,13 +184,21 @@ def records_for(spec: distillation.DatasetSpec, split: str,
           f"shipped). Name them in gin: TaskOptions.train_inputs = {{'{spec.name}': SOURCE}}, where "
           f"SOURCE is {spec.train_inputs_hint}")
     records = list(_joined_train_records(rationales_dir, spec.name, source))
+  elif split in ("train", "validation") and carved_subsample:
+    train, validation = paper_subsample_of_carved(
+        read_split(rationales_dir, spec.name, "train"),
+        read_split(rationales_dir, spec.name, "validation"),
+        options.train_fraction, options.subsample_seed)
+    records = train if split == "train" else validation
   else:
     records = list(read_split(rationales_dir, spec.name, split))
   if split == "train":
+    if not carved_subsample:
+      records = subsample(records, options.train_fraction, options.subsample_seed)
+    # After subsampling, which so picks the paper's inputs whatever the filters keep.
     if options.drop_parse_failures:
       records = [r for r in records if r.parse_error is None]
     if options.min_agreement > 0:
       records = [r for r in records
                  if (1.0 if r.agreement is None else r.agreement) >= options.min_agreement]
-    records = subsample(records, options.train_fraction, options.subsample_seed)
   return records

@@ -1,8 +1,10 @@
-"""Tests for dsbs_jax.records: the paper's subsampling rule, train inputs joined in the
-teacher's order (and refused when misaligned), bad input lines named, missing files named."""
+"""Tests for dsbs_jax.records: the paper's subsampling rule (against Hugging Face `datasets`,
+which the paper's run.py calls), train inputs joined in the teacher's order (and refused when
+misaligned), bad input lines named, missing files named."""
 import json
 import math
 
+import datasets as hf_datasets
 import numpy as np
 import pytest
 
@@ -20,6 +22,46 @@ def test_subsample_matches_paper_split_rule():
   permutation = np.random.default_rng(0).permutation(10)
   assert kept == list(permutation[math.ceil(0.75 * 10):])
   assert records.subsample(list(range(10)), 1.0, seed=0) == list(range(10))
+
+
+PAPER_FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)  # the paper's data-size experiments
+PAPER_RUNS = range(5)
+
+
+def paper_train(ids: list, fraction: float, run: int):
+  """What the paper's run.py keeps for `--subsample fraction --run run`."""
+  train = hf_datasets.Dataset.from_dict({"id": ids})
+  return train if fraction >= 1.0 else train.train_test_split(test_size=1.0 - fraction,
+                                                                seed=run)["train"]
+
+
+@pytest.mark.parametrize("size", [16946])  # ANLI R1's train split
+def test_subsample_keeps_what_the_papers_train_test_split_keeps(size):
+  ids = [str(i) for i in range(size)]
+  for fraction in PAPER_FRACTIONS:
+    for run in PAPER_RUNS:
+      assert (records.subsample(ids, fraction, run)
+              == paper_train(ids, fraction, run)["id"]), (fraction, run)
+
+
+@pytest.mark.parametrize("dataset", ["cqa", "svamp"])
+def test_a_carved_validation_split_is_subsampled_and_carved_as_the_paper_does(dataset):
+  """run.py subsamples CQA's and SVAMP's whole train split, then carves validation (10%,
+  seed 0) from what it kept: both splits follow the fraction and the run."""
+  shipped = {split: records.read_split(distillation.TaskOptions().rationales_dir, dataset, split)
+             for split in ("train", "validation")}
+  original = [r.id for r in records.uncarved(shipped["train"], shipped["validation"],
+                                             records.VALID_FRACTION, records.VALID_SEED)]
+  for fraction in PAPER_FRACTIONS:
+    for run in PAPER_RUNS:
+      paper = paper_train(original, fraction, run).train_test_split(test_size=0.1, seed=0)
+      options = distillation.TaskOptions(train_fraction=fraction, subsample_seed=run)
+      for split, paper_split in (("train", "train"), ("validation", "test")):
+        ours = [r.id for r in records.records_for(SPECS[dataset], split, options)]
+        assert ours == paper[paper_split]["id"], (split, fraction, run)
+  # At fraction 1 that is the carve shipped in rationales/: the original order is right.
+  assert [r.id for r in shipped["train"]] == paper_train(original, 1.0, 0).train_test_split(
+      test_size=0.1, seed=0)["train"]["id"]
 
 
 def test_missing_nli_train_inputs_say_what_to_set():
@@ -73,12 +115,12 @@ def test_bad_train_input_lines_name_file_and_line(tmp_path, line, message):
     records.read_train_inputs(str(path))
 
 
-def test_training_records_are_filtered_then_subsampled():
+def test_training_records_are_subsampled_as_the_paper_does_then_filtered():
   options = distillation.TaskOptions(drop_parse_failures=True, train_fraction=0.5)
   kept = records.records_for(SPECS["svamp"], "train", options)
-  parsed = [r for r in records.read_split(options.rationales_dir, "svamp", "train")
-            if r.parse_error is None]
-  assert kept == records.subsample(parsed, 0.5, seed=0)
+  paper = records.records_for(SPECS["svamp"], "train",
+                              distillation.TaskOptions(train_fraction=0.5))
+  assert kept == [r for r in paper if r.parse_error is None] and len(kept) < len(paper)
   # Evaluation splits are never filtered or subsampled.
   assert records.records_for(SPECS["svamp"], "test", options) == list(
       records.read_split(options.rationales_dir, "svamp", "test"))

@@ -22,7 +22,6 @@ from dsbs_jax import rationales
 from dsbs_jax import records
 
 GZIP_ABOVE_BYTES = 1 << 20
-VALID_FRACTION = 0.1  # the paper carves 10% of train as validation, seed 0
 
 
 def read_json_lines(path):
@@ -41,7 +40,7 @@ def read_teacher_outputs(release, dataset, split):
 
 def carve_validation(train_records):
   """(train, valid) as the paper's `train_test_split(test_size=0.1, seed=0)`."""
-  return records.split_records(train_records, VALID_FRACTION, seed=0)
+  return records.split_records(train_records, records.VALID_FRACTION, records.VALID_SEED)
 
 
 def cqa_input(example):
@@ -180,8 +179,10 @@ between them, which gives the paper's token ids.
 
 Validation splits: CQA and SVAMP have none, so, as the paper does, 10% of train is carved
 with Hugging Face's `train_test_split(test_size=0.1, seed=0)` permutation (reproduced with
-numpy, no `datasets` dependency). The paper carves after subsampling the training data; we
-carve once, so validation stays fixed across training-data fractions.
+numpy, no `datasets` dependency). The paper carves after subsampling the training data, so
+at a training-data fraction below 1 the data pipeline puts the two back in their original
+order, subsamples and carves again, as the paper does (both splits then differ from these
+files).
 
 Missing inputs: e-SNLI train (549,367) and ANLI R1 train (16,946) inputs are not in the
 release. Their `train.jsonl.gz` holds the teacher outputs in the paper's order; the SeqIO
