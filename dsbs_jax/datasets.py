@@ -6,10 +6,14 @@ Per dataset <ds>: tasks <ds>_label_gold, <ds>_label_teacher, <ds>_rationale and 
 `register_all` once they have parsed gin; the top-level `tasks` package calls it when
 imported (T5X's gin files import it). Registering again is harmless.
 
+`data_paths` names the files and folders gin's data settings point at, for the commands to
+check before anything reads them.
+
 This module must not say how a dataset becomes tasks (seqio_tasks.py) or read records.
 """
 from dsbs_jax import custom_tasks
 from dsbs_jax import distillation
+from dsbs_jax import gin_utils
 from dsbs_jax import metrics
 from dsbs_jax import seqio_tasks
 
@@ -38,6 +42,18 @@ _registered: dict[str, list[str]] = {}  # benchmark name -> its task and mixture
 def dataset_names() -> list[str]:
   """The benchmarks' names, then those of the custom datasets gin names."""
   return [spec.name for spec in BENCHMARKS] + custom_tasks.names_in_gin()
+
+
+def data_paths() -> tuple[list[str], list[str]]:
+  """(paths read, folders written) that gin's data settings name: TaskOptions' vocabulary,
+  rationales folder and train inputs, and the custom datasets' files and layout folders,
+  for storage.check to check before anything reads them."""
+  with gin_utils.as_config_errors(ValueError, TypeError, configurable="TaskOptions"):
+    options = distillation.TaskOptions()
+  custom_read, custom_written = custom_tasks.paths_in_gin()
+  read = [options.vocabulary_path, options.rationales_dir, *options.train_inputs.values(),
+          *custom_read]
+  return read, custom_written
 
 
 def register_all() -> list[str]:

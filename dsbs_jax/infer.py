@@ -206,6 +206,7 @@ def run_eval(args: argparse.Namespace) -> int:
   run = run_dir.RunDir(args.checkpoint)
   spec = run.spec()
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+  storage.check(*datasets.data_paths())
   # Read once: gin's choices, with the run's tokenization (prefixes, vocabulary) over them.
   options = distillation.TaskOptions(**run.tokenization(spec))
   datasets.register_all()

@@ -14,6 +14,7 @@ from dsbs_jax import distillation
 from dsbs_jax import gin_utils
 from dsbs_jax import rationales
 from dsbs_jax import records
+from dsbs_jax import storage
 
 FEATURE_LENGTHS = {"inputs": 512, "targets": 256}
 
@@ -60,6 +61,8 @@ def decode_with_separators(vocabulary, ids: list[int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
   gin_utils.parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+  data_read, data_written = datasets.data_paths()
+  storage.check(read=data_read, write=data_written)
   options = distillation.TaskOptions()  # read once, and checked before any listing
   datasets.register_all()
   known = datasets.dataset_names()

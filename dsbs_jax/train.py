@@ -27,7 +27,6 @@ import jax
 
 from dsbs_jax import checkpoints
 from dsbs_jax import console
-from dsbs_jax import custom_tasks
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import flags
@@ -466,13 +465,9 @@ def check_storage() -> None:
   """Checks every URL the parsed gin names (storage.check), before anything reads, builds or
   writes: MODEL_DIR, INITIAL_CHECKPOINT_PATH, the vocabulary, the record files."""
   bound = gin.get_bindings(train)
-  with gin_utils.as_config_errors(ValueError, TypeError, configurable="TaskOptions"):
-    options = distillation.TaskOptions()
-  custom_read, custom_written = custom_tasks.paths_in_gin()
-  storage.check(
-      read=[bound.get("initial_checkpoint_path"), options.vocabulary_path,
-            options.rationales_dir, *options.train_inputs.values(), *custom_read],
-      write=[bound.get("model_dir"), *custom_written])
+  data_read, data_written = datasets.data_paths()
+  storage.check(read=[bound.get("initial_checkpoint_path"), *data_read],
+                write=[bound.get("model_dir"), *data_written])
 
 
 def run(args) -> int:

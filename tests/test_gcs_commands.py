@@ -112,3 +112,9 @@ def test_a_gin_file_is_read_from_gcs(gcs_bucket):
   gin_utils.parse_gin([config], [])
   assert gin.query_parameter("%TRAIN_STEPS") == 7
   assert gin.query_parameter("%MIXTURE_OR_TASK_NAME") == "cqa_dsbs_teacher"
+
+
+def test_tasks_refuses_a_missing_bucket_that_gin_names_before_reading(capsys):
+  assert cli.main(["tasks", "--gin.TaskOptions.rationales_dir='gs://no-such-bucket-here/r'"]) == 2
+  assert capsys.readouterr().err == (
+      "dsbs tasks: error: gs://no-such-bucket-here/r: no such bucket\n")
