@@ -278,14 +278,16 @@ def test_distill_with_inputs_and_out_on_gcs_runs_every_stage_there_and_a_rerun_s
             "--prompt", teacher.default_prompt_path("cqa"),
             "--teacher", fake.url, "--teacher_model", "palm-replay", "--api_key_env",
             fake_teacher.KEY_ENV, "--out", out, "--export", "hf", "--student", "t5_1_1_tiny",
+            # Not the name test_distill.py's runs register in this worker process.
+            "--name", "gcs_questions",
             "--steps", "2", "--gin.T5Config.vocab_size=8000", "--gin.BATCH_SIZE=8",
             "--gin.TASK_FEATURE_LENGTHS={'inputs': 64, 'targets': 32}",
             "--gin.train.eval_batch_size=8", *fake_teacher.FAST_RETRIES]
     assert cli.main(argv) == 0
     written = relative_files(out)
     for name in ("teacher/inputs.jsonl", "teacher/test.jsonl", "teacher/spend.jsonl",
-                 "teacher/settings.json", "train.gin", "data/questions/train.jsonl",
-                 "data/questions/test.jsonl", "student/results.json",
+                 "teacher/settings.json", "train.gin", "data/gcs_questions/train.jsonl",
+                 "data/gcs_questions/test.jsonl", "student/results.json",
                  "export/hf/dsbs_export.json", "export/hf/model.safetensors", "report.md"):
       assert name in written, name
     assert any(name.startswith("student/checkpoints/2/") for name in written)
