@@ -208,8 +208,7 @@ class TrainCheckpointer:
     """
     self.wait()  # orbax would wait for the previous save too; then its size and room are known
     free = storage.free_bytes(self.directory)
-    needed = 0 if free is None else self._size_of_a_checkpoint(state)
-    if free is not None and free < needed:
+    if free is not None and free < (needed := self._size_of_a_checkpoint(state)):
       raise self._write_failed(self.directory / str(step),
                                f"{_megabytes(free)} free on its disk, a checkpoint takes about "
                                f"{_megabytes(needed)}")

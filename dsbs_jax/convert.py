@@ -423,8 +423,10 @@ class _UnresolvedValues(config_parser.ParserDelegate):
 
 def _find_gin_file(name: str, search_paths: list, included_at: str) -> storage.Path:
   for folder in ("", *search_paths):  # as given (absolute, or from the working dir) first
-    candidate = (storage.path(f"{str(folder).rstrip('/')}/{name}" if folder else name)
-                 if storage.is_url(folder or name) else pathlib.Path(folder) / name)
+    if storage.is_url(name) or storage.is_url(folder):
+      candidate = storage.path(name) if storage.is_url(name) else storage.path(folder) / name
+    else:
+      candidate = pathlib.Path(folder) / name  # relative stays relative in messages
     if candidate.is_file():
       return candidate
   raise FileNotFoundError(f"{included_at}gin file {name!r} not found in the working directory "

@@ -75,8 +75,8 @@ def _holder_text(fd: int) -> str:
 def holder(folder) -> Optional[str]:
   """Who holds `folder`'s lock now, in words; None when nobody does."""
   if storage.is_url(folder):
-    lease = _live_lease(str(lock_path(folder)))
-    return None if lease is None else _describe(lease[0])
+    lease = _lease(str(lock_path(folder)))
+    return None if lease is None or lease[2] <= 0 else _describe(lease[0])
   try:
     fd = os.open(lock_path(folder), os.O_RDONLY)
   except OSError:
@@ -163,9 +163,9 @@ def _pid_is_gone(pid) -> bool:
   return False
 
 
-def _live_lease(url: str) -> Optional[tuple[dict, int, float]]:
-  """(holder, generation, seconds of lease left) of the lock object `url` while its lease
-  holds; None when there is none or it is stale (see the module docstring)."""
+def _lease(url: str) -> Optional[tuple[dict, int, float]]:
+  """(holder, generation, seconds its lease has left) of the lock object `url`, 0 seconds
+  once it is stale (see the module docstring); None when there is none."""
   found = storage.read_with_generation(url)
   if found is None:
     return None
@@ -177,9 +177,9 @@ def _live_lease(url: str) -> Optional[tuple[dict, int, float]]:
   except (ValueError, KeyError, TypeError, AttributeError):  # damaged: it still expires
     holder = {"command": "an unknown process", "pid": "?", "host": "?", "since": "?"}
     lease = LEASE_S
-  if age > lease or (holder["host"] == socket.gethostname() and _pid_is_gone(holder["pid"])):
-    return ({**holder, "stale": True}, generation, 0.0)
-  return holder, generation, lease - age
+  if holder["host"] == socket.gethostname() and _pid_is_gone(holder["pid"]):
+    return holder, generation, 0.0
+  return holder, generation, max(lease - age, 0.0)
 
 
 class LeaseLock:
@@ -203,12 +203,12 @@ class LeaseLock:
     return self
 
   def _take_over_stale(self, content: bytes) -> None:
-    lease = _live_lease(self.url)
+    lease = _lease(self.url)
     if lease is None:  # released meanwhile
       self._generation = storage.create_exclusive(self.url, content)
       return
     holder, generation, left = lease
-    if not holder.get("stale"):
+    if left > 0:
       raise FolderInUseError(
           f"{self.description} is in use by {_describe(holder)}; wait for it to end or stop "
           f"it (a stopped run's lock goes with it; a killed one's lease runs out in "

@@ -151,6 +151,11 @@ def files_under(p: PathLike) -> list[Path]:
   return sorted(files)
 
 
+def _files_of(p: Path) -> list[Path]:
+  """`p` itself if it is a file, else the files under it (none if it does not exist)."""
+  return [p] if p.is_file() else files_under(p)
+
+
 def bytes_under(p: PathLike) -> int:
   """The size of the files under a folder."""
   return sum(f.stat().st_size for f in files_under(p))
@@ -229,9 +234,8 @@ class Mirror:
       return
     self.local = pathlib.Path(tempfile.mkdtemp(prefix="dsbs-mirror-"))
     for entry in self._entries:
-      source = self.remote / entry
-      for file in files_under(source) if source.is_dir() else [source] if source.exists() else []:
-        relative = os.path.relpath(str(file), str(self.remote))
+      for file in _files_of(self.remote / entry):
+        relative = str(file.relative_to(self.remote))
         target = self.local / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(file.read_bytes())
@@ -245,10 +249,8 @@ class Mirror:
   def sync(self) -> None:
     if self.local == self.remote:
       return
-    for file in sorted(f for entry in self._entries for f in
-                       ([self.local / entry] if (self.local / entry).is_file()
-                        else (self.local / entry).rglob("*"))):
-      if not file.is_file() or file.name.endswith(".tmp"):
+    for file in [f for entry in self._entries for f in _files_of(self.local / entry)]:
+      if file.name.endswith(".tmp"):
         continue
       relative = str(file.relative_to(self.local))
       signature = self._signature(file)

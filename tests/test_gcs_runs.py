@@ -114,6 +114,15 @@ def test_a_lease_is_renewed_while_held_and_released_at_the_end(gcs_bucket, monke
   assert folder_lock.holder(f"{gcs_bucket}/run") is None
 
 
+def test_a_stale_lease_holds_nothing(gcs_bucket):
+  folder = f"{gcs_bucket}/run"
+  lock = f"{folder}/{folder_lock.LOCK_NAME}"
+  write_lock(lock, "worker-7", 4242, lease_s=60)
+  assert folder_lock.holder(folder) == "`dsbs train` (pid 4242 on worker-7, since 2026-12-07 10:00:00)"
+  write_lock(lock, "worker-7", 4242, lease_s=0.0)
+  assert folder_lock.holder(folder) is None
+
+
 def test_a_missing_bucket_is_refused_in_one_line_and_nothing_is_created(tmp_path, monkeypatch,
                                                                         capsys):
   monkeypatch.chdir(tmp_path)
