@@ -73,6 +73,9 @@ class TaskOptions:
     subsample_seed: seed of the subsampling permutation (the paper's `--run`).
     label_prefix, rationale_prefix: task prefixes; the paper's code uses
       "predict: " and "explain: ".
+    label_only_prefix: the label prefix of a run that trains no rationale task
+      (`*_finetune`, `*_distill`, see `for_run`); None keeps label_prefix. The paper's code
+      prefixes only its two-task runs (runs/paper.gin sets "").
     vocabulary_path: SentencePiece model; the standard T5 model for pretrained students.
     vocabulary_extra_ids: sentinel ids appended to the vocabulary (100 for T5's).
     rationales_dir: folder of <dataset>/<split>.jsonl[.gz] record files.
@@ -97,6 +100,7 @@ class TaskOptions:
   subsample_seed: int = 0
   label_prefix: str = "[label] "
   rationale_prefix: str = "[rationale] "
+  label_only_prefix: Optional[str] = None
   vocabulary_path: str = str(resources.VOCABULARY_FILE)
   vocabulary_extra_ids: int = 0
   rationales_dir: str = str(resources.RATIONALES_DIR)
@@ -122,6 +126,19 @@ class TaskOptions:
     if not 0.0 <= self.min_agreement <= 1.0:
       raise gin_utils.GinConfigError(
           f"TaskOptions.min_agreement must be in [0, 1], got {self.min_agreement}")
+
+  def for_run(self, mixture_or_task_name: str) -> "TaskOptions":
+    """These options as a run of `mixture_or_task_name` uses them: label_only_prefix
+    replaces label_prefix where it trains no rationale task."""
+    if self.label_only_prefix is None or trains_rationales(mixture_or_task_name):
+      return self
+    return dataclasses.replace(self, label_prefix=self.label_only_prefix)
+
+
+def trains_rationales(mixture_or_task_name: str) -> bool:
+  """Whether a run's mixture (named <dataset>_<MIXTURES suffix>) trains the rationale task."""
+  return any(mixture_or_task_name.endswith(f"_{suffix}")
+             for suffix, (_, with_rationale) in MIXTURES.items() if with_rationale)
 
 
 _options_in_use: list[TaskOptions] = []

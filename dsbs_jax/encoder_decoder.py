@@ -7,7 +7,9 @@ How alpha acts: the mixtures sample label and rationale examples at alpha : 1 - 
 'per_example' normalization every example (a packed segment) weighs the same whatever
 its length, so the expected loss is alpha * L_label + (1 - alpha) * L_rationale, as in
 the paper. 'per_token' (T5X's) weighs examples by their length instead, which lets the
-~10x longer rationales drown the labels.
+~10x longer rationales drown the labels. Per-input batches (the paper's batching) carry
+token scales that make the loss exactly the paper's code's, alpha * (label-task token
+mean) + (1 - alpha) * (rationale-task token mean) over the batch.
 
 This module holds no optimizer, sharding, data-pipeline or vocabulary code, and must not
 import TensorFlow.
@@ -86,7 +88,10 @@ def loss_terms(params, batch: Batch, dropout_rng: Optional[jax.Array], config: t
 
   Kept apart so that sums over microbatches (or devices) divide by the total normalizer:
   'per_example' sums each example's mean token loss and counts examples, 'per_token' sums
-  token losses and counts tokens. Every metric is a float32 sum, safe to add across
+  token losses and counts tokens. A batch that carries `decoder_loss_scales` (per-input
+  batches, see per_input_batches.py) overrides both: its loss is the sum of token losses
+  times those scales, which already hold the normalization (they sum to 1 over a whole
+  batch), and its label and rationale losses are per token. Every metric is a float32 sum, safe to add across
   microbatches and steps; `summarize_metrics` turns them into means.
   `dropout_rng=None` disables dropout.
   """
@@ -119,7 +124,8 @@ def loss_terms(params, batch: Batch, dropout_rng: Optional[jax.Array], config: t
       "label_examples": count_examples(label_weights),
       "rationale_examples": count_examples(rationale_weights),
   }
-  if loss_normalization == "per_token":
+  scales = batch.get("decoder_loss_scales")
+  if loss_normalization == "per_token" or scales is not None:
     reduce = lambda values, mask: jnp.sum(values * mask)
     unit = "tokens"
   else:
@@ -129,12 +135,18 @@ def loss_terms(params, batch: Batch, dropout_rng: Optional[jax.Array], config: t
         _per_example_sums(values * mask, segment_ids) * inverse_example_tokens)
     unit = "examples"
 
-  loss_sum = reduce(token_loss, weights)
+  if scales is None:
+    loss_sum, normalizer = reduce(token_loss, weights), counts[unit]
+    z_loss_sum = reduce(token_z_loss, weights)
+  else:
+    scales = scales.astype(jnp.float32) * weights
+    loss_sum, normalizer = jnp.sum(token_loss * scales), jnp.sum(scales)
+    z_loss_sum = jnp.sum(token_z_loss * scales)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   metrics = {
       "loss_sum": loss_sum,
-      "loss_normalizer": counts[unit],
-      "z_loss_sum": reduce(token_z_loss, weights),
+      "loss_normalizer": normalizer,
+      "z_loss_sum": z_loss_sum,
       "label_loss_sum": reduce(token_loss, label_weights),
       "label_loss_normalizer": counts[f"label_{unit}"],
       "rationale_loss_sum": reduce(token_loss, rationale_weights),

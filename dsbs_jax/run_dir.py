@@ -245,7 +245,8 @@ class RunDir:
   def check_input_state(self, saved: dict, current: dict, step: int) -> None:
     """Refuses to resume a checkpoint whose batches were drawn with other data settings."""
     names = {"mixture_or_task_name": "MIXTURE_OR_TASK_NAME", "seed": "train.seed",
-             "batch_size": "BATCH_SIZE", "task_feature_lengths": "TASK_FEATURE_LENGTHS"}
+             "batch_size": "BATCH_SIZE", "task_feature_lengths": "TASK_FEATURE_LENGTHS",
+             "batching": "train.batching"}
     differences = _differences([(names.get(key, key), saved.get(key), current.get(key))
                                 for key in sorted(set(saved) | set(current))],
                                f"{CHECKPOINTS_DIR}/{step}")

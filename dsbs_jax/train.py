@@ -35,6 +35,7 @@ from dsbs_jax import gin_utils
 from dsbs_jax import infer
 from dsbs_jax import input_pipeline
 from dsbs_jax import partitioning
+from dsbs_jax import per_input_batches
 from dsbs_jax import periodic_actions
 from dsbs_jax import plots
 from dsbs_jax import resources
@@ -53,6 +54,10 @@ class TrainingInterrupted(RuntimeError):
 USER_ERRORS = (trainer_lib.NonFiniteLossError, checkpoints.CheckpointError,
                run_dir.ModelDirMismatchError, input_pipeline.TaskDataError, run_dir.ModelDirError,
                storage.StorageError)
+
+
+BATCHINGS = {"mixture": input_pipeline.train_batches,
+             "per_input": per_input_batches.train_batches}
 
 
 def model_config_for(initial_checkpoint_path: Optional[str]) -> t5.T5Config:
@@ -206,13 +211,17 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
           keep_checkpoints: int = 3, eval_batch_size: int = 64,
           eval_max_examples: Optional[int] = None,
           final_eval_max_examples: Optional[int] = None, eval_decode_length: int = 64,
-          predict_rationales: bool = False,
-          seed: int = 0, restore_step: Optional[int] = None, print_fn=print_flushed) -> dict:
+          predict_rationales: bool = False, seed: int = 0, batching: str = "mixture",
+          restore_step: Optional[int] = None, print_fn=print_flushed) -> dict:
   """Trains, evaluates and returns {"validation": ..., "test": ..., "best_step": ...}.
 
   Periodic validation decodes at most eval_max_examples examples; the final scoring of
   the best checkpoint, whole splits unless final_eval_max_examples says otherwise, and
   with predict_rationales the predictions files also hold each generated rationale.
+
+  batching: 'mixture' (BATCH_SIZE packed rows drawn from the SeqIO mixture at its rates,
+  T5X's way) or 'per_input' (BATCH_SIZE inputs, each with all its tasks, and the paper's
+  loss: the paper's way, see per_input_batches.py).
 
   TRAIN_STEPS counts the updates of this fine-tuning run (a restored run continues to
   it), not the pretraining steps of INITIAL_CHECKPOINT_PATH.
@@ -226,10 +235,13 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                   "EVAL_PERIOD": eval_period, "train.keep_checkpoints": keep_checkpoints,
                   "train.eval_batch_size": eval_batch_size,
                   "train.eval_decode_length": eval_decode_length}, task_feature_lengths)
+  if batching not in BATCHINGS:
+    raise gin_utils.GinConfigError(f"train.batching must be one of {BATCHINGS}, got {batching!r}")
   schedule = Schedule(train_steps, batch_size, log_period, checkpoint_period, eval_period,
                       keep_checkpoints, eval_batch_size, eval_max_examples,
                       final_eval_max_examples, eval_decode_length, predict_rationales, seed)
-  options = distillation.TaskOptions()  # read once; the tasks read these until the run ends
+  # Read once; the tasks read these until the run ends.
+  options = distillation.TaskOptions().for_run(mixture_or_task_name)
   run = run_dir.RunDir(model_dir)
   with distillation.options_in_use(options), run.writing():
     with stop_signals.phase("checking the data, the model and MODEL_DIR",
@@ -239,6 +251,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
       trainer, build_start = build_trainer(settings.config, train_steps)
     input_state = {"mixture_or_task_name": mixture_or_task_name, "seed": seed,
                    "batch_size": batch_size, "task_feature_lengths": settings.lengths}
+    if batching != "mixture":  # absent from earlier runs' checkpoints, which mixed
+      input_state["batching"] = batching
     best = periodic_actions.BestStep(run)
     checkpointer = run.checkpointer(keep=keep_checkpoints, keep_step=best.step)
     log = None
@@ -251,8 +265,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
         state_seconds = time.time() - build_start
         log = start_writing(run, settings, options, checkpointer, best, step, restore_step,
                             print_fn)
-        batches = input_pipeline.train_batches(mixture_or_task_name, settings.lengths,
-                                               batch_size, seed, skip_batches=step)
+        batches = BATCHINGS[batching](mixture_or_task_name, settings.lengths, batch_size, seed,
+                                      skip_batches=step)
         predictor = make_predictor(settings, schedule)
         report, checkpointing, validation = make_periodic_actions(
             settings, schedule, trainer, checkpointer, best, log, input_state, predictor, step,

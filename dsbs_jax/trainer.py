@@ -6,6 +6,7 @@ layout (per layer, or stacked for scanned layers) the parameters are kept in.
 
 This module holds no training loop, data pipeline, checkpoint or logging code (see train.py).
 """
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -21,12 +22,18 @@ from dsbs_jax import partitioning
 from dsbs_jax.models import t5
 
 # Per optimizer: T5X's finetuning default (Adafactor, constant 1e-3, no gradient clipping
-# beyond Adafactor's own update clipping) and the paper's code, which uses Hugging Face
-# Trainer's defaults (AdamW, 5e-5 decaying linearly to 0, gradient norm clipped at 1).
+# beyond Adafactor's own update clipping), and Hugging Face Trainer's defaults (5e-5 decaying
+# linearly to 0, gradient norm clipped at 1) for its two AdamWs: 'adamw_hf' is
+# transformers.AdamW, the Trainer's default up to transformers 4.35 and so the paper's
+# (its code pins 4.24); 'adamw' is torch.optim.AdamW, the default since.
 OPTIMIZER_DEFAULTS = {
     "adafactor": {"learning_rate": 1e-3, "schedule": "constant", "grad_clip_norm": None},
     "adamw": {"learning_rate": 5e-5, "schedule": "linear_decay", "grad_clip_norm": 1.0},
+    "adamw_hf": {"learning_rate": 5e-5, "schedule": "linear_decay", "grad_clip_norm": 1.0},
 }
+# Where each AdamW adds epsilon: torch's (and optax's) to the bias-corrected sqrt(nu),
+# transformers' to the raw one, with both bias corrections folded into the step size.
+ADAM_EPSILON_PLACEMENT = {"adamw": "torch", "adamw_hf": "transformers"}
 SCHEDULES = ("constant", "linear_decay", "rsqrt", "cosine")
 
 
@@ -67,6 +74,54 @@ def make_schedule(schedule: str, learning_rate: float, warmup_steps: int = 0,
     return decay
   warmup = optax.linear_schedule(0.0, learning_rate, warmup_steps)
   return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def bias_correction(decay: float, count: jax.Array) -> jax.Array:
+  """1 - decay**count in float32 to within rounding, as PyTorch's optimizers get it in
+  float64: 1 - float32(0.999)**count would be 1.3e-5 off in relative terms early on."""
+  return -jnp.expm1(count.astype(jnp.float32) * math.log(decay))
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                  epsilon_placement: str = "torch") -> optax.GradientTransformation:
+  """Adam's scaling as PyTorch optimizers do it, in optax's state (ScaleByAdamState).
+
+  epsilon_placement 'torch' (torch.optim.AdamW): mu_hat / (sqrt(nu_hat) + eps);
+  'transformers' (transformers.AdamW, the paper's): sqrt(1 - b2^t) / (1 - b1^t) *
+  mu / (sqrt(nu) + eps), where epsilon weighs more in the first steps.
+  """
+  if epsilon_placement not in ("torch", "transformers"):
+    raise ValueError(f"unknown epsilon_placement {epsilon_placement!r}")
+
+  def init(params):
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros(params),
+                                  nu=zeros(params))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: m * b1 + g * (1.0 - b1), state.mu, updates)
+    nu = jax.tree.map(lambda v, g: v * b2 + (1.0 - b2) * g * g, state.nu, updates)
+    count = state.count + 1
+    correction1, correction2 = bias_correction(b1, count), bias_correction(b2, count)
+    if epsilon_placement == "torch":
+      scale = lambda m, v: m / (jnp.sqrt(v) / jnp.sqrt(correction2) + eps) / correction1
+    else:
+      scale = lambda m, v: m / (jnp.sqrt(v) + eps) * (jnp.sqrt(correction2) / correction1)
+    return (jax.tree.map(scale, mu, nu),
+            optax.ScaleByAdamState(count=count, mu=mu, nu=nu))
+
+  return optax.GradientTransformation(init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """torch.nn.utils.clip_grad_norm_, which Hugging Face Trainer calls: every gradient
+  times min(1, max_norm / (global norm + 1e-6))."""
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+    return jax.tree.map(lambda g: (g * scale).astype(g.dtype), updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _under_stacked_layers(path) -> bool:
@@ -115,9 +170,11 @@ def make_optimizer(name: str = "adafactor", learning_rate: Optional[float] = Non
   """(optimizer, learning-rate schedule); None arguments take OPTIMIZER_DEFAULTS[name].
 
   Adafactor takes optax's T5 settings (factored second moments, decay 0.8, update
-  clipping at 1, updates scaled by the parameters' scale, no momentum). AdamW decays
-  only matrices (not layer-norm scales), as Hugging Face Trainer does. Either sees each
-  layer's arrays apart (`per_parameter`); gradient clipping is over all parameters.
+  clipping at 1, updates scaled by the parameters' scale, no momentum). The AdamWs
+  ('adamw': torch's, 'adamw_hf': transformers', see ADAM_EPSILON_PLACEMENT) take Hugging
+  Face Trainer's settings (betas 0.9 / 0.999, epsilon 1e-8) and decay only matrices (not
+  layer-norm scales), as the Trainer does. Each sees each layer's arrays apart
+  (`per_parameter`); gradient clipping is over all parameters, as torch clips.
   """
   if name not in OPTIMIZER_DEFAULTS:
     raise ValueError(f"unknown optimizer {name!r}: expected one of {sorted(OPTIMIZER_DEFAULTS)}")
@@ -129,11 +186,15 @@ def make_optimizer(name: str = "adafactor", learning_rate: Optional[float] = Non
   if name == "adafactor":
     optimizer = optax.adafactor(learning_rate_fn, weight_decay_rate=weight_decay or None)
   else:
-    optimizer = optax.adamw(learning_rate_fn, weight_decay=weight_decay,
-                            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params))
+    # optax.adamw's chain and state, with the Adam scaling PyTorch's optimizers compute.
+    optimizer = optax.chain(
+        scale_by_adam(epsilon_placement=ADAM_EPSILON_PLACEMENT[name]),
+        optax.add_decayed_weights(
+            weight_decay, mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)),
+        optax.scale_by_learning_rate(learning_rate_fn))
   optimizer = per_parameter(optimizer)
   if grad_clip_norm:
-    optimizer = optax.chain(optax.clip_by_global_norm(grad_clip_norm), optimizer)
+    optimizer = optax.chain(clip_by_global_norm(grad_clip_norm), optimizer)
   return optimizer, learning_rate_fn
 
 
@@ -319,7 +380,9 @@ class Trainer:
                                       self.num_microbatches)
     dropout_rng = jax.random.fold_in(rng, state.step)
     grads, metrics = self._summed_gradients(state.params, batch, dropout_rng)
-    normalizer = encoder_decoder.nonzero(metrics["loss_normalizer"])
+    # Scaled batches' sums are the loss itself; their normalizer is 1 only to rounding.
+    normalizer = (1.0 if "decoder_loss_scales" in batch
+                  else encoder_decoder.nonzero(metrics["loss_normalizer"]))
     grads = jax.tree.map(lambda g, p: (g / normalizer).astype(p.dtype), grads, state.params)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -61,8 +61,13 @@ def test_every_paper_experiment_parses_and_names_a_registered_mixture(mixture, s
   options = distillation.TaskOptions()
   assert options.vocabulary_path == "/tmp/spiece.model" and options.vocabulary_extra_ids == 100
   assert gin.query_parameter("%LEARNING_RATE") == 5e-5
-  assert gin.query_parameter("%OPTIMIZER") == "adamw"
+  assert gin.query_parameter("%OPTIMIZER") == "adamw_hf"
   assert (gin.query_parameter("%BATCH_SIZE"), gin.query_parameter("%TRAIN_STEPS")) == (64, 10000)
+  assert gin.query_parameter("train.batching") == "per_input"
+  two_tasks = distillation.trains_rationales(mixture)
+  run_options = options.for_run(mixture)
+  assert run_options.label_prefix == ("predict: " if two_tasks else "")
+  assert run_options.rationale_prefix == "explain: "
 
 
 def test_paper_experiments_require_their_checkpoint_and_vocabulary():
@@ -83,7 +88,7 @@ def test_readme_paper_command_is_one_command_that_parses():
   flags, bindings = gin_utils.split_gin_bindings(argv)
   gin_utils.parse_gin([flag.split("=", 1)[1] for flag in flags], bindings)
   seqio.get_mixture_or_task(gin.query_parameter("%MIXTURE_OR_TASK_NAME"))
-  assert gin.query_parameter("%OPTIMIZER") == "adamw"
+  assert gin.query_parameter("%OPTIMIZER") == "adamw_hf"
 
 
 def test_quickstart_runs_needs_nothing_and_fits_the_shipped_vocabulary():

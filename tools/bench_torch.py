@@ -5,16 +5,20 @@ distilling-step-by-step, model_utils.py and train_utils.py, on transformers' T5)
   features of a batch each padded by DataCollatorForSeq2Seq (to the longest in the batch,
   labels padded with -100, decoder inputs made from the labels);
 - TaskPrefixTrainer's step: two forward passes, loss = alpha * label loss +
-  (1 - alpha) * rationale loss, then what Hugging Face Trainer does with its defaults:
-  gradient norm clipped at 1, AdamW at 5e-5 decaying linearly to 0, autocast for bf16;
+  (1 - alpha) * rationale loss (Seq2SeqTrainer's one pass for the standard runs), then what
+  Hugging Face Trainer does with its defaults: gradient norm clipped at 1, AdamW
+  (transformers 4.24's, the paper's, or torch's) at 5e-5 decaying linearly to 0,
+  autocast for bf16;
 - greedy `generate` for the label task.
 
 The network is transformers' T5ForConditionalGeneration carrying a dsbs_jax model's weights,
 so both sides start from the same parameters; it runs on the CPU or a CUDA GPU (`device`).
-This module serves tools/bench.py: it must not train for real (no checkpoints, evaluation
-or data reading of its own), and must not import TensorFlow (GPU machines lack it).
+This module serves tools/bench.py and tools/paper_step_check.py: it must not train for real
+(no checkpoints, evaluation or data reading of its own), and must not import TensorFlow
+(GPU machines lack it).
 """
 import contextlib
+import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -92,22 +96,77 @@ class TaskPrefixCollator:
     return batch
 
 
+class TransformersAdamW(torch.optim.Optimizer):
+  """transformers.AdamW as of 4.24 (removed since), the optimizer of the paper's runs:
+  Hugging Face Trainer's default up to transformers 4.35. Rebuilt from its documented
+  update: epsilon is added to sqrt(nu) before bias correction, and both corrections fold
+  into the step size; weight decay (0 in the paper) is applied after the update."""
+
+  def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8,
+               weight_decay: float = 0.0):
+    super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
+                              "weight_decay": weight_decay})
+
+  @torch.no_grad()
+  def step(self):
+    for group in self.param_groups:
+      beta1, beta2 = group["betas"]
+      for param in group["params"]:
+        if param.grad is None:
+          continue
+        state = self.state[param]
+        if not state:
+          state.update(step=0, exp_avg=torch.zeros_like(param),
+                       exp_avg_sq=torch.zeros_like(param))
+        state["step"] += 1
+        state["exp_avg"].mul_(beta1).add_(param.grad, alpha=1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(param.grad, param.grad, value=1.0 - beta2)
+        denom = state["exp_avg_sq"].sqrt().add_(group["eps"])
+        step_size = (group["lr"] * math.sqrt(1.0 - beta2 ** state["step"])
+                     / (1.0 - beta1 ** state["step"]))
+        param.addcdiv_(state["exp_avg"], denom, value=-step_size)
+        if group["weight_decay"] > 0.0:
+          param.add_(param, alpha=-group["lr"] * group["weight_decay"])
+
+
+def trainer_optimizer(model: torch.nn.Module, name: str, learning_rate: float,
+                      total_steps: int):
+  """(optimizer, scheduler) as Seq2SeqTrainer builds them with the paper's arguments:
+  `name` 'adamw_hf' (transformers 4.24's default) or 'adamw_torch' (torch.optim.AdamW,
+  the default since 4.36), betas 0.9 / 0.999, epsilon 1e-8, no weight decay, and the
+  linear decay to 0 over total_steps without warm-up."""
+  if name == "adamw_hf":
+    optimizer = TransformersAdamW(model.parameters(), lr=learning_rate)
+  elif name == "adamw_torch":
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.999),
+                                  eps=1e-8, weight_decay=0.0, foreach=False)
+  else:
+    raise ValueError(f"unknown optimizer {name!r}: expected adamw_hf or adamw_torch")
+  return optimizer, transformers.get_linear_schedule_with_warmup(optimizer, 0, total_steps)
+
+
 class TaskPrefixStep:
-  """One update of the paper's trainer: weighted two-task loss, backward, clip, AdamW."""
+  """One update of the paper's trainer: TaskPrefixTrainer.compute_loss (alpha * label loss +
+  (1 - alpha) * rationale loss, or Seq2SeqTrainer's plain loss for a batch of the label
+  task only: the standard fine-tuning and distillation runs), backward, the gradient norm
+  clipped at 1 by torch.nn.utils.clip_grad_norm_, the optimizer's step and the scheduler's,
+  as Hugging Face Trainer orders them."""
 
   def __init__(self, model: transformers.T5ForConditionalGeneration, alpha: float,
-               total_steps: int, dtype: str, device: str = "cpu", learning_rate: float = 5e-5):
+               total_steps: int, dtype: str, device: str = "cpu", learning_rate: float = 5e-5,
+               optimizer: str = "adamw_torch"):
     self.model, self.alpha, self.dtype, self.device = model.train(), alpha, dtype, device
-    self.optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    self.schedule = torch.optim.lr_scheduler.LambdaLR(
-        self.optimizer, lambda step: max(0.0, 1.0 - step / total_steps))
+    self.optimizer, self.schedule = trainer_optimizer(model, optimizer, learning_rate,
+                                                      total_steps)
 
   def __call__(self, batch: dict) -> float:
-    weights = {"pred": self.alpha, "expl": 1.0 - self.alpha}
+    weights = {"pred": self.alpha, "expl": 1.0 - self.alpha} if "expl" in batch else {"pred": 1.0}
     with autocast(self.dtype, self.device):
-      loss = sum(weights[key] * self.model(**{name: tensor.to(self.device, non_blocking=True)
-                                              for name, tensor in features.items()}).loss
-                 for key, features in batch.items())
+      losses = {key: self.model(**{name: tensor.to(self.device, non_blocking=True)
+                                   for name, tensor in features.items()}).loss
+                for key, features in batch.items()}
+      loss = (losses["pred"] if len(losses) == 1
+              else sum(weights[key] * task_loss for key, task_loss in losses.items()))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.optimizer.step()
