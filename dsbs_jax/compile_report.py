@@ -40,6 +40,7 @@ from dsbs_jax import encoder_decoder
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
 from dsbs_jax import partitioning
+from dsbs_jax import per_input_batches
 from dsbs_jax import storage
 from dsbs_jax import targets
 from dsbs_jax import train
@@ -88,12 +89,16 @@ class RunShape:
   mesh_shape: tuple
   num_microbatches: int
   train_steps: int
+  # Per-input batches (train.batching): batch_size counts rows, two per input (both tasks,
+  # the worst case), padded to the full lengths (the longest a batch can need).
+  per_input: bool = False
 
   def describe(self) -> str:
     config = self.config
+    rows = " rows (2 per input)" if self.per_input else ""
     return (f"{config.num_encoder_layers}+{config.num_decoder_layers} layers, "
             f"emb {config.emb_dim}, mlp {config.mlp_dim}, {config.dtype}; "
-            f"{self.parallelism} mesh {self.mesh_shape}, batch {self.batch_size} x "
+            f"{self.parallelism} mesh {self.mesh_shape}, batch {self.batch_size}{rows} x "
             f"{self.input_length}/{self.target_length}, microbatches {self.num_microbatches}, "
             f"layers {'scanned' if config.scan_layers else 'unrolled'}, "
             f"remat {config.remat_policy}")
@@ -119,8 +124,10 @@ def run_shape_from_gin(platform: str) -> RunShape:
     raise CompileError("the gin files set no TASK_FEATURE_LENGTHS or BATCH_SIZE: include "
                        "runs/train.gin (or a file that includes it)")
   train_steps = _bound(train.train, "train_steps")
+  per_input = _bound(train.train, "batching") == "per_input"
   return RunShape(
-      config=config, batch_size=batch_size, input_length=lengths["inputs"],
+      config=config, batch_size=batch_size * (2 if per_input else 1), per_input=per_input,
+      input_length=lengths["inputs"],
       target_length=lengths["targets"],
       eval_batch_size=_bound(train.train, "eval_batch_size"),
       decode_length=min(_bound(train.train, "eval_decode_length"), lengths["targets"]),
@@ -282,9 +289,16 @@ def analyze(step: str, lowered, lower_seconds: float, model_flops: float) -> Ste
 # ------------------------------------------------------------------------------
 # Building and lowering the run's steps for a target.
 # ------------------------------------------------------------------------------
-def batch_shapes(rows: int, input_length: int, target_length: int, sharding) -> dict:
-  """A packed training batch as ShapeDtypeStructs with `sharding`."""
-  shape = lambda length: jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=sharding)
+def batch_shapes(rows: int, input_length: int, target_length: int, sharding,
+                 per_input: bool = False) -> dict:
+  """A packed training batch, or a per-input one (per_input_batches.FEATURES), as
+  ShapeDtypeStructs with `sharding`."""
+  shape = lambda length, dtype=jnp.int32: jax.ShapeDtypeStruct((rows, length), dtype,
+                                                               sharding=sharding)
+  if per_input:
+    return {name: shape(input_length) if name.startswith("encoder") else
+            shape(target_length, jnp.float32 if name == "decoder_loss_scales" else jnp.int32)
+            for name in per_input_batches.FEATURES}
   return {**{name: shape(input_length) for name in ENCODER_FEATURES},
           **{name: shape(target_length) for name in DECODER_FEATURES}}
 
@@ -308,7 +322,7 @@ def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepRepor
     if step in ("train", "eval"):
       rows = shape.batch_size if step == "train" else shape.eval_batch_size
       batch = batch_shapes(rows, shape.input_length, shape.target_length,
-                            partitioner.batch_sharding)
+                            partitioner.batch_sharding, shape.per_input and step == "train")
       forward = flops.forward_flops(shape.config, rows, shape.input_length, shape.target_length)
       model_flops = (3 * forward if step == "train" else forward) / chips
       lowered = (trainer.lower_train_step(batch) if step == "train"

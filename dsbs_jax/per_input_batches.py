@@ -11,8 +11,8 @@ rationale example; a short batch's missing inputs are empty rows, which weigh no
 `decoder_loss_scales` carries each target token's weight in that loss, computed over the
 whole global batch, so that microbatches and devices only add sums
 (encoder_decoder.loss_terms). Rows are padded to the smallest power of two that holds the
-batch's longest sequence (at most TASK_FEATURE_LENGTHS), which equals the paper's padding
-to the longest and bounds the compiled shapes to a few.
+batch's longest sequence (at least 128, at most TASK_FEATURE_LENGTHS), which computes what
+the paper's padding to the longest does and bounds the compiled shapes to a few.
 
 Every host holds the whole training split's ids and builds every global batch, so that all
 agree on the padded lengths; each passes on its own rows. The order is a function of the
@@ -30,8 +30,9 @@ from dsbs_jax import distillation
 from dsbs_jax import gin_utils
 from dsbs_jax import input_pipeline
 
-# Below this, a power-of-two padding saves little and adds compiled shapes.
-MIN_PADDED_LENGTH = 16
+# Below this, shorter rows save little (a TPU's matrix units are 128 wide) and add
+# compiled shapes.
+MIN_PADDED_LENGTH = 128
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
             "decoder_loss_weights", "decoder_task_ids", "decoder_loss_scales")
 
