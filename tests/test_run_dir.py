@@ -77,6 +77,11 @@ def test_a_folder_of_another_run_is_refused_naming_every_difference(written, tin
   assert {path.name: path.read_bytes() for path in written.path.iterdir()} == before
   with pytest.raises(run_dir.ModelDirMismatchError, match="BATCH_SIZE is 8 in checkpoints/6, 4 now"):
     written.check_input_state({"batch_size": 8}, {"batch_size": 4}, 6)
+  # A per-input run's checkpoints (train.batching) refuse the mixture's batches, whose
+  # input state, as every run's before per-input batching, has no "batching".
+  with pytest.raises(run_dir.ModelDirMismatchError,
+                     match="train.batching is 'per_input' in checkpoints/6, None now"):
+    written.check_input_state({"batch_size": 8, "batching": "per_input"}, {"batch_size": 8}, 6)
 
 
 def test_a_folder_that_cannot_be_written_is_refused(tmp_path):

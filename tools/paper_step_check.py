@@ -2,7 +2,7 @@
 batching, loss, optimizer, schedule and clipping) against the release's trainer rebuilt on
 transformers and torch (tools/bench_torch.py), on the same batches of shipped records.
 
-  python tools/paper_step_check.py [--steps 20] [--batch_size 8] [--case NAME ...]
+  python tools/paper_step_check.py [--steps 20] [--batch_size 4] [--case NAME ...]
 
 Both sides start from the same randomly initialized T5 (our initialization, loaded into
 transformers' T5ForConditionalGeneration) in float32 without dropout (dropout masks cannot
@@ -13,7 +13,8 @@ difference of any parameter after the last step, each beside the float32 noise f
 measured the same way: the reference in float64 against itself in float32. A difference
 within a small multiple of that floor is float32 rounding in another order; a different
 loss, batch, optimizer or schedule shows orders of magnitude above it (`--optimizer
-adamw` on our side against the release's transformers AdamW shows how far).
+adamw`, torch's AdamW, on our side against the release's transformers AdamW shows how far:
+the control columns, each case's run again with `--control`).
 
 This tool trains nothing for real and keeps no files.
 """
@@ -61,17 +62,19 @@ class Case:
   parallelism: str = "data"
   mesh_shape: tuple = (1, 1)
   num_microbatches: int = 1
+  scan_layers: bool = False
 
 
 CASES = {
     "dsbs_teacher": Case("cqa_dsbs_teacher"),
-    # An eighth of SVAMP's inputs: 90, so that 20 steps of 8 cross an epoch's short batch
-    # (its twelfth, of 2 inputs).
-    "dsbs_gold": Case("svamp_dsbs_gold", train_fraction=0.125),
+    # A sixteenth of SVAMP's inputs: 45, so that 20 steps of 4 cross an epoch's last batch,
+    # its twelfth, of 1 input.
+    "dsbs_gold": Case("svamp_dsbs_gold", train_fraction=0.0625),
     "finetune": Case("cqa_finetune"),
-    "distill": Case("svamp_distill", train_fraction=0.125),
-    "dsbs_teacher_fsdp4_micro2": Case("cqa_dsbs_teacher", parallelism="fsdp", mesh_shape=(4, 1),
-                                      num_microbatches=2),
+    "distill": Case("svamp_distill", train_fraction=0.0625),
+    "dsbs_teacher_fsdp4_micro2_scan": Case("cqa_dsbs_teacher", parallelism="fsdp",
+                                           mesh_shape=(4, 1), num_microbatches=2,
+                                           scan_layers=True),
 }
 
 
@@ -106,6 +109,7 @@ def train_ours(case: Case, config: t5.T5Config, params, batches, steps: int,
   partitioner = partitioning.make_partitioner(case.parallelism, case.mesh_shape, devices)
   optimizer, schedule = trainer_lib.make_optimizer(optimizer_name, LEARNING_RATE,
                                                    total_steps=steps)
+  config = dataclasses.replace(config, scan_layers=case.scan_layers)
   trainer = trainer_lib.Trainer(config, partitioner, optimizer, schedule,
                                 num_microbatches=case.num_microbatches, z_loss=0.0)
   state = trainer.state_from_params(params)
@@ -144,44 +148,59 @@ def differences(losses, weights, reference_losses, reference_weights) -> dict:
                            for name in reference_weights)}
 
 
-def check(name: str, steps: int = 20, batch_size: int = 8, optimizer: str = "adamw_hf",
-          seed: int = 0) -> dict:
-  """One case's measured agreement (see the module docstring), as the JSON line prints it."""
+def check(name: str, steps: int = 20, batch_size: int = 4, optimizer: str = "adamw_hf",
+          control_optimizer: Optional[str] = None, seed: int = 0) -> dict:
+  """One case's measured agreement (see the module docstring), as the JSON line prints it;
+  with control_optimizer, also ours with that optimizer against the same reference."""
   case = CASES[name]
   config = student_config()
+  # Per-layer parameters, which both sides load; a scanned run stacks them itself.
   params = jax.device_get(jax.jit(t5.init_params, static_argnums=0)(config, jax.random.key(seed)))
   batches = case_batches(case, batch_size)
   release_optimizer = "adamw_hf"
   reference = train_release(config, params, batches, steps, release_optimizer)
   reference64 = train_release(config, params, batches, steps, release_optimizer, torch.float64)
   ours = train_ours(case, config, params, batches, steps, optimizer)
+  control = {} if control_optimizer is None else {
+      "control_optimizer": control_optimizer,
+      "control_vs_release": differences(*train_ours(case, config, params, batches, steps,
+                                                    control_optimizer), *reference)}
   return {"case": name, "mixture": case.mixture, "parallelism": case.parallelism,
           "devices": int(np.prod(case.mesh_shape)), "microbatches": case.num_microbatches,
+          "scan_layers": case.scan_layers,
           "steps": steps, "inputs_per_batch": batch_size, "optimizer": optimizer,
           "first_loss": reference[0][0], "last_loss": reference[0][-1],
           "ours_vs_release": differences(*ours, *reference),
-          "float32_floor": differences(*reference, *reference64)}
+          "float32_floor": differences(*reference, *reference64), **control}
 
 
 def print_table(rows: Sequence[dict]) -> None:
-  print(f"{'case':<28}{'loss rel diff':>15}{'fp32 floor':>12}{'param diff':>12}"
-        f"{'fp32 floor':>12}{'ratio':>8}")
+  """Markdown: per case, ours and the control against the release, over the float32 floor."""
+  ratio = lambda value, floor: f"{value:.2e} ({value / max(floor, 1e-30):.3g}x)"
+  print("| case | mixture | devices, microbatches | loss rel. diff (x floor) | "
+        "param diff (x floor) | control: loss | control: params |")
+  print("| --- | --- | --- | --- | --- | --- | --- |")
   for row in rows:
     ours, floor = row["ours_vs_release"], row["float32_floor"]
-    ratio = ours["param_abs"] / max(floor["param_abs"], 1e-30)
-    print(f"{row['case']:<28}{ours['loss_rel']:>15.2e}{floor['loss_rel']:>12.2e}"
-          f"{ours['param_abs']:>12.2e}{floor['param_abs']:>12.2e}{ratio:>8.2f}")
+    control = row.get("control_vs_release")
+    controls = (["-", "-"] if control is None else
+                [ratio(control[key], floor[key]) for key in ("loss_rel", "param_abs")])
+    print(f"| {row['case']} | {row['mixture']} | {row['devices']}, {row['microbatches']} | "
+          f"{ratio(ours['loss_rel'], floor['loss_rel'])} | "
+          f"{ratio(ours['param_abs'], floor['param_abs'])} | {' | '.join(controls)} |")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--case", action="append", choices=sorted(CASES))
   parser.add_argument("--steps", type=int, default=20)
-  parser.add_argument("--batch_size", type=int, default=8, help="inputs per batch")
+  parser.add_argument("--batch_size", type=int, default=4, help="inputs per batch")
   parser.add_argument("--optimizer", default="adamw_hf", choices=sorted(RELEASE_OPTIMIZERS),
                       help="ours; the release's is always transformers 4.24's AdamW")
+  parser.add_argument("--control", default="adamw", choices=sorted(RELEASE_OPTIMIZERS),
+                      help="also run ours with this optimizer against the same reference")
   args = parser.parse_args(argv)
-  rows = [check(name, args.steps, args.batch_size, args.optimizer)
+  rows = [check(name, args.steps, args.batch_size, args.optimizer, args.control)
           for name in (args.case or CASES)]
   print_table(rows)
   for row in rows:
