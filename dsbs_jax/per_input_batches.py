@@ -33,6 +33,7 @@ from dsbs_jax import input_pipeline
 # Below this, shorter rows save little (a TPU's matrix units are 128 wide) and add
 # compiled shapes.
 MIN_PADDED_LENGTH = 128
+READ_BATCH = 4096
 FEATURES = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens",
             "decoder_loss_weights", "decoder_task_ids", "decoder_loss_scales")
 
@@ -65,11 +66,19 @@ def _tasks(mixture_or_task_name: str) -> tuple[seqio.Task, Optional[seqio.Task]]
   return label_tasks[0], (others[0] if others else None)
 
 
+def _ids_and_tokens(row: dict) -> dict:
+  return {key: row[key] for key in ("id", "inputs", "targets")}
+
+
 def _read(task: seqio.Task, lengths: Mapping[str, int]) -> list[tuple[str, Example]]:
   dataset = task.get_dataset(lengths, split="train", shuffle=False, num_epochs=1,
                              use_cached=False)
-  return [(row["id"].decode("utf-8"), Example(row["inputs"], row["targets"]))
-          for row in dataset.as_numpy_iterator()]
+  # In ragged batches: a row at a time from Python takes twice as long.
+  dataset = dataset.map(_ids_and_tokens).ragged_batch(READ_BATCH)
+  return [(input_id.decode("utf-8"), Example(np.asarray(inputs, np.int32),
+                                             np.asarray(targets, np.int32)))
+          for batch in dataset.as_numpy_iterator()
+          for input_id, inputs, targets in zip(batch["id"], batch["inputs"], batch["targets"])]
 
 
 def read_training_inputs(mixture_or_task_name: str,
