@@ -42,6 +42,12 @@ DATA_SHEETS = {
 }
 # The generations `--topology` names, and the device_kind each one's chips report.
 TPU_GENERATIONS = {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+# Generations whose chips are two devices each (no megacore mode): meshes and the per-chip
+# figures here assume a device per chip.
+TWO_DEVICES_PER_CHIP = ("v2", "v3")
+# Slices of up to this many chips of these generations are one host of that many chips on
+# Cloud TPU (v5litepod-8, v6e-8); larger ones are hosts of 4 (libtpu's default for all).
+SINGLE_HOST_CHIPS = {"v5e": 8, "v6e": 8}
 _TOPOLOGY = re.compile(r"^(?P<generation>v\d+[a-z]*):(?P<shape>\d+(x\d+){1,2})$")
 _CPU = re.compile(r"^cpu:(?P<count>\d+)$")
 
@@ -55,10 +61,23 @@ class Target:
   name: str  # as given, e.g. 'v5p:4x4x4'
   platform: str  # 'tpu' or 'cpu'
   num_devices: int
+  generation: Optional[str] = None  # TPU: e.g. 'v5p'
+  shape: tuple = ()  # TPU: chips per axis
 
   @property
   def chips(self) -> str:
     return "chips" if self.platform == "tpu" else "devices"
+
+  def libtpu_options(self) -> dict:
+    """How Cloud TPU runs this slice, for libtpu's description of it: v4 as one device per
+    chip (megacore: its two TensorCores as one, which libtpu describes only when asked),
+    and small v5e / v6e slices on one host of all their chips."""
+    options = {}
+    if self.generation == "v4":
+      options["chip_config_name"] = "megacore"
+    if self.num_devices <= SINGLE_HOST_CHIPS.get(self.generation, 0):
+      options["chips_per_host_bounds"] = (*self.shape, 1)[:3]
+    return options
 
 
 def parse_target(name: str) -> Target:
@@ -70,11 +89,16 @@ def parse_target(name: str) -> Target:
       raise TargetError(f"--topology={name}: a CPU target needs at least one device")
     return Target(name, "cpu", count)
   if match := _TOPOLOGY.match(name):
-    if match["generation"] not in TPU_GENERATIONS:
-      raise TargetError(f"--topology={name}: unknown TPU generation {match['generation']!r}; "
+    generation = match["generation"]
+    if generation in TWO_DEVICES_PER_CHIP:
+      raise TargetError(f"--topology={name}: TPU {generation} shows each chip as two devices "
+                        "(it has no megacore mode), which dsbs's meshes and per-chip figures "
+                        "do not model; compile for v4 or later")
+    if generation not in TPU_GENERATIONS:
+      raise TargetError(f"--topology={name}: unknown TPU generation {generation!r}; "
                         f"known: {', '.join(TPU_GENERATIONS)}")
-    chips = math.prod(int(size) for size in match["shape"].split("x"))
-    return Target(name, "tpu", chips)
+    shape = tuple(int(size) for size in match["shape"].split("x"))
+    return Target(name, "tpu", math.prod(shape), generation, shape)
   raise TargetError(f"--topology={name}: expected a TPU slice as <generation>:<chips per axis> "
                     f"(e.g. v5e:2x4, v5p:4x4x4, v4:2x2x4, v6e:4x4; generations "
                     f"{', '.join(TPU_GENERATIONS)}) or cpu:N")
@@ -97,7 +121,8 @@ def target_devices(target: Target) -> list:
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   tpu_runtime.load_for_compilation()
   try:
-    description = topologies.get_topology_desc(topology_name=target.name, platform="tpu")
+    description = topologies.get_topology_desc(topology_name=target.name, platform="tpu",
+                                               **target.libtpu_options())
   except Exception as error:  # libtpu's refusal of a shape it does not know
     raise TargetError(f"--topology={target.name}: libtpu cannot describe this slice "
                       f"({str(error).splitlines()[0]})") from error

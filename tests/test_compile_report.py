@@ -101,6 +101,16 @@ def test_train_step_compiles_for_a_multi_host_slice_with_the_state_it_shards(
 
 
 @pytest.mark.slow
+def test_train_step_compiles_for_tpu_v4_one_device_a_chip():
+  """v4 as Cloud TPU runs it (megacore): 8 devices on v4:2x2x2, which mesh as 8 chips."""
+  devices = targets.target_devices(targets.parse_target("v4:2x2x2"))
+  assert targets.data_sheet(devices[0].device_kind).name == "TPU v4"
+  report, = compile_report.compile_steps(run_shape("fsdp", (4, 2)), devices, ("train",))
+  assert report.fits(targets.data_sheet(devices[0].device_kind).hbm_bytes)
+  assert report.collectives["all-gather"]["count"] >= 1
+
+
+@pytest.mark.slow
 def test_decode_step_compiles_for_a_multi_host_slice(tpu_devices):
   shape = run_shape("fsdp", (4, 2))
   report, = compile_report.compile_steps(shape, tpu_devices, ("decode",))
@@ -166,11 +176,40 @@ def test_knobs_are_tried_most_local_first():
 
 
 def test_targets_parse_and_grow():
-  assert targets.parse_target("v5p:4x4x4") == targets.Target("v5p:4x4x4", "tpu", 64)
+  assert targets.parse_target("v5p:4x4x4") == targets.Target("v5p:4x4x4", "tpu", 64, "v5p",
+                                                             (4, 4, 4))
   assert targets.parse_target("cpu:8") == targets.Target("cpu:8", "cpu", 8)
   assert compile_report.larger_slice(targets.parse_target("v5e:2x4")) == "v5e:4x4"
   assert compile_report.larger_slice(targets.parse_target("v5p:2x2x1")) == "v5p:2x2x2"
   assert compile_report.larger_slice(targets.parse_target("cpu:8")) is None
+
+
+# Cloud TPU's slices as Google Cloud documents them: (--topology, accelerator type, chips,
+# hosts). v4 and v5p hosts hold 4 chips; v5e and v6e slices of up to 8 chips are one host.
+CLOUD_SLICES = [
+    ("v4:2x2x1", "v4-8", 4, 1), ("v4:2x2x2", "v4-16", 8, 2), ("v4:2x2x4", "v4-32", 16, 4),
+    ("v4:4x4x4", "v4-128", 64, 16),
+    ("v5p:2x2x1", "v5p-8", 4, 1), ("v5p:2x2x2", "v5p-16", 8, 2), ("v5p:4x4x4", "v5p-128", 64, 16),
+    ("v5e:1x1", "v5litepod-1", 1, 1), ("v5e:2x2", "v5litepod-4", 4, 1),
+    ("v5e:2x4", "v5litepod-8", 8, 1), ("v5e:4x4", "v5litepod-16", 16, 4),
+    ("v5e:16x16", "v5litepod-256", 256, 64),
+    ("v6e:2x2", "v6e-4", 4, 1), ("v6e:2x4", "v6e-8", 8, 1), ("v6e:4x4", "v6e-16", 16, 4),
+    ("v6e:16x16", "v6e-256", 256, 64),
+]
+
+
+@pytest.mark.parametrize("topology,accelerator_type,chips,hosts", CLOUD_SLICES,
+                         ids=[row[1] for row in CLOUD_SLICES])
+def test_every_generation_has_clouds_chips_and_hosts(topology, accelerator_type, chips, hosts):
+  devices = targets.target_devices(targets.parse_target(topology))
+  assert len(devices) == chips, accelerator_type
+  assert len({device.process_index for device in devices}) == hosts, accelerator_type
+
+
+@pytest.mark.parametrize("topology", ["v3:2x2", "v2:4x4"])
+def test_two_devices_a_chip_are_refused_in_one_line(topology):
+  with pytest.raises(targets.TargetError, match="two devices .* compile for v4 or later"):
+    targets.parse_target(topology)
 
 
 def test_execution_left_to_the_backend_is_resolved_for_the_target(tiny_config):
