@@ -457,26 +457,60 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
   return result
 
 
-def compile_in_a_process(topology: str, flags: list,
-                         timeout_seconds: Optional[float] = None) -> tuple[Optional[dict], str]:
+# Set in the processes compile_in_a_process starts: they compile themselves.
+IN_A_PROCESS_OF_ITS_OWN = "DSBS_COMPILE_IN_A_PROCESS_OF_ITS_OWN"
+# Compiler crashes met here, each with what avoids it: (what it needs of the run, advice).
+KNOWN_CRASHES = (
+    (lambda shape: shape.config.remat_policy == "full" and shape.config.emb_dim >= 2048,
+     "libtpu 0.0.42.1's TPU compiler overflows its stack on T5 v1.1 XL and XXL with "
+     "REMAT_POLICY='full' (README, 'Known compiler failure'); REMAT_POLICY='dots' compiles"),
+)
+
+
+def compile_in_a_process(topology: str, flags: list, timeout_seconds: Optional[float] = None,
+                         show_output: bool = False) -> tuple[Optional[dict], str]:
   """Runs `dsbs compile --topology=... FLAGS --json=...` in a process of its own, so that a
-  compiler crash ends only that process: (its JSON report, "") or (None, what stopped it)."""
+  compiler crash ends only that process: (its JSON report, "") or (None, what stopped it).
+  show_output: its report lines go to this process's output as they come (its error
+  output, a crash's trace included, is kept back either way)."""
   with tempfile.TemporaryDirectory() as scratch:
     report_path = os.path.join(scratch, "report.jsonl")
     command = [sys.executable, "-m", "dsbs_jax.cli", "compile", f"--topology={topology}",
                f"--json={report_path}", *flags]
-    try:
-      result = subprocess.run(command, capture_output=True, text=True, check=False,
-                              timeout=timeout_seconds)
-    except subprocess.TimeoutExpired:
-      return None, f"still compiling after {timeout_seconds / 60:.0f} min"
+    with open(os.path.join(scratch, "stderr"), "w+", encoding="utf-8") as errors:
+      try:
+        result = subprocess.run(command, stdout=None if show_output else subprocess.PIPE,
+                                stderr=errors, text=True, check=False, timeout=timeout_seconds,
+                                env=dict(os.environ, **{IN_A_PROCESS_OF_ITS_OWN: "1"}))
+      except subprocess.TimeoutExpired:
+        return None, f"still compiling after {timeout_seconds / 60:.0f} min"
+      errors.seek(0)
+      error_lines = errors.read().strip().splitlines()
     if os.path.exists(report_path):
       with open(report_path, encoding="utf-8") as f:
         return json.loads(f.read()), ""
   if result.returncode < 0:
     return None, f"the compiler crashed ({signal.Signals(-result.returncode).name})"
-  lines = (result.stderr or result.stdout).strip().splitlines()
+  lines = error_lines or (result.stdout or "").strip().splitlines()
   return None, lines[-1] if lines else f"exit {result.returncode}"
+
+
+def compile_apart(shape: RunShape, target: targets.Target, steps, run_flags: list) -> dict:
+  """compile_and_report's report of `steps` (no knobs), compiled by `dsbs compile` in a
+  process of its own, its lines shown as they come; a crash of the compiler is a
+  CompileError naming the target and the known way around it, if any."""
+  result, error = compile_in_a_process(
+      target.name, ["--steps", ",".join(steps), "--no_knobs", *run_flags], show_output=True)
+  if result is not None:
+    return result
+  advice = next((advice for applies, advice in KNOWN_CRASHES if applies(shape)), None)
+  where = f"compiling the {'/'.join(steps)} step(s) for {target.name}"
+  if error.startswith("the compiler crashed"):
+    raise CompileError(f"{error} {where}; " + (f"known: {advice}" if advice else
+                       "no workaround is known: try another REMAT_POLICY, PARALLELISM or "
+                       "MESH_SHAPE"))
+  # The process's own one-line error, already naming what it refused.
+  raise CompileError(error.removeprefix("dsbs compile: error: "))
 
 
 def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list,
@@ -565,8 +599,17 @@ def run(args) -> int:
                *(f"--gin_search_path={path}" for path in args.gin_search_path),
                *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in args.gin_bindings),
                *([f"--hbm_gib={args.hbm_gib}"] if args.hbm_gib is not None else [])]
-  result = compile_and_report(shape, target, args.steps, None if args.no_knobs else run_flags,
-                              capacity, print_fn=lambda *a: print(*a, flush=True))
+  print_fn = lambda *a: print(*a, flush=True)
+  if target.platform == "tpu" and not os.environ.get(IN_A_PROCESS_OF_ITS_OWN):
+    # libtpu's compiler can crash the process it runs in; the report is compiled apart.
+    result = compile_apart(shape, target, args.steps, run_flags)
+    train_report = next((step for step in result["steps"] if step["step"] == "train"), None)
+    if train_report is not None and train_report["fits"] is False and not args.no_knobs:
+      result["knobs"] = try_knobs_until_fit(
+          _with_resolved_mesh(shape, target.num_devices), target, run_flags, print_fn)
+  else:
+    result = compile_and_report(shape, target, args.steps,
+                                None if args.no_knobs else run_flags, capacity, print_fn)
   if args.json:
     with storage.Appender(args.json) as report:
       report.write(json.dumps(result) + "\n")

@@ -4,6 +4,9 @@ says checked against what the project computes itself."""
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -304,3 +307,38 @@ def test_a_knob_whose_compilation_crashes_is_reported_and_the_others_still_tried
   # The larger slice's mesh replaces the run's MESH_SHAPE, which the other tries keep.
   assert "--gin.MESH_SHAPE=(4, 2)" not in commands[3] and "--gin.MESH_SHAPE=(4, 2)" in commands[0]
   assert "--gin.make_partitioner.mesh_shape=(-1, 2)" in commands[3]
+
+
+CRASHING_COMPILER = """\
+import os, signal
+if os.environ.get("DSBS_COMPILE_IN_A_PROCESS_OF_ITS_OWN"):
+  import jax.stages
+  jax.stages.Lowered.compile = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGSEGV)
+"""
+
+
+@pytest.mark.slow
+def test_a_compiler_crash_is_one_line_naming_the_target(tmp_path):
+  # A sitecustomize that makes every compile of the process compiling apart crash, as
+  # libtpu's compiler does on its known bug.
+  (tmp_path / "sitecustomize.py").write_text(CRASHING_COMPILER)
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
+      str(tmp_path), os.environ.get("PYTHONPATH")])))
+  result = subprocess.run(
+      [sys.executable, "-m", "dsbs_jax.cli", "compile", "--topology=v5e:2x2",
+       "--gin_file=quickstart.gin", "--steps", "train"],
+      capture_output=True, text=True, env=env, timeout=600, check=False)
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines() == [
+      "dsbs compile: error: the compiler crashed (SIGSEGV) compiling the train step(s) for "
+      "v5e:2x2; no workaround is known: try another REMAT_POLICY, PARALLELISM or MESH_SHAPE"]
+
+
+def test_a_known_crash_names_its_workaround(monkeypatch):
+  monkeypatch.setattr(compile_report, "compile_in_a_process",
+                      lambda *args, **kwargs: (None, "the compiler crashed (SIGSEGV)"))
+  xxl = run_shape("fsdp", (16, 4), config=dataclasses.replace(
+      run_shape("fsdp", (16, 4)).config, emb_dim=4096, remat_policy="full"))
+  with pytest.raises(compile_report.CompileError,
+                     match=r"for v5p:4x4x4; known: libtpu .* REMAT_POLICY='dots' compiles"):
+    compile_report.compile_apart(xxl, targets.parse_target("v5p:4x4x4"), ("train",), [])
