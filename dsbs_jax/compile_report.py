@@ -540,6 +540,41 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list
   return tried
 
 
+def _include_path(name: str, search_paths) -> str:
+  """A --gin_file as an include that resolves from anywhere: its absolute path where it is
+  a local file (here or in a search path), else as given (gin's folder, a URL)."""
+  for folder in ("", *search_paths):
+    candidate = os.path.join(folder, name)
+    if not storage.is_url(name) and os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  return name
+
+
+def fitting_gin(result: dict, shape: RunShape, target: targets.Target, gin_files: list,
+                bindings: list, search_paths=()) -> Optional[str]:
+  """A gin file for `dsbs train --gin_file=...` that runs what this report found to fit:
+  the run's gin files and --gin bindings, plus the first knob that fit, if the run did not;
+  None when neither fit."""
+  train = next((step for step in result["steps"] if step["step"] == "train"), None)
+  if train is None:
+    raise CompileError("--write_gin needs the train step (--steps train)")
+  knob_bindings, header = [], f"fits on {target.name} as compiled"
+  if train["fits"] is False:
+    fitting = [knob["change"] for knob in result.get("knobs", []) if knob.get("fits")]
+    if not fitting:
+      return None
+    variants = {change: (knob, other) for change, knob, other in knob_variants(shape, target)}
+    knob, other_target = variants[fitting[0]]
+    knob_bindings = list(knob.values())
+    header = (f"does not fit on {target.name}; with {fitting[0]} it fits"
+              + (f" (compiled for {other_target})" if other_target else ""))
+  lines = [f"# Written by dsbs compile: the run {header}. Train it with",
+           "#   dsbs train --gin_file=<this file>",
+           *(f"include '{_include_path(name, search_paths)}'" for name in gin_files),
+           *bindings, *knob_bindings]
+  return "\n".join(lines) + "\n"
+
+
 DESCRIPTION = """\
 Compiles a run's train, eval and decode steps ahead of time for a target you need not have
 (a TPU slice, through libtpu, on any machine; or cpu:N) with the same gin flags as
@@ -581,11 +616,14 @@ def add_parser(subparsers) -> None:
                            "(e.g. what other work on the chips leaves free)")
   parser.add_argument("--json", metavar="FILE",
                       help="also append the report to FILE as one JSON line")
+  parser.add_argument("--write_gin", metavar="FILE",
+                      help="write a gin file that `dsbs train --gin_file=FILE` runs: these "
+                           "gin flags, plus the first knob that fit when the run did not")
   parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-  storage.check(write=[args.json])
+  storage.check(write=[args.json, args.write_gin])
   target = targets.parse_target(args.topology)
   if target.platform == "cpu":
     try:
@@ -613,4 +651,12 @@ def run(args) -> int:
   if args.json:
     with storage.Appender(args.json) as report:
       report.write(json.dumps(result) + "\n")
+  if args.write_gin:
+    text = fitting_gin(result, _with_resolved_mesh(shape, target.num_devices), target,
+                       args.gin_file, args.gin_bindings, args.gin_search_path)
+    if text is None:
+      print_fn(f"nothing tried fits: {args.write_gin} not written")
+    else:
+      storage.write_atomically(args.write_gin, text.encode("utf-8"))
+      print_fn(f"wrote {args.write_gin}: dsbs train --gin_file={args.write_gin} runs it")
   return 1 if any(step["fits"] is False for step in result["steps"]) else 0

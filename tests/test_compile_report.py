@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import gin
 import jax
 import jax.numpy as jnp
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from dsbs_jax import cli
 from dsbs_jax import compile_report
 from dsbs_jax import flops
+from dsbs_jax import gin_utils
 from dsbs_jax import partitioning
 from dsbs_jax import targets
 from dsbs_jax import trainer as trainer_lib
@@ -150,6 +152,37 @@ def test_the_command_reports_and_tries_knobs_when_a_step_does_not_fit(tmp_path, 
                                 - train["alias_bytes"] + train["temp_bytes"] + train["code_bytes"])
   assert [knob["fits"] for knob in result["knobs"]] == [False]
   assert "TPU" not in printed.err and "E0000" not in printed.err
+
+
+def test_write_gin_gives_dsbs_train_the_run_that_fits(tmp_path, capfd):
+  fits = tmp_path / "fits.gin"
+  flags = ["compile", "--topology=cpu:8", "--gin_file=quickstart.gin", "--steps", "train",
+           "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64",
+           "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", f"--write_gin={fits}"]
+  assert cli.main(flags) == 0
+  assert f"wrote {fits}" in capfd.readouterr().out
+  gin.clear_config()
+  gin_utils.parse_gin([str(fits)], [])
+  assert gin.query_parameter("%TASK_FEATURE_LENGTHS") == {"inputs": 32, "targets": 16}
+  assert gin.query_parameter("T5Config.emb_dim") == 32
+  gin.clear_config()
+  # A run that fits nowhere writes nothing.
+  fits.unlink()
+  assert cli.main([*flags, "--hbm_gib=0.0001", "--no_knobs"]) == 1
+  assert "nothing tried fits" in capfd.readouterr().out and not fits.exists()
+
+
+def test_write_gin_adds_the_first_knob_that_fit():
+  shape = run_shape("data", (4, 2), batch_size=64)
+  result = {"steps": [{"step": "train", "fits": False}],
+            "knobs": [{"change": "NUM_MICROBATCHES=8", "fits": False},
+                      {"change": "REMAT_POLICY='full'", "fits": True},
+                      {"change": "--topology=v5e:4x4", "fits": True}]}
+  text = compile_report.fitting_gin(result, shape, targets.parse_target("v5e:2x4"),
+                                    ["models/t5_1_1_base.gin"], ["BATCH_SIZE = 64"])
+  assert text.splitlines()[2:] == ["include 'models/t5_1_1_base.gin'", "BATCH_SIZE = 64",
+                                   "T5Config.remat_policy = 'full'"]
+  assert "with REMAT_POLICY='full' it fits" in text
 
 
 @pytest.mark.parametrize("topology, message", [
