@@ -168,6 +168,23 @@ class _NamedStep:
     return [info.step == self.step for info in checkpoints]
 
 
+# The change (commit f7772d4) after which the optimizer state holds one state per parameter
+# array (trainer.per_parameter); checkpoints from before it hold one over all of them.
+PER_PARAMETER_OPTIMIZER_STATE = "2026-12-02 (commit f7772d4)"
+
+
+def _same_arrays(stored_metadata, abstract) -> bool:
+  """Whether stored array metadata and abstract arrays have the same paths and shapes
+  (a named tuple's fields are stored as a dict's keys)."""
+  name = lambda key: str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key))))
+  shapes = lambda tree: {tuple(map(name, path)): tuple(leaf.shape) for path, leaf in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+  try:
+    return shapes(stored_metadata) == shapes(abstract)
+  except AttributeError:  # a leaf without a shape: not array metadata
+    return False
+
+
 class TrainCheckpointer:
   """Keeps the last `keep` checkpoints plus one the caller names with `keep_step` (the best
   on validation, named once its evaluation is done, so a step is saved before evaluating).
@@ -287,7 +304,7 @@ class TrainCheckpointer:
     """
     self._check_exists(step)
     wanted = None if abstract_state is None else t5.holds_stacked_layers(abstract_state)
-    stored = None
+    stored = metadata = None
     if wanted is not None:
       metadata = self._state_metadata(step)
       stored = None if metadata is None else t5.holds_stacked_layers(metadata)
@@ -297,6 +314,14 @@ class TrainCheckpointer:
       restored = self._manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(as_stored), input=ocp.args.JsonRestore()))
     except Exception as error:  # orbax raises many kinds; all mean this step is unusable
+      if (metadata is not None and _same_arrays(metadata["params"], as_stored.params)
+          and not _same_arrays(metadata["opt_state"], as_stored.opt_state)):
+        raise CheckpointError(
+            f"{self.directory / str(step)}: its parameters are intact, but its optimizer state "
+            "is laid out for another optimizer: another OPTIMIZER than this run's, or "
+            f"dsbs-jax before {PER_PARAMETER_OPTIMIZER_STATE}, whose optimizer state covered "
+            "all parameters at once; dsbs eval, predict and export read its parameters, and "
+            "training resumes only with the optimizer and version that wrote it") from error
       raise self._unusable(step, earlier_step_flag) from error
     state = restored.state
     if converts:

@@ -140,3 +140,26 @@ def test_a_run_resumes_with_its_layers_in_the_other_layout(tmp_path, tiny_config
   assert jax.tree.structure(final) == jax.tree.structure(expected)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                jax.device_get(final), expected)
+
+
+@pytest.mark.parametrize("written_with", ["one state over all parameters", "another optimizer"])
+def test_an_optimizer_state_of_another_layout_is_named_not_called_corrupt(
+    tmp_path, tiny_config, params, written_with):
+  config = dataclasses.replace(tiny_config, scan_layers=False)
+  partitioner = partitioning.make_partitioner("data", (1, 1), jax.devices()[:1])
+  optimizer, _ = trainer.make_optimizer("adafactor")
+  run = trainer.Trainer(config, partitioner, optimizer)
+  # What dsbs-jax wrote before the optimizer state was kept per parameter array.
+  old = (factored_adafactor() if written_with == "one state over all parameters"
+         else trainer.make_optimizer("adamw", total_steps=10)[0])
+  state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=old.init(params))
+  checkpointer = checkpoints.TrainCheckpointer(tmp_path / "checkpoints", asynchronous=False)
+  try:
+    checkpointer.save(3, state, {})
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"3: its parameters are intact, but its optimizer state is laid out "
+                             r"for another optimizer: .* before 2026-12-02 \(commit f7772d4\)"):
+      checkpointer.restore(3, run.abstract_state())
+  finally:
+    checkpointer.close()
