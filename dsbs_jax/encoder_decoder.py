@@ -91,8 +91,8 @@ def loss_terms(params, batch: Batch, dropout_rng: Optional[jax.Array], config: t
   token losses and counts tokens. A batch that carries `decoder_loss_scales` (per-input
   batches, see per_input_batches.py) overrides both: its loss is the sum of token losses
   times those scales, which already hold the normalization (they sum to 1 over a whole
-  batch), and its label and rationale losses are per token. Every metric is a float32 sum, safe to add across
-  microbatches and steps; `summarize_metrics` turns them into means.
+  batch), and its label and rationale losses are per token. Every metric is a float32
+  sum, safe to add across microbatches and steps; `summarize_metrics` turns them into means.
   `dropout_rng=None` disables dropout.
   """
   if loss_normalization not in LOSS_NORMALIZATIONS:
