@@ -461,9 +461,10 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
 IN_A_PROCESS_OF_ITS_OWN = "DSBS_COMPILE_IN_A_PROCESS_OF_ITS_OWN"
 # Compiler crashes met here, each with what avoids it: (what it needs of the run, advice).
 KNOWN_CRASHES = (
-    (lambda shape: shape.config.remat_policy == "full" and shape.config.emb_dim >= 2048,
-     "libtpu 0.0.42.1's TPU compiler overflows its stack on T5 v1.1 XL and XXL with "
-     "REMAT_POLICY='full' (README, 'Known compiler failure'); REMAT_POLICY='dots' compiles"),
+    (lambda shape: shape.config.remat_policy == "full" and shape.config.emb_dim >= 1024,
+     "libtpu 0.0.42.1's TPU compiler overflows its stack on T5 v1.1 large (at 128 rows), XL "
+     "and XXL with REMAT_POLICY='full' (README, 'Known compiler failure'); use "
+     "REMAT_POLICY='dots' (it compiled for XXL) or more NUM_MICROBATCHES"),
 )
 
 

@@ -373,5 +373,5 @@ def test_a_known_crash_names_its_workaround(monkeypatch):
   xxl = run_shape("fsdp", (16, 4), config=dataclasses.replace(
       run_shape("fsdp", (16, 4)).config, emb_dim=4096, remat_policy="full"))
   with pytest.raises(compile_report.CompileError,
-                     match=r"for v5p:4x4x4; known: libtpu .* REMAT_POLICY='dots' compiles"):
+                     match=r"for v5p:4x4x4; known: libtpu .* use REMAT_POLICY='dots'"):
     compile_report.compile_apart(xxl, targets.parse_target("v5p:4x4x4"), ("train",), [])
