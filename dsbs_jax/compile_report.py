@@ -57,6 +57,9 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16":
                 "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
                 "c64": 8, "c128": 16}
 _ARRAY_TYPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+# A send of a collective's cross-slice part (its recv, of the same data, is not counted).
+_ACROSS_SLICES = re.compile(r"=\s\((?P<type>\w+\[[\d,]*\])[^=]*?\ssend\(.*?"
+                            r"_xla_megascale_transfer_type=\"(?P<kind>\w+)\"")
 _COLLECTIVE_OP = re.compile(r"=\s(?P<type>.*?)\s(?P<kind>" + "|".join(COLLECTIVES)
                             + r")(?:-start)?\(")
 _COMPILER_OUT_OF_MEMORY = re.compile(
@@ -181,16 +184,24 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
   """{kind: {"count", "bytes"}} of the collectives a compiled program runs per call.
 
   A collective inside a loop counts once per iteration when XLA knows the trip count
-  (scanned layers, microbatches); `bytes` adds up each one's largest result array.
+  (scanned layers, microbatches); `bytes` adds up each one's largest result array. Over
+  several slices, XLA compiles each collective's part that crosses the data-center network
+  into transfers of the Megascale runtime: counted apart, as "<kind> across slices".
   """
   computations, entry = _computations(hlo_text)
-  totals = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+  totals = {}
+
+  def add(kind: str, array_type: str, times: int):
+    total = totals.setdefault(kind, {"count": 0, "bytes": 0})
+    total["count"] += times
+    total["bytes"] += times * array_bytes(array_type)
 
   def visit(name: str, times: int, seen: tuple):
     for line in computations.get(name, ()):
       if match := _COLLECTIVE_OP.search(line):
-        totals[match["kind"]]["count"] += times
-        totals[match["kind"]]["bytes"] += times * array_bytes(match["type"])
+        add(match["kind"], match["type"], times)
+      if match := _ACROSS_SLICES.search(line):
+        add(f"{match['kind'].lower().replace('_', '-')} across slices", match["type"], times)
       if match := _WHILE_BODY.search(line):
         trips = _TRIP_COUNT.search(line)
         if match["body"] not in seen:
@@ -203,7 +214,7 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
 
   if entry is not None:
     visit(entry, 1, ())
-  return {kind: value for kind, value in totals.items() if value["count"]}
+  return totals
 
 
 @dataclasses.dataclass
@@ -442,8 +453,9 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
   shape = _with_resolved_mesh(shape, len(devices))
   hosts = len({getattr(d, "process_index", 0) for d in devices})
   sheet_name = sheet.name if sheet else devices[0].device_kind
+  slices = f" in {target.num_slices} slices" if target.num_slices > 1 else ""
   print_fn(f"target {target.name}: {len(devices)} {sheet_name} {target.chips} on {hosts} "
-           f"host(s); run: {shape.describe()}")
+           f"host(s){slices}; run: {shape.describe()}")
   reports = compile_steps(shape, devices, steps)
   for report in reports:
     for line in format_step(report, sheet, capacity, target.chips):

@@ -13,6 +13,7 @@ import flax.linen as nn
 import gin
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "model")
@@ -71,11 +72,26 @@ def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int
 
 def make_mesh(mesh_shape: Sequence[int] = (-1, 1),
               devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A ('data', 'model') mesh over `devices` (default: every device of every host)."""
+  """A ('data', 'model') mesh over `devices` (default: every device of every host).
+
+  Over several TPU slices (multislice: devices with different `slice_index`), 'data' runs
+  across the slices, outermost, and 'model' within each, so that only data parallelism
+  (gradient reductions, FSDP's gathers) crosses the data-center network, as MaxText's
+  hybrid meshes do.
+  """
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(mesh_shape, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
-                       devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  num_slices = len({getattr(device, "slice_index", 0) for device in devices})
+  if num_slices == 1:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+  data, model = shape
+  if data % num_slices:
+    raise ValueError(f"mesh_shape {shape}: the data axis ({data}) must divide over the "
+                     f"{num_slices} slices, which only data parallelism crosses")
+  grid = mesh_utils.create_hybrid_device_mesh((data // num_slices, model), (num_slices, 1),
+                                              devices)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _mesh_axis_size(mesh: Mesh, axes) -> int:

@@ -1,8 +1,9 @@
 """The hardware a run can be compiled for without having it, and the chips' data sheets.
 
 A target is named as `dsbs compile --topology` takes it: a TPU slice in libtpu's
-`<generation>:<chips per axis>` form (`v5e:2x4`, `v5p:4x4x4`, `v4:2x2x4`, `v6e:4x4`), or
-`cpu:N`, N simulated CPU devices. `target_devices` returns the devices a mesh is built on;
+`<generation>:<chips per axis>` form (`v5e:2x4`, `v5p:4x4x4`, `v4:2x2x4`, `v6e:4x4`), N such
+slices joined over the data-center network as `<N>x<slice>` (`2xv5e:16x16`, multislice),
+or `cpu:N`, N simulated CPU devices. `target_devices` returns the devices a mesh is built on;
 for a TPU they come from libtpu's description of the topology (every host's chips, with
 their process indices), so `jit(...).lower(...).compile()` runs the TPU compiler for a slice
 that is not there. The data sheets give each chip's HBM, peak dense bfloat16 FLOP/s and HBM
@@ -48,7 +49,8 @@ TWO_DEVICES_PER_CHIP = ("v2", "v3")
 # Slices of up to this many chips of these generations are one host of that many chips on
 # Cloud TPU (v5litepod-8, v6e-8); larger ones are hosts of 4 (libtpu's default for all).
 SINGLE_HOST_CHIPS = {"v5e": 8, "v6e": 8}
-_TOPOLOGY = re.compile(r"^(?P<generation>v\d+[a-z]*):(?P<shape>\d+(x\d+){1,2})$")
+_TOPOLOGY = re.compile(
+    r"^(?:(?P<slices>\d+)x)?(?P<generation>v\d+[a-z]*):(?P<shape>\d+(x\d+){1,2})$")
 _CPU = re.compile(r"^cpu:(?P<count>\d+)$")
 
 
@@ -62,20 +64,26 @@ class Target:
   platform: str  # 'tpu' or 'cpu'
   num_devices: int
   generation: Optional[str] = None  # TPU: e.g. 'v5p'
-  shape: tuple = ()  # TPU: chips per axis
+  shape: tuple = ()  # TPU: chips per axis of one slice
+  num_slices: int = 1  # TPU: slices joined over the data-center network
 
   @property
   def chips(self) -> str:
     return "chips" if self.platform == "tpu" else "devices"
 
+  @property
+  def slice_name(self) -> str:
+    """One slice, as libtpu names it (the name without the slice count)."""
+    return self.name.split("x", 1)[1] if self.num_slices > 1 else self.name
+
   def libtpu_options(self) -> dict:
     """How Cloud TPU runs this slice, for libtpu's description of it: v4 as one device per
     chip (megacore: its two TensorCores as one, which libtpu describes only when asked),
     and small v5e / v6e slices on one host of all their chips."""
-    options = {}
+    options = {"num_slices": self.num_slices} if self.num_slices > 1 else {}
     if self.generation == "v4":
       options["chip_config_name"] = "megacore"
-    if self.num_devices <= SINGLE_HOST_CHIPS.get(self.generation, 0):
+    if self.num_devices // self.num_slices <= SINGLE_HOST_CHIPS.get(self.generation, 0):
       options["chips_per_host_bounds"] = (*self.shape, 1)[:3]
     return options
 
@@ -98,10 +106,14 @@ def parse_target(name: str) -> Target:
       raise TargetError(f"--topology={name}: unknown TPU generation {generation!r}; "
                         f"known: {', '.join(TPU_GENERATIONS)}")
     shape = tuple(int(size) for size in match["shape"].split("x"))
-    return Target(name, "tpu", math.prod(shape), generation, shape)
+    slices = int(match["slices"] or 1)
+    if slices < 1:
+      raise TargetError(f"--topology={name}: a multislice target needs at least one slice")
+    return Target(name, "tpu", math.prod(shape) * slices, generation, shape, slices)
   raise TargetError(f"--topology={name}: expected a TPU slice as <generation>:<chips per axis> "
                     f"(e.g. v5e:2x4, v5p:4x4x4, v4:2x2x4, v6e:4x4; generations "
-                    f"{', '.join(TPU_GENERATIONS)}) or cpu:N")
+                    f"{', '.join(TPU_GENERATIONS)}), N slices of one as <N>x<slice> "
+                    "(2xv5e:16x16), or cpu:N")
 
 
 def target_devices(target: Target) -> list:
@@ -121,7 +133,7 @@ def target_devices(target: Target) -> list:
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   tpu_runtime.load_for_compilation()
   try:
-    description = topologies.get_topology_desc(topology_name=target.name, platform="tpu",
+    description = topologies.get_topology_desc(topology_name=target.slice_name, platform="tpu",
                                                **target.libtpu_options())
   except Exception as error:  # libtpu's refusal of a shape it does not know
     raise TargetError(f"--topology={target.name}: libtpu cannot describe this slice "

@@ -11,6 +11,7 @@ import sys
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dsbs_jax import cli
@@ -113,6 +114,23 @@ def test_train_step_compiles_for_tpu_v4_one_device_a_chip():
   report, = compile_report.compile_steps(run_shape("fsdp", (4, 2)), devices, ("train",))
   assert report.fits(targets.data_sheet(devices[0].device_kind).hbm_bytes)
   assert report.collectives["all-gather"]["count"] >= 1
+
+
+@pytest.mark.slow
+def test_a_run_over_two_slices_crosses_them_only_for_data_parallelism():
+  target = targets.parse_target("2xv5e:2x2")
+  assert (target.num_devices, target.num_slices, target.slice_name) == (8, 2, "v5e:2x2")
+  devices = targets.target_devices(target)
+  partitioner = partitioning.make_partitioner("fsdp", (4, 2), devices=devices)
+  slices = np.vectorize(lambda device: device.slice_index)(partitioner.mesh.devices)
+  # 'data' runs across the slices (outermost), 'model' within one.
+  assert slices.tolist() == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  report, = compile_report.compile_steps(run_shape("fsdp", (4, 2)), devices, ("train",))
+  across = {kind for kind in report.collectives if kind.endswith(" across slices")}
+  within = set(report.collectives) - across
+  assert "all-reduce across slices" in across and "all-gather" in within
+  with pytest.raises(ValueError, match=r"data axis \(1\) must divide over the 2 slices"):
+    partitioning.make_partitioner("tensor", (1, 8), devices=devices)
 
 
 @pytest.mark.slow
