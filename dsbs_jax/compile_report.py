@@ -444,11 +444,9 @@ def _devices_for(target: targets.Target, capacity: Optional[int]):
 
 
 def compile_and_report(shape: RunShape, target: targets.Target, steps,
-                       knob_flags: Optional[list] = None, capacity: Optional[int] = None,
-                       print_fn=print) -> dict:
+                       capacity: Optional[int] = None, print_fn=print) -> dict:
   """Compiles, prints the report, and returns it as JSON-ready values. `capacity`: the HBM
-  per chip to fit in, instead of the data sheet's; `knob_flags`: the run's `dsbs compile`
-  flags, to try knobs with when the train step does not fit (None: do not try)."""
+  per chip to fit in, instead of the data sheet's."""
   devices, sheet, capacity = _devices_for(target, capacity)
   shape = _with_resolved_mesh(shape, len(devices))
   hosts = len({getattr(d, "process_index", 0) for d in devices})
@@ -460,13 +458,9 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
   for report in reports:
     for line in format_step(report, sheet, capacity, target.chips):
       print_fn(line)
-  result = {"target": target.name, "device_kind": devices[0].device_kind,
-            "chips": len(devices), "hosts": hosts, "run": shape.describe(),
-            "steps": [report.to_json(sheet, capacity) for report in reports]}
-  train_report = next((r for r in reports if r.step == "train"), None)
-  if train_report is not None and train_report.fits(capacity) is False and knob_flags is not None:
-    result["knobs"] = try_knobs_until_fit(shape, target, knob_flags, print_fn)
-  return result
+  return {"target": target.name, "device_kind": devices[0].device_kind,
+          "chips": len(devices), "hosts": hosts, "run": shape.describe(),
+          "steps": [report.to_json(sheet, capacity) for report in reports]}
 
 
 # Set in the processes compile_in_a_process starts: they compile themselves.
@@ -556,9 +550,11 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list
 def _include_path(name: str, search_paths) -> str:
   """A --gin_file as an include that resolves from anywhere: its absolute path where it is
   a local file (here or in a search path), else as given (gin's folder, a URL)."""
+  if storage.is_url(name):
+    return name
   for folder in ("", *search_paths):
     candidate = os.path.join(folder, name)
-    if not storage.is_url(name) and os.path.isfile(candidate):
+    if os.path.isfile(candidate):
       return os.path.abspath(candidate)
   return name
 
@@ -654,19 +650,18 @@ def run(args) -> int:
   if target.platform == "tpu" and not os.environ.get(IN_A_PROCESS_OF_ITS_OWN):
     # libtpu's compiler can crash the process it runs in; the report is compiled apart.
     result = compile_apart(shape, target, args.steps, run_flags)
-    train_report = next((step for step in result["steps"] if step["step"] == "train"), None)
-    if train_report is not None and train_report["fits"] is False and not args.no_knobs:
-      result["knobs"] = try_knobs_until_fit(
-          _with_resolved_mesh(shape, target.num_devices), target, run_flags, print_fn)
   else:
-    result = compile_and_report(shape, target, args.steps,
-                                None if args.no_knobs else run_flags, capacity, print_fn)
+    result = compile_and_report(shape, target, args.steps, capacity, print_fn)
+  resolved = _with_resolved_mesh(shape, target.num_devices)
+  train_report = next((step for step in result["steps"] if step["step"] == "train"), None)
+  if train_report is not None and train_report["fits"] is False and not args.no_knobs:
+    result["knobs"] = try_knobs_until_fit(resolved, target, run_flags, print_fn)
   if args.json:
     with storage.Appender(args.json) as report:
       report.write(json.dumps(result) + "\n")
   if args.write_gin:
-    text = fitting_gin(result, _with_resolved_mesh(shape, target.num_devices), target,
-                       args.gin_file, args.gin_bindings, args.gin_search_path)
+    text = fitting_gin(result, resolved, target, args.gin_file, args.gin_bindings,
+                       args.gin_search_path)
     if text is None:
       print_fn(f"nothing tried fits: {args.write_gin} not written")
     else:

@@ -82,13 +82,14 @@ def _read(task: seqio.Task, lengths: Mapping[str, int]) -> list[tuple[str, Examp
 
 
 def read_training_inputs(mixture_or_task_name: str,
-                         lengths: Mapping[str, int]) -> list[TrainingInput]:
-  """The training split of a run's mixture as inputs with their examples, in record order,
-  tokenized and truncated as the SeqIO tasks do (with the TaskOptions in use)."""
+                         lengths: Mapping[str, int]) -> tuple[list[TrainingInput], bool]:
+  """(the training split of a run's mixture as inputs with their examples, in record order,
+  tokenized and truncated as the SeqIO tasks do with the TaskOptions in use; whether the
+  mixture trains the rationale task too)."""
   label_task, rationale_task = _tasks(mixture_or_task_name)
   labels = _read(label_task, lengths)
   if rationale_task is None:
-    return [TrainingInput(example) for _, example in labels]
+    return [TrainingInput(example) for _, example in labels], False
   rationales = {}
   for input_id, example in _read(rationale_task, lengths):
     if input_id in rationales:
@@ -98,7 +99,7 @@ def read_training_inputs(mixture_or_task_name: str,
           "per-input batching, as the paper, trains one rationale per input: use "
           "train_rationales='first', or train.batching='mixture'")
     rationales[input_id] = example
-  return [TrainingInput(example, rationales.get(input_id)) for input_id, example in labels]
+  return [TrainingInput(example, rationales.get(input_id)) for input_id, example in labels], True
 
 
 def padded_length(longest: int, limit: int) -> int:
@@ -127,6 +128,7 @@ class PerInputBatches:
     self.two_tasks = two_tasks
     self.rows_per_input = 2 if self.two_tasks else 1
     self.batches_per_epoch = -(-len(inputs) // batch_size)
+    self._order = (None, None)  # (epoch, its order): drawn once an epoch, not once a batch
 
   @property
   def rows(self) -> int:
@@ -136,7 +138,9 @@ class PerInputBatches:
   def batch_inputs(self, index: int) -> list[TrainingInput]:
     """The inputs of global batch `index` (fewer than batch_size at an epoch's end)."""
     epoch, position = divmod(index, self.batches_per_epoch)
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.inputs))
+    if self._order[0] != epoch:
+      self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.inputs)))
+    order = self._order[1]
     return [self.inputs[i] for i in
             order[position * self.batch_size:(position + 1) * self.batch_size]]
 
@@ -188,12 +192,18 @@ class PerInputBatches:
       index += 1
 
 
+def batches_of(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
+               global_batch_size: int, seed: int) -> PerInputBatches:
+  """The global batches of a run's mixture, read (and weighed by alpha) with the
+  TaskOptions in use."""
+  inputs, two_tasks = read_training_inputs(mixture_or_task_name, task_feature_lengths)
+  return PerInputBatches(inputs, two_tasks, global_batch_size, task_feature_lengths,
+                         distillation.current_options().alpha, seed)
+
+
 def train_batches(mixture_or_task_name: str, task_feature_lengths: Mapping[str, int],
                   global_batch_size: int, seed: int, skip_batches: int = 0) -> Iterator[dict]:
   """input_pipeline.train_batches' per-input counterpart: this host's rows of each batch of
-  `global_batch_size` inputs, with alpha from the TaskOptions in use."""
-  inputs = read_training_inputs(mixture_or_task_name, task_feature_lengths)
-  two_tasks = _tasks(mixture_or_task_name)[1] is not None
-  batches = PerInputBatches(inputs, two_tasks, global_batch_size, task_feature_lengths,
-                            distillation.current_options().alpha, seed)
-  return batches.host_batches(skip_batches)
+  `global_batch_size` inputs."""
+  return batches_of(mixture_or_task_name, task_feature_lengths, global_batch_size,
+                    seed).host_batches(skip_batches)

@@ -236,7 +236,8 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                   "train.eval_batch_size": eval_batch_size,
                   "train.eval_decode_length": eval_decode_length}, task_feature_lengths)
   if batching not in BATCHINGS:
-    raise gin_utils.GinConfigError(f"train.batching must be one of {BATCHINGS}, got {batching!r}")
+    raise gin_utils.GinConfigError(f"train.batching must be one of {tuple(BATCHINGS)}, got "
+                                   f"{batching!r}")
   schedule = Schedule(train_steps, batch_size, log_period, checkpoint_period, eval_period,
                       keep_checkpoints, eval_batch_size, eval_max_examples,
                       final_eval_max_examples, eval_decode_length, predict_rationales, seed)

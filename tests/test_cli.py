@@ -361,6 +361,8 @@ TRAIN_ROWS = [  # (extra flags, given the bad_inputs folder; fragment of the err
     (lambda bad: ["--gin.EVAL_PERIOD=abc"], "abc is not a gin literal"),
     (lambda bad: ["--gin_file=nope.gin"], "--gin_file=nope.gin: no such gin file"),
     (lambda bad: ["--gin.OPTIMIZER='sgd'"], "unknown optimizer 'sgd'"),
+    (lambda bad: ["--gin.train.batching='paired'"],
+     "train.batching must be one of ('mixture', 'per_input'), got 'paired'"),
     (lambda bad: ["--gin.T5Config.dtype='bf16'"], "T5Config: data type 'bf16'"),
     (lambda bad: ["--gin.train.restore_step=3"], "no such checkpoint; available steps: [2, 4, 6]"),
     (lambda bad: [f"--gin.INITIAL_CHECKPOINT_PATH='{bad / 'garbage_config'}'"],

@@ -162,11 +162,9 @@ class TaskPrefixStep:
   def __call__(self, batch: dict) -> float:
     weights = {"pred": self.alpha, "expl": 1.0 - self.alpha} if "expl" in batch else {"pred": 1.0}
     with autocast(self.dtype, self.device):
-      losses = {key: self.model(**{name: tensor.to(self.device, non_blocking=True)
-                                   for name, tensor in features.items()}).loss
-                for key, features in batch.items()}
-      loss = (losses["pred"] if len(losses) == 1
-              else sum(weights[key] * task_loss for key, task_loss in losses.items()))
+      loss = sum(weights[key] * self.model(**{name: tensor.to(self.device, non_blocking=True)
+                                              for name, tensor in features.items()}).loss
+                 for key, features in batch.items())
     loss.backward()
     torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
     self.optimizer.step()

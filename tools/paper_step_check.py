@@ -97,9 +97,7 @@ def paper_options(case: Case) -> distillation.TaskOptions:
 @functools.lru_cache(maxsize=None)
 def case_batches(case: Case, batch_size: int) -> per_input_batches.PerInputBatches:
   with distillation.options_in_use(paper_options(case)):
-    inputs = per_input_batches.read_training_inputs(case.mixture, LENGTHS)
-  return per_input_batches.PerInputBatches(
-      inputs, distillation.trains_rationales(case.mixture), batch_size, LENGTHS, ALPHA, seed=0)
+    return per_input_batches.batches_of(case.mixture, LENGTHS, batch_size, seed=0)
 
 
 def train_ours(case: Case, config: t5.T5Config, params, batches, steps: int,
