@@ -1,5 +1,6 @@
-"""`dsbs eval`, `predict`, `plot`, `rationales generate` and `compile --json` reading and writing gs://
-on the session's Cloud Storage emulator (conftest.py): the same outputs as on a local disk."""
+"""`dsbs eval`, `predict`, `plot`, `rationales generate` and `compile --json / --write_gin`
+reading and writing gs:// on the session's Cloud Storage emulator (conftest.py): the same
+outputs as on a local disk."""
 import json
 import pathlib
 import sys
@@ -79,15 +80,17 @@ def test_generate_writes_and_resumes_records_on_gcs(key_env, gcs_bucket, tmp_pat
 
 
 def test_compile_appends_its_json_report_to_gcs(gcs_bucket, capfd):
-  report = f"{gcs_bucket}/reports/compile.jsonl"
+  report, fits = f"{gcs_bucket}/reports/compile.jsonl", f"{gcs_bucket}/reports/fits.gin"
   flags = ["compile", "--topology=cpu:2", "--gin_file=quickstart.gin", "--steps", "train",
-           "--no_knobs", f"--json={report}", "--gin.T5Config.vocab_size=128",
-           "--gin.T5Config.emb_dim=32", "--gin.T5Config.mlp_dim=64",
-           "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}", "--gin.BATCH_SIZE=4"]
+           "--no_knobs", f"--json={report}", f"--write_gin={fits}",
+           "--gin.T5Config.vocab_size=128", "--gin.T5Config.emb_dim=32",
+           "--gin.T5Config.mlp_dim=64", "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 16}",
+           "--gin.BATCH_SIZE=4"]
   for _ in range(2):
     assert cli.main(flags) == 0
   rows = [json.loads(line) for line in storage.path(report).read_text().splitlines()]
   assert len(rows) == 2 and rows[0]["steps"][0]["step"] == "train"
+  assert "BATCH_SIZE = 4" in storage.path(fits).read_text().splitlines()
   capfd.readouterr()
 
 
