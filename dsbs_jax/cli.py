@@ -20,6 +20,7 @@ from dsbs_jax import command_flags
 from dsbs_jax import console
 from dsbs_jax import folder_lock
 from dsbs_jax import gin_utils
+from dsbs_jax import gpu_runtime
 from dsbs_jax import host_allocator
 from dsbs_jax import stop_signals
 from dsbs_jax import storage
@@ -129,6 +130,7 @@ def main(argv=None) -> int:
     return code
   argv = list(argv)
   tpu_runtime.keep_off_hosts_without_chips()
+  gpu_runtime.quiet_on_hosts_without_gpus()
   verbose = "--verbose" in argv
   console.configure(verbose)
   command = command_of(argv)

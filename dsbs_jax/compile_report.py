@@ -1,6 +1,6 @@
 """`dsbs compile`: does this run fit on that slice? Compiles a run's real steps ahead of time
-for a target it need not have (a TPU slice through libtpu, or N CPU devices) and reports,
-per chip, what the compiler says.
+for a target it need not have (a TPU slice through libtpu, NVIDIA GPUs through JAX's CUDA
+plugin, or N CPU devices) and reports, per chip, what the compiler says.
 
 The run is the one `dsbs train` would start with the same gin flags: the network (resolved
 for the target's platform: layers scanned and XLA's dense backward on accelerators), the
@@ -10,9 +10,9 @@ lengths. For each step (train, eval, decode) the report holds the HBM needed per
 capacity, the collectives in the compiled program (count and bytes per kind, each loop body
 counted as many times as it runs), the compiler's FLOP and byte counts (XLA counts a loop
 body once), the lower and compile seconds, and a roofline lower bound on the step's time
-with the best MFU it allows (model FLOPs against the data-sheet peak FLOP/s; every argument
-and output crossing HBM once against the data-sheet bandwidth; interconnect time not
-counted). A train step that does not fit is compiled again with one knob changed at a time
+with the best MFU it allows (the slowest of: model FLOPs against the data-sheet peak
+FLOP/s; every argument and output crossing HBM once against the data-sheet bandwidth; what
+each chip must send for the collectives against its links' data-sheet rate). A train step that does not fit is compiled again with one knob changed at a time
 (more microbatches, full rematerialization, FSDP, twice the chips) and the report says
 which of them fit.
 
@@ -39,11 +39,13 @@ import jax.numpy as jnp
 from dsbs_jax import encoder_decoder
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
+from dsbs_jax import gpu_runtime
 from dsbs_jax import partitioning
 from dsbs_jax import per_input_batches
 from dsbs_jax import storage
 from dsbs_jax import targets
 from dsbs_jax import train
+from dsbs_jax import tpu_runtime
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
@@ -65,6 +67,10 @@ _COLLECTIVE_OP = re.compile(r"=\s(?P<type>.*?)\s(?P<kind>" + "|".join(COLLECTIVE
 _COMPILER_OUT_OF_MEMORY = re.compile(
     r"RESOURCE_EXHAUSTED: .*temporaries \((?P<needed>[\d.]+)G\) exceeds available HBM "
     r"\((?P<available>[\d.]+)G\)")
+# A collective's groups: explicit ({{0,1},{2,3}}: the first group's size) or in iota form
+# ([groups,size]<=[...]).
+_EXPLICIT_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(?:\d+,)*(?P<size>\d+)\]<=")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?(?P<name>[\w.\-]+)\s.*\{\s*$")
 _WHILE_BODY = re.compile(r"\swhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
@@ -76,7 +82,8 @@ class CompileError(ValueError):
   """A run that cannot be compiled as configured (e.g. a batch that does not divide)."""
 
 
-USER_ERRORS = (targets.TargetError, CompileError)
+USER_ERRORS = (targets.TargetError, CompileError, tpu_runtime.TpuRuntimeError,
+               gpu_runtime.GpuRuntimeError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,28 +187,52 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], Optional[str]]:
   return computations, entry
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """{kind: {"count", "bytes"}} of the collectives a compiled program runs per call.
+def group_size(line: str, num_devices: int) -> int:
+  """How many devices take part in each group of the collective on this HLO line (all of
+  them when it names no groups)."""
+  if match := _IOTA_GROUPS.search(line):
+    return int(match["size"])
+  if (match := _EXPLICIT_GROUPS.search(line)) and match["first"]:
+    return len(match["first"].split(","))
+  return num_devices
+
+
+def sent_per_device(kind: str, result_bytes: int, group: int) -> float:
+  """Bytes each device of a group of `group` must send for one collective whose result is
+  `result_bytes` per device (bandwidth-optimal algorithms: a ring's)."""
+  share = (group - 1) / group
+  return result_bytes * {"all-reduce": 2 * share, "all-gather": share,
+                         "reduce-scatter": group - 1, "all-to-all": share}.get(kind, 1.0)
+
+
+def collectives(hlo_text: str, num_devices: int = 2) -> dict[str, dict[str, int]]:
+  """{kind: {"count", "bytes", "sent_bytes"}} of the collectives a compiled program runs per
+  call, on a mesh of `num_devices`.
 
   A collective inside a loop counts once per iteration when XLA knows the trip count
-  (scanned layers, microbatches); `bytes` adds up each one's largest result array. Over
-  several slices, XLA compiles each collective's part that crosses the data-center network
-  into transfers of the Megascale runtime: counted apart, as "<kind> across slices".
+  (scanned layers, microbatches); `bytes` adds up each one's largest result array,
+  `sent_bytes` what each device must send for it (`sent_per_device`, by its group's size).
+  Over several slices, XLA compiles each collective's part that crosses the data-center
+  network into transfers of the Megascale runtime: counted apart, as "<kind> across slices".
   """
   computations, entry = _computations(hlo_text)
   totals = {}
 
-  def add(kind: str, array_type: str, times: int):
-    total = totals.setdefault(kind, {"count": 0, "bytes": 0})
+  def add(kind: str, array_type: str, times: int, sent_per_result: float):
+    total = totals.setdefault(kind, {"count": 0, "bytes": 0, "sent_bytes": 0})
+    size = array_bytes(array_type)
     total["count"] += times
-    total["bytes"] += times * array_bytes(array_type)
+    total["bytes"] += times * size
+    total["sent_bytes"] += int(times * sent_per_result * size)
 
   def visit(name: str, times: int, seen: tuple):
     for line in computations.get(name, ()):
       if match := _COLLECTIVE_OP.search(line):
-        add(match["kind"], match["type"], times)
+        add(match["kind"], match["type"], times,
+            sent_per_device(match["kind"], 1, group_size(line, num_devices)))
       if match := _ACROSS_SLICES.search(line):
-        add(f"{match['kind'].lower().replace('_', '-')} across slices", match["type"], times)
+        add(f"{match['kind'].lower().replace('_', '-')} across slices", match["type"], times,
+            1.0)
       if match := _WHILE_BODY.search(line):
         trips = _TRIP_COUNT.search(line)
         if match["body"] not in seen:
@@ -247,14 +278,24 @@ class StepReport:
     return None if capacity is None else self.hbm_bytes <= capacity
 
   def roofline(self, sheet: Optional[targets.DataSheet]) -> Optional[dict]:
-    """The step's lower bound on time and the best MFU it allows, from data-sheet peaks."""
+    """The step's lower bound on time and the best MFU it allows, from data-sheet peaks: the
+    slowest of the model's FLOPs at peak, every argument and output crossing HBM once, and
+    what each chip must send for the collectives at its links' full rate (within a slice
+    or host, and, where the data sheet gives it, over the network between slices)."""
     if sheet is None or not self.model_flops:
       return None
-    compute = self.model_flops / sheet.peak_flops
-    memory = (self.argument_bytes + self.output_bytes) / sheet.hbm_bytes_per_second
-    seconds = max(compute, memory)
-    return {"seconds": seconds, "bound": "compute" if compute >= memory else "memory",
-            "best_mfu": compute / seconds}
+    across = sum(value.get("sent_bytes", 0) for kind, value in self.collectives.items()
+                 if kind.endswith(" across slices"))
+    within = sum(value.get("sent_bytes", 0) for value in self.collectives.values()) - across
+    times = {"compute": self.model_flops / sheet.peak_flops,
+             "memory": (self.argument_bytes + self.output_bytes) / sheet.hbm_bytes_per_second,
+             "interconnect": (within / sheet.interconnect_bytes_per_second
+                              if sheet.interconnect_bytes_per_second else 0.0)
+                             + (across / sheet.network_bytes_per_second
+                                if sheet.network_bytes_per_second else 0.0)}
+    bound = max(times, key=times.get)
+    return {"seconds": times[bound], "bound": bound,
+            "best_mfu": times["compute"] / times[bound], "times": times}
 
   def to_json(self, sheet: Optional[targets.DataSheet], capacity: Optional[int]) -> dict:
     values = dataclasses.asdict(self)
@@ -266,7 +307,8 @@ class StepReport:
     return values
 
 
-def analyze(step: str, lowered, lower_seconds: float, model_flops: float) -> StepReport:
+def analyze(step: str, lowered, lower_seconds: float, model_flops: float,
+            num_devices: int = 2) -> StepReport:
   """Compiles `lowered` and reads the compiler's memory and cost analyses and HLO."""
   start = time.time()
   try:
@@ -294,7 +336,7 @@ def analyze(step: str, lowered, lower_seconds: float, model_flops: float) -> Ste
       lower_seconds=lower_seconds, compile_seconds=compile_seconds,
       xla_flops=float(cost.get("flops", 0.0)),
       xla_bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      collectives=collectives(compiled.as_text()), model_flops=model_flops)
+      collectives=collectives(compiled.as_text(), num_devices), model_flops=model_flops)
 
 
 # ------------------------------------------------------------------------------
@@ -344,7 +386,7 @@ def compile_steps(shape: RunShape, devices: list, steps=STEPS) -> list[StepRepor
       lowered = encoder_decoder.predict_batch.lower(
           trainer.abstract_state().params, shape.config, tokens, shape.decode_length)
       model_flops = 0.0
-    reports.append(analyze(step, lowered, time.time() - start, model_flops))
+    reports.append(analyze(step, lowered, time.time() - start, model_flops, chips))
   return reports
 
 
@@ -378,7 +420,11 @@ def knob_variants(shape: RunShape, target: targets.Target) -> list[tuple[str, di
 
 
 def larger_slice(target: targets.Target) -> Optional[str]:
-  """The slice with twice the chips (its longest-growing axis doubled), if any."""
+  """The slice with twice the chips (its smallest axis doubled), or GPUs on twice the hosts;
+  None for CPU devices."""
+  if target.platform == "gpu":
+    hosts, per_host = target.shape
+    return f"{target.generation}:{2 * hosts}x{per_host}"
   if target.platform != "tpu":
     return None
   generation, dims = target.name.split(":")
@@ -396,13 +442,14 @@ def gib(n: float) -> str:
 
 
 def format_step(report: StepReport, sheet: Optional[targets.DataSheet], capacity: Optional[int],
-                chips: str) -> list[str]:
+                target: targets.Target) -> list[str]:
+  chip = target.chips.removesuffix("s")
   if report.out_of_memory:
     return [f"{report.step}: DOES NOT FIT: {report.out_of_memory} (compiled for "
             f"{report.compile_seconds:.1f}s)"]
   of = "" if capacity is None else f" of {gib(capacity)} GiB"
   fits = {None: "", True: "  fits", False: "  DOES NOT FIT"}[report.fits(capacity)]
-  lines = [f"{report.step}: {gib(report.hbm_bytes)} GiB per chip{of}{fits}  "
+  lines = [f"{report.step}: {gib(report.hbm_bytes)} GiB per {chip}{of}{fits}  "
            f"(arguments {gib(report.argument_bytes)}, outputs {gib(report.output_bytes)} less "
            f"{gib(report.alias_bytes)} aliased, temporaries {gib(report.temp_bytes)}, code "
            f"{gib(report.code_bytes)}); lowered in {report.lower_seconds:.1f}s, compiled in "
@@ -412,17 +459,20 @@ def format_step(report: StepReport, sheet: Optional[targets.DataSheet], capacity
         f"{kind} {value['count']} x ({value['bytes'] / 2**20:.1f} MiB in all)"
         for kind, value in report.collectives.items()))
   else:
-    lines.append(f"  collectives per step: none (nothing crosses {chips})")
-  lines.append(f"  compiler's count per chip: {report.xla_flops:.3g} FLOPs, "
-               f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once)")
+    lines.append(f"  collectives per step: none (nothing crosses {target.chips})")
+  if report.xla_flops or report.xla_bytes_accessed:  # XLA's GPU compiler reports no costs
+    lines.append(f"  compiler's count per {chip}: {report.xla_flops:.3g} FLOPs, "
+                 f"{report.xla_bytes_accessed:.3g} bytes accessed (loop bodies counted once)")
   roofline = report.roofline(sheet)
   if roofline:
     bound = ("compute-bound" if roofline["bound"] == "compute" else
-             f"HBM-bound, so MFU <= {roofline['best_mfu']:.0%}")
-    lines.append(f"  roofline: step >= {roofline['seconds'] * 1e3:.3g} ms, {bound} "
-                 f"({report.model_flops:.3g} model FLOPs per chip at {sheet.peak_flops:.3g} "
-                 f"FLOP/s; arguments and outputs once at {sheet.hbm_bytes_per_second:.3g} B/s; "
-                 "data-sheet figures, interconnect not counted)")
+             f"{'HBM' if roofline['bound'] == 'memory' else 'interconnect'}-bound, so MFU <= "
+             f"{roofline['best_mfu']:.0%}")
+    times = roofline["times"]
+    lines.append(f"  roofline: step >= {roofline['seconds'] * 1e3:.3g} ms, {bound} (compute "
+                 f"{times['compute'] * 1e3:.3g} ms, HBM {times['memory'] * 1e3:.3g} ms, "
+                 f"interconnect {times['interconnect'] * 1e3:.3g} ms per {chip}, at data-sheet "
+                 "peaks)")
   return lines
 
 
@@ -456,7 +506,7 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
            f"host(s){slices}; run: {shape.describe()}")
   reports = compile_steps(shape, devices, steps)
   for report in reports:
-    for line in format_step(report, sheet, capacity, target.chips):
+    for line in format_step(report, sheet, capacity, target):
       print_fn(line)
   return {"target": target.name, "device_kind": devices[0].device_kind,
           "chips": len(devices), "hosts": hosts, "run": shape.describe(),
@@ -465,9 +515,10 @@ def compile_and_report(shape: RunShape, target: targets.Target, steps,
 
 # Set in the processes compile_in_a_process starts: they compile themselves.
 IN_A_PROCESS_OF_ITS_OWN = "DSBS_COMPILE_IN_A_PROCESS_OF_ITS_OWN"
-# Compiler crashes met here, each with what avoids it: (what it needs of the run, advice).
+# Compiler crashes met here, each with what avoids it: (the platform, what it needs of the
+# run, advice).
 KNOWN_CRASHES = (
-    (lambda shape: shape.config.remat_policy == "full" and shape.config.emb_dim >= 1024,
+    ("tpu", lambda shape: shape.config.remat_policy == "full" and shape.config.emb_dim >= 1024,
      "libtpu 0.0.42.1's TPU compiler overflows its stack on T5 v1.1 large (at 128 rows), XL "
      "and XXL with REMAT_POLICY='full' (README, 'Known compiler failure'); use "
      "REMAT_POLICY='dots' (it compiled for XXL) or more NUM_MICROBATCHES"),
@@ -510,7 +561,8 @@ def compile_apart(shape: RunShape, target: targets.Target, steps, run_flags: lis
       target.name, ["--steps", ",".join(steps), "--no_knobs", *run_flags], show_output=True)
   if result is not None:
     return result
-  advice = next((advice for applies, advice in KNOWN_CRASHES if applies(shape)), None)
+  advice = next((advice for platform, applies, advice in KNOWN_CRASHES
+                 if platform == target.platform and applies(shape)), None)
   where = f"compiling the {'/'.join(steps)} step(s) for {target.name}"
   if error.startswith("the compiler crashed"):
     raise CompileError(f"{error} {where}; " + (f"known: {advice}" if advice else
@@ -539,11 +591,13 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list
       tried.append({"change": change, "error": error})
       continue
     report = result["steps"][0]
-    needs = (f"over {gib(report['hbm_bytes'])} GiB per chip (the TPU compiler refused it)"
-             if report["out_of_memory"] else f"{gib(report['hbm_bytes'])} GiB per chip")
+    chip = target.chips.removesuffix("s")
+    needs = (f"over {gib(report['hbm_bytes'])} GiB per {chip} (the TPU compiler refused it)"
+             if report["out_of_memory"] else f"{gib(report['hbm_bytes'])} GiB per {chip}")
     print_fn(f"  {change}: {needs}, {'fits' if report['fits'] else 'does not fit'} "
              f"(compiled in {report['compile_seconds']:.0f}s)")
-    tried.append({"change": change, "hbm_bytes": report["hbm_bytes"], "fits": report["fits"]})
+    tried.append({"change": change, "hbm_bytes": report["hbm_bytes"], "fits": report["fits"],
+                  "roofline": report["roofline"]})
   return tried
 
 
@@ -586,7 +640,8 @@ def fitting_gin(result: dict, shape: RunShape, target: targets.Target, gin_files
 
 DESCRIPTION = """\
 Compiles a run's train, eval and decode steps ahead of time for a target you need not have
-(a TPU slice, through libtpu, on any machine; or cpu:N) with the same gin flags as
+(a TPU slice, through libtpu, or NVIDIA GPUs, through JAX's CUDA plugin, on any machine; or
+cpu:N) with the same gin flags as
 `dsbs train`, and prints per chip: the HBM needed against the chip's capacity and whether
 it fits, the collectives, the compiler's FLOP and byte counts, compile time, and a roofline
 bound on step time and MFU from data-sheet peaks. A train step that does not fit is
@@ -597,6 +652,7 @@ examples:
   dsbs compile --topology=v5p:2x2x2 --gin_file=models/t5_1_1_base.gin --gin_file=runs/paper.gin \\
       --gin.PARALLELISM="'fsdp'" --gin.MESH_SHAPE="(-1, 1)"
   dsbs compile --topology=v5e:2x4 --gin_file=quickstart.gin --gin.PARALLELISM="'fsdp'"
+  dsbs compile --topology=h100:8 --gin_file=models/t5_1_1_base.gin --gin_file=runs/paper.gin
   dsbs compile --topology=cpu:8 --gin_file=quickstart.gin --steps train"""
 
 
@@ -615,7 +671,9 @@ def add_parser(subparsers) -> None:
   gin_utils.add_gin_arguments(parser)
   parser.add_argument("--topology", required=True,
                       help="target: a TPU slice as <generation>:<chips per axis> (v4, v5e, "
-                           "v5p, v6e; e.g. v5p:4x4x4) or cpu:N")
+                           "v5p, v6e; e.g. v5p:4x4x4), N slices as <N>x<slice> (2xv5e:16x16), "
+                           "NVIDIA GPUs as <gpu>:<per host> or <gpu>:<hosts>x<per host> (h100, "
+                           "h200, a100, a100-40gb; e.g. h100:8, h200:2x8), or cpu:N")
   parser.add_argument("--steps", type=_step_list, default=STEPS, metavar="LIST",
                       help="which steps to compile, comma-separated (default: train,eval,decode)")
   parser.add_argument("--no_knobs", action="store_true",
@@ -647,8 +705,8 @@ def run(args) -> int:
                *(f"--gin.{binding.replace(' = ', '=', 1)}" for binding in args.gin_bindings),
                *([f"--hbm_gib={args.hbm_gib}"] if args.hbm_gib is not None else [])]
   print_fn = lambda *a: print(*a, flush=True)
-  if target.platform == "tpu" and not os.environ.get(IN_A_PROCESS_OF_ITS_OWN):
-    # libtpu's compiler can crash the process it runs in; the report is compiled apart.
+  if target.platform != "cpu" and not os.environ.get(IN_A_PROCESS_OF_ITS_OWN):
+    # An accelerator's compiler can crash the process it runs in; the report is compiled apart.
     result = compile_apart(shape, target, args.steps, run_flags)
   else:
     result = compile_and_report(shape, target, args.steps, capacity, print_fn)

@@ -45,9 +45,12 @@ if "PYTEST_XDIST_WORKER" not in os.environ:
   # test makes a bucket of its own: `gcs_bucket`); started before anything reads the variables.
   gcs_emulator.use(gcs_emulator.start(pathlib.Path(COMPILATION_CACHE_DIR) / "fake-gcs-server.log"))
 
+from dsbs_jax import gpu_runtime
 from dsbs_jax import tpu_runtime
 
-tpu_runtime.keep_off_hosts_without_chips()  # before jax starts: libtpu loads only to compile
+# Before jax starts: libtpu loads only to compile, the CUDA plugin without its driver check.
+tpu_runtime.keep_off_hosts_without_chips()
+gpu_runtime.quiet_on_hosts_without_gpus()
 
 import filelock
 import gin

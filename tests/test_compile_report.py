@@ -160,7 +160,7 @@ def test_the_command_reports_and_tries_knobs_when_a_step_does_not_fit(tmp_path, 
   assert "target cpu:8: 8 cpu devices on 1 host(s)" in printed.out
   assert "DOES NOT FIT" in printed.out
   tried = [line.split(":")[0].strip() for line in printed.out.splitlines()
-           if line.startswith("  ") and "GiB per chip" in line]
+           if line.startswith("  ") and "GiB per device" in line]
   # 32 rows over 8 devices: 4 microbatches of one row per device at most.
   assert tried == ["NUM_MICROBATCHES=4"]
   result = json.loads(out.read_text())
@@ -301,23 +301,53 @@ ENTRY %main (a: f32[1024]) -> f32[1024] {
 
 
 def test_collectives_count_each_loop_iteration():
-  assert compile_report.collectives(HLO_WITH_A_LOOP) == {
-      "all-gather": {"count": 12, "bytes": 12 * 128 * 256 * 2},
-      "all-reduce": {"count": 12, "bytes": 12 * 8 * 4},
-      "reduce-scatter": {"count": 1, "bytes": 1024 * 4},
-      "collective-permute": {"count": 1, "bytes": 1024 * 4}}
+  # On 8 devices: the all-gather's and reduce-scatter's groups are all 8 (none named), the
+  # all-reduce's are pairs; a ring sends (n-1)/n of an all-gather's result, twice that of an
+  # all-reduce's, and n-1 results of a reduce-scatter's.
+  hlo = HLO_WITH_A_LOOP.replace("to_apply=%add\n  %ar-done",
+                                "to_apply=%add, replica_groups=[4,2]<=[8]\n  %ar-done")
+  assert compile_report.collectives(hlo, num_devices=8) == {
+      "all-gather": {"count": 12, "bytes": 12 * 128 * 256 * 2,
+                     "sent_bytes": 12 * 128 * 256 * 2 * 7 // 8},
+      "all-reduce": {"count": 12, "bytes": 12 * 8 * 4, "sent_bytes": 12 * 8 * 4},
+      "reduce-scatter": {"count": 1, "bytes": 1024 * 4, "sent_bytes": 7 * 1024 * 4},
+      "collective-permute": {"count": 1, "bytes": 1024 * 4, "sent_bytes": 1024 * 4}}
 
 
-def test_roofline_is_the_slower_of_compute_and_memory():
-  report = compile_report.StepReport(
-      step="train", argument_bytes=2 * 10 ** 9, output_bytes=10 ** 9, alias_bytes=10 ** 9,
-      temp_bytes=5 * 10 ** 8, code_bytes=0, lower_seconds=1, compile_seconds=1, xla_flops=0,
-      xla_bytes_accessed=0, collectives={}, model_flops=1e11)
-  sheet = targets.DataSheet("chip", 16 * targets.GIB, 1e14, 1e12)
+@pytest.mark.parametrize("line, size", [
+    ("all-reduce(f32[8] %y), replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add", 4),
+    ("all-gather(f32[8] %y), replica_groups=[2,4]<=[8], dimensions={0}", 4),
+    ("all-gather(f32[8] %y), replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}", 2),
+    ("all-reduce(f32[8] %y), replica_groups={}, to_apply=%add", 16)])
+def test_a_collectives_group_size_is_read_from_its_replica_groups(line, size):
+  assert compile_report.group_size(line, 16) == size
+
+
+def step_report(**changes):
+  values = dict(step="train", argument_bytes=2 * 10 ** 9, output_bytes=10 ** 9,
+                alias_bytes=10 ** 9, temp_bytes=5 * 10 ** 8, code_bytes=0, lower_seconds=1,
+                compile_seconds=1, xla_flops=0, xla_bytes_accessed=0, collectives={},
+                model_flops=1e11)
+  return compile_report.StepReport(**{**values, **changes})
+
+
+def test_roofline_is_the_slowest_of_compute_memory_and_interconnect():
+  sheet = targets.DataSheet("chip", 16 * targets.GIB, 1e14, 1e12, 1e11, 1e10)
+  report = step_report()
   assert report.hbm_bytes == 2.5 * 10 ** 9
   roofline = report.roofline(sheet)
   assert roofline["bound"] == "memory" and roofline["seconds"] == pytest.approx(3e-3)
   assert roofline["best_mfu"] == pytest.approx(1 / 3)  # 1 ms of products in a 3 ms step
+  # 0.3 GB sent within the slice (3 ms at 100 GB/s) and 20 MB across slices (2 ms at 10 GB/s).
+  chatty = step_report(collectives={
+      "all-reduce": {"count": 2, "bytes": 2 * 10 ** 8, "sent_bytes": 3 * 10 ** 8},
+      "all-reduce across slices": {"count": 1, "bytes": 10 ** 7, "sent_bytes": 2 * 10 ** 7}})
+  roofline = chatty.roofline(sheet)
+  assert roofline["bound"] == "interconnect" and roofline["seconds"] == pytest.approx(5e-3)
+  assert roofline["best_mfu"] == pytest.approx(1 / 5)
+  # A data sheet without interconnect figures bounds by compute and memory alone.
+  assert chatty.roofline(targets.DataSheet("chip", 16 * targets.GIB, 1e14, 1e12))[
+      "bound"] == "memory"
 
 
 class RefusedByTheCompiler:
@@ -333,7 +363,7 @@ def test_a_step_the_tpu_compiler_refuses_for_memory_does_not_fit():
   report = compile_report.analyze("train", RefusedByTheCompiler(), 1.0, 1e12)
   assert report.fits(None) is False and report.fits(100 * targets.GIB) is False
   assert report.temp_bytes == int(21.98 * targets.GIB)
-  line, = compile_report.format_step(report, None, None, "chips")
+  line, = compile_report.format_step(report, None, None, targets.parse_target("v5e:2x4"))
   assert "DOES NOT FIT" in line and "21.98 GiB, 15.75 GiB is available" in line
   assert report.to_json(None, None)["fits"] is False
 
@@ -393,3 +423,53 @@ def test_a_known_crash_names_its_workaround(monkeypatch):
   with pytest.raises(compile_report.CompileError,
                      match=r"for v5p:4x4x4; known: libtpu .* use REMAT_POLICY='dots'"):
     compile_report.compile_apart(xxl, targets.parse_target("v5p:4x4x4"), ("train",), [])
+
+
+# NVIDIA GPUs, compiled for through JAX's CUDA plugin without a GPU (the test extra installs it).
+def test_gpu_targets_parse_and_grow():
+  assert targets.parse_target("h100:8") == targets.Target("h100:8", "gpu", 8, "h100", (1, 8))
+  assert targets.parse_target("h200:2x8").num_devices == 16
+  assert compile_report.larger_slice(targets.parse_target("a100:8")) == "a100:2x8"
+  with pytest.raises(targets.TargetError, match="1 to 8 GPUs per host"):
+    targets.parse_target("h100:16")
+  with pytest.raises(targets.TargetError, match="GPUs h100, h200, a100, a100-40gb"):
+    targets.parse_target("b300:8")
+
+
+@pytest.mark.parametrize("gpu", sorted(targets.GPUS))
+def test_every_gpu_is_described_as_its_driver_names_it(gpu):
+  devices = targets.target_devices(targets.parse_target(f"{gpu}:2x4"))
+  assert len(devices) == 8 and {device.process_index for device in devices} == {0, 1}
+  sheet = targets.data_sheet(devices[0].device_kind)
+  assert sheet is not None and sheet.name.lower().startswith(f"nvidia {gpu.split('-')[0]}")
+
+
+def test_train_step_compiles_for_gpus_on_two_hosts_with_the_state_it_shards():
+  devices = targets.target_devices(targets.parse_target("h100:2x4"))
+  shape = run_shape("fsdp", (4, 2))
+  report, = compile_report.compile_steps(shape, devices, ("train",))
+  partitioner = partitioning.make_partitioner("fsdp", (4, 2), devices=devices)
+  state = trainer_lib.Trainer(shape.config, partitioner,
+                              trainer_lib.make_optimizer(total_steps=10)[0]).abstract_state()
+  # GPU layouts do not pad: the arguments are this GPU's shards of the state and the batch
+  # (less the positions, which jit drops as T5 ignores them, and a few scalars).
+  batch = compile_report.batch_shapes(16, 128, 128, partitioner.batch_sharding)
+  del batch["encoder_positions"], batch["decoder_positions"]
+  assert report.argument_bytes == pytest.approx(shard_bytes((state, batch)), abs=512)
+  assert report.alias_bytes == pytest.approx(shard_bytes(state), abs=512)
+  assert report.collectives["all-gather"]["count"] >= 1
+  sheet = targets.data_sheet(devices[0].device_kind)
+  assert report.fits(sheet.hbm_bytes) and report.roofline(sheet)["seconds"] > 0
+
+
+def test_the_command_compiles_for_gpus_apart_and_reports_per_gpu(capfd):
+  assert cli.main(["compile", "--topology=h100:8", "--gin_file=quickstart.gin",
+                   "--steps", "train"]) == 0
+  printed = capfd.readouterr()
+  lines = printed.out.splitlines()
+  assert lines[0].startswith("target h100:8: 8 NVIDIA H100 SXM GPUs on 1 host(s); run: ")
+  assert lines[1].startswith("train: ") and " GiB per GPU of 74.5 GiB  fits" in lines[1]
+  assert any(line.startswith("  roofline: step >= ") for line in lines)
+  # XLA's GPU compiler counts no FLOPs: the roofline's are the model's own (flops.py).
+  assert not any("compiler's count" in line for line in lines)
+  assert printed.err == ""

@@ -1,8 +1,10 @@
-"""The README's TPU fit table: `dsbs compile` of the paper's recipe (runs/paper.gin: 64 inputs
-a step with both tasks, sized at per-input batching's worst case of 128 rows of 1024 / 256
-tokens; AdamW, bfloat16) for each model size on a few TPU slices and meshes,
-one process per row (a compiler crash ends only its row), printed as a Markdown table and
-written as JSON lines.
+"""The README's fit table: `dsbs compile` of the paper's recipe (runs/paper.gin: 64 inputs a
+step with both tasks, sized at per-input batching's worst case of 128 rows of 1024 / 256
+tokens; AdamW, bfloat16) for each model size on TPU slices (v4, v5e, v5p, two v5p slices)
+and NVIDIA GPUs with a few meshes, one process per row (a compiler crash ends only its
+row), printed as a Markdown table and written as JSON lines. Each row says what bounds its
+step (the roofline of `dsbs compile`: compute, HBM or interconnect at data-sheet peaks) and
+so the best MFU it allows; for a row that does not fit, those of the first knob that did.
 
   python tools/fit_table.py --out fit_table.jsonl              # every row (hours of CPU)
   python tools/fit_table.py --rows 'base|large' --out f.jsonl  # rows whose label matches
@@ -32,6 +34,12 @@ ROWS = (
     ("t5_1_1_xxl", "v5p:4x4x4", "fsdp", (16, 4)),
     ("t5_1_1_xxl", "v5p:4x8x8", "fsdp", (64, 4)),
     ("t5_11B", "v5p:4x4x4", "fsdp", (16, 4)),
+    ("t5_1_1_large", "v4:2x2x2", "fsdp", (8, 1)),
+    ("t5_1_1_xxl", "2xv5p:4x4x4", "fsdp", (32, 4)),
+    ("t5_1_1_base", "h100:8", "data", (8, 1)),
+    ("t5_1_1_large", "h100:8", "fsdp", (8, 1)),
+    ("t5_1_1_xl", "h200:8", "fsdp", (8, 1)),
+    ("t5_1_1_xxl", "h100:2x8", "fsdp", (16, 1)),
 )
 
 
@@ -65,14 +73,30 @@ def knobs_that_fit(result) -> str:
   return "; none of " + ", ".join(f"`{knob['change']}`" for knob in knobs) if knobs else ""
 
 
+def roofline_cells(result) -> str:
+  """'step >= ms (bound) | MFU <= %' of the row as compiled, or of the first knob that fit
+  (named), or blanks."""
+  train, = result["steps"]
+  roofline, knob = train.get("roofline") if train["fits"] else None, ""
+  if roofline is None:
+    fitting = next((k for k in result.get("knobs", []) if k.get("fits")), None)
+    roofline, knob = (fitting.get("roofline"), f" with `{fitting['change']}`") if fitting else (
+        None, "")
+  if not roofline:
+    return " | "
+  return (f"{roofline['seconds'] * 1e3:.3g} ({roofline['bound']}){knob} | "
+          f"{roofline['best_mfu']:.0%}")
+
+
 def markdown(results) -> str:
-  lines = ["| model | slice | chips | mesh | GiB per chip (of HBM) | fits | compile s |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| model | target | chips | mesh | GiB per chip (of HBM) | fits | step >= ms "
+           "(bound) | MFU <= | compile s |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for result in results:
     model, topology, parallelism, mesh = result["row"].split(" ", 3)
     mesh_text = f"{parallelism} {mesh}"
     if "error" in result:
-      lines.append(f"| {model} | {topology} | | {mesh_text} | | {result['error']} | |")
+      lines.append(f"| {model} | {topology} | | {mesh_text} | | {result['error']} | | | |")
       continue
     train, = result["steps"]
     needed = f"{train['hbm_bytes'] / 2**30:.1f}"
@@ -82,7 +106,7 @@ def markdown(results) -> str:
     lines.append(
         f"| {model} | {topology} | {result['chips']} | {mesh_text} | "
         f"{needed} ({train['hbm_capacity_bytes'] / 2**30:.0f}) | {fits} | "
-        f"{train['compile_seconds']:.0f} |")
+        f"{roofline_cells(result)} | {train['compile_seconds']:.0f} |")
   return "\n".join(lines)
 
 
