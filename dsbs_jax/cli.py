@@ -125,6 +125,11 @@ def main(argv=None) -> int:
   if argv is None:  # a real command line: the process is the command's own
     host_allocator.reexec_with_tuned_allocator()  # so it can be run again under tuned settings
     code = main(sys.argv[1:])
+    if code in stop_signals.EXIT_CODES.values():
+      # Stopped: every `finally` has run and the line is printed. The interpreter's own
+      # teardown would now meet what the stop left running in native threads (an XLA
+      # compilation, TensorFlow's input pipelines) and could die of a segmentation fault.
+      console.leave_now(code)
     if code:
       console.quiet_exit()  # its one line said it all
     return code

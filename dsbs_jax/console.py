@@ -114,6 +114,18 @@ def quiet_exit() -> None:
   os.close(devnull)
 
 
+def leave_now(code: int) -> None:
+  """Ends the process with `code` at once, its output flushed, without the interpreter's
+  teardown (atexit handlers, finalizers): for a command that has finished its work and its
+  clean-up and must not wait on, or crash in, native threads still running."""
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):  # a closed pipe or stream: nothing more can reach it
+      pass
+  os._exit(code)  # pylint: disable=protected-access
+
+
 def import_quietly(module_name: str):
   """Imports a module with its native start-up output held back, and keeps TensorFlow,
   which only feeds data here, off the GPUs (where it would take memory JAX needs)."""

@@ -69,7 +69,6 @@ from dsbs_jax import teacher_client
 from dsbs_jax import teacher_command
 from dsbs_jax import train
 
-EXIT_TRAINING_INTERRUPTED = 3  # as `dsbs train`
 TOKEN_CAP_FLAG = "--max_teacher_tokens"
 # Macros of DIR/train.gin that flags set, so that no --gin.NAME=VALUE may.
 FLAG_OF_MACRO = {"MODEL_DIR": "--out", "MIXTURE_OR_TASK_NAME": "--name and --use_gold",
@@ -373,7 +372,7 @@ def train_student(args, layout: Layout, gin_text: str) -> int:
       train.train()
     except train.TrainingInterrupted as interrupted:
       print(f"dsbs distill: {console.one_line(interrupted)}", file=sys.stderr)
-      return EXIT_TRAINING_INTERRUPTED
+      return interrupted.exit_code
   return 0
 
 

@@ -215,11 +215,21 @@ class RunDir:
   # ----------------------------------------------------------------------------
   # Before a run writes: does this folder take it?
   # ----------------------------------------------------------------------------
+  def has_checkpoint(self) -> bool:
+    """Whether a step was saved here (orbax's step folders; its unfinished ones are named
+    otherwise)."""
+    return self.checkpoints_dir.is_dir() and any(
+        child.name.isdigit() for child in self.checkpoints_dir.iterdir())
+
   def check_fits(self, config: t5.T5Config, spec: RunSpec, vocabulary_path: str) -> None:
     """Refuses a MODEL_DIR whose run files say it was trained with other settings.
 
-    Nothing is written before this check, so a refused run leaves MODEL_DIR as it was.
+    Nothing is written before this check, so a refused run leaves MODEL_DIR as it was. Run
+    files without a checkpoint (a run stopped before its first save) bind nothing: the new
+    run's replace them.
     """
+    if not self.has_checkpoint():
+      return
     differences = []
     if self.config_path.is_file():
       there = self.config()

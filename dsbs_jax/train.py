@@ -48,7 +48,13 @@ from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
 class TrainingInterrupted(RuntimeError):
-  """SIGTERM or SIGINT arrived; the run saved a checkpoint and stopped."""
+  """SIGTERM or SIGINT arrived; the run saved a checkpoint and stopped. `exit_code` follows
+  every stop's rule (stop_signals.EXIT_CODES): 130 for SIGINT, 143 for SIGTERM, and 143 for
+  a notice passed on between hosts (a preemption's SIGTERM to one of them)."""
+
+  def __init__(self, message: str, signal_name: str):
+    super().__init__(message)
+    self.exit_code = stop_signals.EXIT_CODES.get(signal_name, stop_signals.EXIT_CODES["SIGTERM"])
 
 
 USER_ERRORS = (trainer_lib.NonFiniteLossError, checkpoints.CheckpointError,
@@ -297,7 +303,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
             checkpointer.wait()
             raise TrainingInterrupted(f"{stopping} at step {step}: checkpoint saved in "
                                       f"{checkpointer.directory}; rerun the same command to "
-                                      "resume")
+                                      "resume", stopping)
           report.restart()
       best_step = best.step or step
       with stop_signals.phase(f"the final evaluation of step {best_step}",
@@ -494,6 +500,6 @@ def run(args) -> int:
     train()
   except TrainingInterrupted as interrupted:
     print(f"dsbs train: {console.one_line(interrupted)}", file=sys.stderr)
-    return 3
+    return interrupted.exit_code
   return 0
 

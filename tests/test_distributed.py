@@ -119,7 +119,7 @@ def test_sigterm_to_one_host_stops_every_host_at_one_step(tmp_path):
   processes[1].send_signal(signal.SIGTERM)
   codes, rest = finish(processes)
   outputs = [(tmp_path / "process_0.log").read_text(), "".join(seen) + rest[1]]
-  assert codes == [3, 3], [output[-3000:] for output in outputs]
+  assert codes == [143, 143], [output[-3000:] for output in outputs]
   stopped_at = [re.findall(r"preemption notice .* at step (\d+): checkpoint saved", output)
                 for output in outputs]
   assert stopped_at[0] == stopped_at[1] and len(stopped_at[0]) == 1, stopped_at

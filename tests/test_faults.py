@@ -299,6 +299,56 @@ def test_a_stop_during_start_up_is_one_line_and_leaves_no_folder(tmp_path):
   assert not (tmp_path / "new").exists()
 
 
+# Loaded in the command's process (a sitecustomize): prints a line as each XLA compilation
+# starts (a cache miss), so that a signal can be sent while XLA compiles.
+COMPILATION_MARKER = """\
+import jax._src.compiler as compiler
+compile_for_real = compiler.backend_compile_and_load
+count = 0
+def marked(*args, **kwargs):
+  global count
+  count += 1
+  print(f"XLA compiling #{count}", flush=True)
+  return compile_for_real(*args, **kwargs)
+compiler.backend_compile_and_load = marked
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command, compilation", [("train", 3), ("train", 4), ("predict", 1)])
+def test_a_stop_while_xla_compiles_is_one_line_and_no_crash(
+    uninterrupted, tmp_path, command, compilation):
+  # Each time, once the marked compilation has begun: the process must end as every stop
+  # does. It died of a segmentation fault in the interpreter's teardown, with the quickstart's
+  # model (not the tests' tiny one) stopped while XLA compiled its state (#3; #1 and #2 are
+  # small programs of the data checks).
+  (tmp_path / "sitecustomize.py").write_text(COMPILATION_MARKER)
+  inputs = tmp_path / "inputs.txt"
+  inputs.write_text("Where would you put a plate after washing it?\n")
+  argv = (["train", "--gin_file=quickstart.gin", f"--gin.MODEL_DIR='{tmp_path / 'run'}'"]
+          if command == "train" else
+          ["predict", "--checkpoint", uninterrupted, "--input", inputs, "--output",
+           tmp_path / "predictions.jsonl"])
+  process = subprocess.Popen(
+      [sys.executable, "-m", "dsbs_jax.cli", *map(str, argv)], cwd=REPO,
+      env={**{name: value for name, value in env().items()
+              if name != "JAX_COMPILATION_CACHE_DIR"},  # every compilation for real
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)])},
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  seen = []
+  for line in process.stdout:
+    seen.append(line)
+    if line.startswith(f"XLA compiling #{compilation}"):
+      process.send_signal(signal.SIGINT)
+      break
+  rest = process.communicate(timeout=300)[0].splitlines()
+  assert f"XLA compiling #{compilation}" in "".join(seen), "".join(seen)[-3000:]
+  after = [line for line in rest if not line.startswith("XLA compiling #")]
+  assert process.returncode == 130, rest
+  assert len(after) == 1 and re.match(
+      rf"dsbs {command}: (stopped by SIGINT while |SIGINT at step )", after[0]), rest
+
+
 @pytest.mark.slow
 def test_a_stopped_export_is_one_line_and_leaves_nothing(uninterrupted, tmp_path):
   out = tmp_path / "exported"

@@ -60,9 +60,10 @@ def test_a_folder_that_fits_the_run_is_taken_whatever_the_run_time_fields(writte
 
 
 def test_a_folder_of_another_run_is_refused_naming_every_difference(written, tiny_config, tmp_path):
+  (written.checkpoints_dir / "6").mkdir(parents=True)  # it trained: its settings bind
   other_vocabulary = tmp_path / "other.model"
   other_vocabulary.write_bytes(b"not the same")
-  before = {path.name: path.read_bytes() for path in written.path.iterdir()}
+  before = {path.name: path.read_bytes() for path in written.path.iterdir() if path.is_file()}
   with pytest.raises(run_dir.ModelDirMismatchError) as refused:
     written.check_fits(dataclasses.replace(tiny_config, emb_dim=64),
                        dataclasses.replace(SPEC, input_length=128, label_prefix="predict: "),
@@ -74,7 +75,8 @@ def test_a_folder_of_another_run_is_refused_naming_every_difference(written, tin
                    f"VOCABULARY {other_vocabulary} is not the vocabulary.model there",
                    "nothing in it was changed"):
     assert fragment in message, fragment
-  assert {path.name: path.read_bytes() for path in written.path.iterdir()} == before
+  assert {path.name: path.read_bytes() for path in written.path.iterdir()
+          if path.is_file()} == before
   with pytest.raises(run_dir.ModelDirMismatchError, match="BATCH_SIZE is 8 in checkpoints/6, 4 now"):
     written.check_input_state({"batch_size": 8}, {"batch_size": 4}, 6)
   # A per-input run's checkpoints (train.batching) refuse the mixture's batches, whose
@@ -82,6 +84,15 @@ def test_a_folder_of_another_run_is_refused_naming_every_difference(written, tin
   with pytest.raises(run_dir.ModelDirMismatchError,
                      match="train.batching is 'per_input' in checkpoints/6, None now"):
     written.check_input_state({"batch_size": 8, "batching": "per_input"}, {"batch_size": 8}, 6)
+
+
+def test_run_files_without_a_checkpoint_bind_no_run(written, tiny_config):
+  # A run stopped before its first save: the next run, with other settings, takes the folder.
+  (written.checkpoints_dir / "6.orbax-checkpoint-tmp-1").mkdir(parents=True)  # unfinished
+  other = dataclasses.replace(tiny_config, emb_dim=64)
+  written.check_fits(other, dataclasses.replace(SPEC, label_prefix="predict: "), VOCABULARY)
+  written.write_run_files(other, dataclasses.replace(SPEC, label_prefix="predict: "), VOCABULARY)
+  assert written.config().emb_dim == 64 and written.spec().label_prefix == "predict: "
 
 
 def test_a_folder_that_cannot_be_written_is_refused(tmp_path):
