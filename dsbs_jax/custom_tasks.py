@@ -76,7 +76,7 @@ def register_custom_dataset(name: str, rationales_file: str, metric: str = "exac
     raise ValueError(f"custom dataset {name}: tasks named {name}_* are already registered")
   train = read_custom_records(rationales_file)
   if drop_parse_failures:
-    train = [record for record in train if record.parse_error is None]
+    train = [record for record in train if record.parsed()]
   splits = {"test": read_custom_records(test_file)} if test_file else {}
   train, splits["valid"] = records.split_records(train, valid_fraction, seed=0)
   if not test_file:

@@ -459,7 +459,7 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   inputs_records = rationales.read_records(str(layout.inputs_records))
   stats = teacher.record_stats(str(layout.inputs_records), inputs_records, plan.template.parser)
   requests, tokens, estimated = teacher_client.read_ledger(str(layout.ledger))
-  unparsed = [r for r in inputs_records if r.parse_error is not None]
+  unparsed = [r for r in inputs_records if not r.parsed()]
   against = {"validation": plan.inputs_gold,
              "test": plan.test_gold if plan.test else plan.inputs_gold}
   trained_on = "gold" if args.use_gold else "the teacher's"
@@ -477,9 +477,15 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
   ]
   if unparsed:
     shown = "; ".join(f"`{r.id}`: {r.parse_error}" for r in unparsed[:5])
-    lines.append(f"- Unparsed ({len(unparsed):,}, "
-                 f"{'dropped from every split (--drop_unparsed)' if args.drop_unparsed else 'kept with blank labels, as the paper keeps them; --drop_unparsed leaves them out'}): "
+    kept = ("dropped from every split (--drop_unparsed)" if args.drop_unparsed else
+            "no sample parsed: left out of training, kept with blank labels elsewhere"
+            if sampled else
+            "kept with blank labels, as the paper keeps them; --drop_unparsed leaves them out")
+    lines.append(f"- Unparsed ({len(unparsed):,}, {kept}): "
                  f"{shown}{' ...' if len(unparsed) > 5 else ''}")
+  if sampled and stats.sample_parse_failures:
+    lines.append(f"- Samples that did not parse: {stats.sample_parse_failures:,} of "
+                 f"{stats.samples_in_all:,}; they neither vote nor train a rationale.")
   if sampled:
     lines.append(f"- {stats.samples} samples an input at temperature "
                  f"{teacher_command.temperature(args):g}; the teacher label is their majority "

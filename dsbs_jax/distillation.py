@@ -82,11 +82,13 @@ class TaskOptions:
     train_inputs: for datasets whose train inputs the release lacks, {dataset: source},
       where source is a JSONL path or "tfds:<name>[:<split>]".
     drop_parse_failures: leave out training examples whose teacher output did not parse
-      (the paper keeps them, with blank targets).
+      (the paper keeps them, with blank targets). An input of K > 1 samples is unparsed only
+      when none of them parsed, and is left out of training either way.
     train_rationales: for records of K > 1 teacher samples (`dsbs rationales generate
-      --samples K`), which samples' rationales train the rationale task, each one example:
-      "first" (the first sample's: one per input, as the paper, which has one sample), "all"
-      (K examples per input), "vote" (the samples whose answer is the vote's: Ho et al.
+      --samples K`), which samples' rationales train the rationale task, each one example,
+      never one of a sample that did not parse: "first" (the first sample's that parsed:
+      one per input, as the paper, which has one sample), "all" (every parsed sample's, up
+      to K per input), "vote" (the samples whose answer is the vote's: Ho et al.
       2023 keep those that agree with the answer they trust) or "gold" (those whose answer
       is the gold label; every training record needs one). An input none of whose samples
       qualify has no rationale example; its label example stays. The label task keeps one

@@ -67,6 +67,11 @@ class RationaleRecord:
       return self.samples
     return (Sample(self.teacher_label, self.rationale, self.teacher_output, self.parse_error),)
 
+  def parsed(self) -> bool:
+    """Whether the teacher's answer was read: from its one output, or from any of its K
+    samples (a file written before records said so kept the first sample's error)."""
+    return any(sample.parse_error is None for sample in self.all_samples())
+
   def to_json(self) -> str:
     fields = dataclasses.asdict(self)
     for field in _SAMPLING_FIELDS:

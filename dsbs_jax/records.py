@@ -196,8 +196,9 @@ def records_for(spec: distillation.DatasetSpec, split: str,
     if not carved_subsample:
       records = subsample(records, options.train_fraction, options.subsample_seed)
     # After subsampling, which so picks the paper's inputs whatever the filters keep.
-    if options.drop_parse_failures:
-      records = [r for r in records if r.parse_error is None]
+    # A record of K samples none of which parsed has no label to train on.
+    records = [r for r in records
+               if r.parsed() or not (options.drop_parse_failures or r.samples is not None)]
     if options.min_agreement > 0:
       records = [r for r in records
                  if (1.0 if r.agreement is None else r.agreement) >= options.min_agreement]

@@ -6,8 +6,12 @@ equations, the same value (`(3 + 5)` and `(5 + 3)`), else the same text after `.
 The vote counts the samples that parsed; the answer with the most votes wins, and a tie
 goes to the tied answer sampled first (the lowest sample index), so a vote is a function
 of the samples in order. `agreement` is the winner's share of all K samples, parse
-failures included (0 when none parsed; the record then keeps the first sample's blank
-label). One sample gives the record of one completion, as it always was.
+failures included. The record's label is the winner's in the metric's normal form
+(stripped). A record of K samples is unparsed (`parse_error`, the first sample's reason)
+only when none of its samples parsed; its agreement is then 0, its label blank, and it
+trains nothing (`unparsed_samples` counts what is left out). The rationales that train
+never include one of a sample that did not parse. One sample gives the record of one
+completion, as it always was.
 
 This module must not send requests, read files, or import TensorFlow.
 """
@@ -69,18 +73,32 @@ def make_record(parser: str, same_answer: SameAnswer, example_id: str,
   winner, votes = vote(samples, same_answer)
   first = samples[0]
   return rationales.RationaleRecord(
-      id=example_id, input=input_text, label=label, teacher_label=samples[winner].teacher_label,
+      id=example_id, input=input_text, label=label,
+      teacher_label=samples[winner].teacher_label.strip() or samples[winner].teacher_label,
       rationale=first.rationale, teacher_output=first.teacher_output,
-      parse_error=first.parse_error, agreement=votes / len(samples), samples=samples)
+      parse_error=None if votes else first.parse_error, agreement=votes / len(samples),
+      samples=samples)
+
+
+def unparsed_samples(record: rationales.RationaleRecord) -> int:
+  """How many of a K-sample record's samples did not parse (0 for a one-sample record,
+  which is kept or dropped whole: TaskOptions.drop_parse_failures)."""
+  if record.samples is None:
+    return 0
+  return sum(sample.parse_error is not None for sample in record.samples)
 
 
 def training_rationales(record: rationales.RationaleRecord, which: str,
                         same_answer: SameAnswer) -> list[str]:
   """The rationales of `record` that train the rationale task under `which`
-  (a TRAIN_RATIONALES entry); samples that did not parse never agree with anything."""
-  samples = record.all_samples()
+  (a TRAIN_RATIONALES entry): of K samples, only ones that parsed ('first': the first that
+  did); a one-sample record's own."""
+  if record.samples is None:
+    samples = record.all_samples()
+  else:
+    samples = [sample for sample in record.samples if sample.parse_error is None]
   if which == TRAIN_FIRST:
-    return [samples[0].rationale]
+    return [sample.rationale for sample in samples[:1]]
   if which == TRAIN_ALL:
     return [sample.rationale for sample in samples]
   reference = record.teacher_label if which == TRAIN_AGREE_WITH_VOTE else record.label

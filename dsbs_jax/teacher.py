@@ -320,11 +320,15 @@ class RecordStats:
   `single_sample_accuracy` the first sample's, on the same inputs (equal when K is 1);
   `by_agreement` maps "votes/K" of the winning answer to the inputs with that agreement and
   the vote's accuracy on them (None without gold labels), highest agreement first.
+  `parse_failures` counts records none of whose samples parsed, `sample_parse_failures`
+  (by reason in `parse_failures_by_reason`) the samples that did not, of `samples_in_all`.
   """
   path: str
   records: int
   with_gold_labels: int
   parse_failures: int
+  sample_parse_failures: int
+  samples_in_all: int
   parse_failures_by_reason: dict
   empty_rationales: int
   teacher_accuracy: Optional[float]  # None when no record has a gold label
@@ -352,10 +356,14 @@ def record_stats(path: str, records: Sequence[rationales.RationaleRecord],
     k = len(record.all_samples())
     votes = k if record.agreement is None else round(record.agreement * k)
     buckets[(votes / k, f"{votes}/{k}")].append(record)
-  reasons = collections.Counter(r.parse_error for r in records if r.parse_error is not None)
+  reasons = collections.Counter(sample.parse_error for r in records for sample in r.all_samples()
+                                if sample.parse_error is not None)
   return RecordStats(
       path=path, records=len(records), with_gold_labels=sum(r.label is not None for r in records),
-      parse_failures=sum(reasons.values()), parse_failures_by_reason=dict(reasons.most_common()),
+      parse_failures=sum(not r.parsed() for r in records),
+      sample_parse_failures=sum(reasons.values()),
+      samples_in_all=sum(len(r.all_samples()) for r in records),
+      parse_failures_by_reason=dict(reasons.most_common()),
       empty_rationales=sum(not r.rationale.strip() for r in records),
       teacher_accuracy=accuracy(records, lambda r: r.teacher_label), metric=metric_fn.__name__,
       samples=max(len(r.all_samples()) for r in records) if records else 1,

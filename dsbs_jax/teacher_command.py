@@ -240,6 +240,9 @@ def run_stats(args: argparse.Namespace) -> int:
   for row in rows:
     print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
   for s in all_stats:
+    if s.samples > 1:
+      print(f"  {s.path}: {s.sample_parse_failures:,} of {s.samples_in_all:,} samples did not "
+            f"parse; {s.parse_failures:,} of {s.records:,} inputs have no sample that did")
     for reason, count in s.parse_failures_by_reason.items():
       print(f"  {s.path}: {count:,} x {reason}")
   for s in all_stats:

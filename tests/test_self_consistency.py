@@ -35,9 +35,18 @@ def test_parse_failures_do_not_vote_but_count_in_the_share():
   outputs = ["no answer here", "nor here", cqa_output("r", "c", "z")]
   record = sc.make_record("cqa", SAME_TEXT, "id", "q", None, outputs)
   assert (record.teacher_label, record.agreement) == ("z", 1 / 3)
-  assert record.parse_error == record.samples[0].parse_error is not None
+  # One sample parsed: the record did (parse_error is the record's, not its first sample's).
+  assert record.parse_error is None and record.samples[0].parse_error is not None
+  assert sc.unparsed_samples(record) == 2
   none_parsed = sc.make_record("cqa", SAME_TEXT, "id", "q", None, outputs[:2])
   assert (none_parsed.teacher_label, none_parsed.agreement) == (" ", 0.0)
+  assert none_parsed.parse_error == none_parsed.samples[0].parse_error is not None
+  assert sc.training_rationales(none_parsed, "all", SAME_TEXT) == []
+
+
+def test_the_voted_label_is_stored_in_the_metrics_normal_form():
+  outputs = [cqa_output("r0", "a", "photograph "), cqa_output("r1", "a", "photograph")]
+  assert sc.make_record("cqa", SAME_TEXT, "id", "q", None, outputs).teacher_label == "photograph"
 
 
 def test_svamp_equations_vote_by_value():
@@ -64,8 +73,11 @@ def test_training_rationales_under_each_choice():
   assert record.teacher_label == "y"
   chosen = {which: sc.training_rationales(record, which, SAME_TEXT)
             for which in sc.TRAIN_RATIONALES}
-  assert chosen == {"first": ["r0"], "all": ["r0", "r1", " ", "r3", "r4", "r5"],
+  assert chosen == {"first": ["r0"], "all": ["r0", "r1", "r3", "r4", "r5"],
                     "vote": ["r1", "r3", "r5"], "gold": ["r0", "r4"]}
+  # 'first' is the first sample that parsed.
+  first_failed = sc.make_record("cqa", SAME_TEXT, "id", "q", "x", outputs[2:])
+  assert sc.training_rationales(first_failed, "first", SAME_TEXT) == ["r3"]
   unlabeled = sc.make_record("cqa", SAME_TEXT, "id", "q", None, outputs)
   with pytest.raises(ValueError, match="record 'id' has no gold label"):
     sc.training_rationales(unlabeled, "gold", SAME_TEXT)

@@ -230,3 +230,17 @@ def test_corrupt_line_inside_output_is_an_error_not_dropped(tmp_path):
   out.write_text("not json\n{}\n")
   with pytest.raises(rationales.RationaleFileError, match=r"out\.jsonl:1"):
     teacher.resume_output(str(out))
+
+
+def test_stats_count_parse_failures_per_sample_and_per_input():
+  same = self_consistency.same_answer_for(metrics.exact_match_accuracy)
+  good = "Because. So the answer is (a) contentment."
+  records = [  # the first sample failed, the vote did not; no sample parsed; all parsed
+      self_consistency.make_record("cqa", same, "a", "q", "contentment", [" ", good, good]),
+      self_consistency.make_record("cqa", same, "b", "q", "x", ["no", "nor", "neither"]),
+      self_consistency.make_record("cqa", same, "c", "q", "contentment", [good, good, good])]
+  assert [r.parsed() for r in records] == [True, False, True]
+  stats = teacher.record_stats("f.jsonl", records, "cqa")
+  assert (stats.parse_failures, stats.sample_parse_failures, stats.samples_in_all) == (1, 4, 9)
+  assert sum(stats.parse_failures_by_reason.values()) == 4
+  assert records[0].teacher_label == "contentment" and records[0].agreement == 2 / 3
