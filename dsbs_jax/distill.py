@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import os
@@ -43,6 +42,7 @@ import pathlib
 import re
 import shlex
 import sys
+import tempfile
 from typing import Optional
 
 import gin
@@ -62,6 +62,7 @@ from dsbs_jax import rationales
 from dsbs_jax import records
 from dsbs_jax import resources
 from dsbs_jax import run_dir
+from dsbs_jax import self_consistency
 from dsbs_jax import stop_signals
 from dsbs_jax import storage
 from dsbs_jax import teacher
@@ -77,7 +78,6 @@ FLAG_OF_MACRO = {"MODEL_DIR": "--out", "MIXTURE_OR_TASK_NAME": "--name and --use
 VALID_FRACTION = records.VALID_FRACTION  # custom_tasks' default too
 # DIR/teacher/settings.json: what its records were made with, and the value of each setting
 # in folders written before the setting was recorded.
-TEACHER_SETTING_DEFAULTS = {"samples": 1, "temperature": 0.0}
 
 
 class DistillError(ValueError):
@@ -238,26 +238,6 @@ def dry_run(args, plan: Plan, layout: Layout) -> int:
   return 0
 
 
-def _check_teacher_settings(args, plan: Plan, layout: Layout) -> None:
-  """Refuses to mix, in one folder, records of another teacher model, prompt or sampling."""
-  prompt = storage.path(plan.template.path).read_bytes()
-  settings = {"teacher_model": args.model, "prompt_sha256": hashlib.sha256(prompt).hexdigest(),
-              "api": args.api, "samples": args.samples,
-              "temperature": teacher_command.temperature(args)}
-  if layout.teacher_settings.is_file():
-    before = {**TEACHER_SETTING_DEFAULTS, **json.loads(layout.teacher_settings.read_text())}
-    flag_of = {"teacher_model": "--teacher_model", "prompt_sha256": "--prompt", "api": "--api",
-               "samples": "--samples", "temperature": "--temperature"}
-    for key, value in settings.items():
-      if before.get(key) != value:
-        raise DistillError(
-            f"{flag_of[key]}: differs from what wrote the records in {layout.teacher_dir} "
-            f"({key} {before.get(key)!r}); rerun with the same one, or use a new --out")
-  else:
-    storage.write_atomically(layout.teacher_settings,
-                             (json.dumps(settings, indent=1) + "\n").encode())
-
-
 def _check_records_match(flag: str, source: str, examples: list, path: storage.Path) -> None:
   """Refuses records in `path` that no longer fit the examples (the input file changed)."""
   if not path.is_file():
@@ -273,7 +253,8 @@ def _check_records_match(flag: str, source: str, examples: list, path: storage.P
 
 def annotate(args, plan: Plan, layout: Layout) -> int:
   """Stage 1; returns 0 when every example has its record, else the exit code."""
-  _check_teacher_settings(args, plan, layout)
+  teacher_command.check_teacher_settings(args, plan.template.path, layout.teacher_settings,
+                                         str(layout.teacher_dir), model_flag="--teacher_model")
   for flag, examples, path in _annotation_jobs(plan, layout):
     _check_records_match(flag, getattr(args, flag[2:]), examples, path)
   budget = teacher_command.make_budget(args, str(layout.ledger), TOKEN_CAP_FLAG)
@@ -347,6 +328,26 @@ def run_config(args, layout: Layout):
     yield
   finally:
     gin.clear_config()
+
+
+def check_training_settings(args, plan: Plan, layout: Layout) -> None:
+  """Parses the training gin of stage 3 before stage 1 sends anything, so that a setting it
+  would refuse (a gin typo, a macro nothing uses, 'gold' rationales without gold labels)
+  costs no teacher tokens."""
+  with tempfile.TemporaryDirectory() as scratch:
+    gin_path = pathlib.Path(scratch) / "train.gin"
+    gin_path.write_text(train_gin_text(args, plan, layout))
+    try:
+      gin_utils.parse_gin([str(gin_path)], [], args.gin_search_path)
+      gin_utils.check_macros_used(args.gin_bindings)
+      options = distillation.TaskOptions()
+    finally:
+      gin.clear_config()
+  if (options.train_rationales == self_consistency.TRAIN_AGREE_WITH_GOLD
+      and not (plan.inputs_gold or args.use_gold)):
+    raise DistillError(f"--gin.TaskOptions.train_rationales='gold': the examples of --inputs "
+                       f"{args.inputs} carry no gold labels to select rationales by; nothing "
+                       "was sent")
 
 
 def training_done(layout: Layout, steps: int) -> bool:
@@ -608,6 +609,7 @@ def run(args) -> int:
                 write=[args.out])
   layout = Layout(args.out)
   plan = plan_run(args)
+  check_training_settings(args, plan, layout)
   if args.dry_run:
     return dry_run(args, plan, layout)
   resume = "rerun the same command: the stages already done are skipped"

@@ -5,7 +5,10 @@ Only argument handling and reporting live here; the work is in `dsbs_jax.teacher
 --api_key_env names and handed to the client; it is never printed.
 """
 import argparse
+import hashlib
+import json
 import logging
+import math
 import os
 import sys
 from typing import Optional
@@ -97,11 +100,46 @@ def temperature(args: argparse.Namespace) -> float:
   """--temperature, or its default for --samples; refuses K greedy samples (all the same)."""
   if args.temperature is None:
     return 0.0 if args.samples == 1 else SAMPLING_TEMPERATURE
-  if args.temperature < 0 or (args.samples > 1 and args.temperature == 0):
+  if not math.isfinite(args.temperature):
+    raise teacher_client.TeacherError(f"--temperature {args.temperature:g}: must be a number")
+  if args.samples == 1 and args.temperature < 0:
+    raise teacher_client.TeacherError(
+        f"--temperature {args.temperature:g}: must be 0 (greedy) or above")
+  if args.samples > 1 and args.temperature <= 0:
     raise teacher_client.TeacherError(
         f"--temperature {args.temperature:g}: must be above 0 with --samples {args.samples} "
-        "(greedy decoding gives identical samples), and never below 0")
+        "(greedy decoding gives identical samples)")
   return args.temperature
+
+
+# Beside `generate --out FILE`: the settings of the teacher that wrote FILE's records.
+SETTINGS_SUFFIX = ".teacher.json"
+# What a record file's teacher was: a file is finished with the same ones only. Files of
+# settings written before the sampling flags existed lack those two.
+SETTING_DEFAULTS = {"samples": 1, "temperature": 0.0}
+
+
+def check_teacher_settings(args: argparse.Namespace, prompt_path: str, settings_path,
+                           records_in: str, model_flag: str = "--model") -> None:
+  """Writes the teacher's settings (model, prompt, API, samples, temperature) to
+  `settings_path` for the records in `records_in`, or, when it is there, refuses other
+  ones, naming the flag: the records of one file come from one teacher and sampling."""
+  prompt = storage.path(prompt_path).read_bytes()
+  settings = {"teacher_model": args.model, "prompt_sha256": hashlib.sha256(prompt).hexdigest(),
+              "api": args.api, "samples": args.samples, "temperature": temperature(args)}
+  path = storage.path(settings_path)
+  if not path.is_file():
+    storage.write_atomically(path, (json.dumps(settings, indent=1) + "\n").encode())
+    return
+  before = {**SETTING_DEFAULTS, **json.loads(path.read_text())}
+  flag_of = {"teacher_model": model_flag, "prompt_sha256": "--prompt", "api": "--api",
+             "samples": "--samples", "temperature": "--temperature"}
+  for key, value in settings.items():
+    if before.get(key) != value:
+      raise teacher_client.TeacherError(
+          f"{flag_of[key]}: differs from what wrote the records in {records_in} "
+          f"({key} {before.get(key)!r}, in {settings_path}); rerun with the same one, or use a "
+          "new output")
 
 
 def make_client(args: argparse.Namespace, template: teacher.PromptTemplate,
@@ -203,6 +241,8 @@ def run_generate(args: argparse.Namespace) -> int:
   template = teacher.PromptTemplate.load(prompt_path)
   temperature(args)  # a bad one is refused before the inputs are read
   examples = _read_examples(args)
+  teacher.resume_output(args.out, args.samples)  # the records there refused first, if they are
+  check_teacher_settings(args, prompt_path, f"{args.out}{SETTINGS_SUFFIX}", args.out)
   client = make_client(args, template, make_budget(args), api_key_from_env(args))
   with stop_signals.phase("asking the teacher for rationales",
                           resume=f"the records in {args.out} are kept; rerun the same command "

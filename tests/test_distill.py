@@ -159,6 +159,10 @@ def test_a_failing_teacher_stops_the_run_after_the_failures_allowed_keeping_the_
     ("unlabeled", ["--student", "t5_9_tiny"], "--student 't5_9_tiny': not a gin model"),
     ("unlabeled", ["--gin.TRAIN_STEPS=5"], "--gin.TRAIN_STEPS: dsbs distill sets it; use --steps"),
     ("unlabeled", ["--export", "onnx"], "--export 'onnx': 'onnx' is not one of"),
+    # Settings of the training stage, refused before the teacher is asked anything.
+    ("unlabeled", ["--samples", "3", "--gin.TaskOptions.train_rationales='gold'"],
+     "--gin.TaskOptions.train_rationales='gold': the examples of --inputs"),
+    ("unlabeled", ["--gin.TaskOptions.alpah=0.3"], "alpah"),
 ])
 def test_bad_input_is_one_line_naming_it_and_writes_nothing(cqa_teacher, tmp_path, capsys,
                                                             problem, flags, message):
@@ -168,7 +172,9 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(cqa_teacher, tmp_pat
   inputs = tmp_path / "bad.jsonl"
   inputs.write_text("\n".join(lines) + "\n")
   out = tmp_path / "run"
+  requests = cqa_teacher.requests
   assert cli.main(distill_args(cqa_teacher, out, inputs, *TINY_STUDENT, *flags)) == 2
+  assert cqa_teacher.requests == requests
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("dsbs distill: error: ") and message in err[0], err
   assert not out.exists()

@@ -244,3 +244,42 @@ def test_stats_count_parse_failures_per_sample_and_per_input():
   assert (stats.parse_failures, stats.sample_parse_failures, stats.samples_in_all) == (1, 4, 9)
   assert sum(stats.parse_failures_by_reason.values()) == 4
   assert records[0].teacher_label == "contentment" and records[0].agreement == 2 / 3
+
+
+def test_a_file_is_finished_only_by_the_teacher_and_sampling_that_began_it(key_env, tmp_path,
+                                                                           capsys):
+  records = shipped("cqa", "validation")[:4]
+  inputs = write_inputs(tmp_path / "in.jsonl", records[:2])
+  out = tmp_path / "out.jsonl"
+  with FakeTeacher({"cqa": records}, sampling=replay_teacher.Sampling(0.3, seed=0)) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "cqa", "--samples", "3",
+                                  "--temperature", "0.7")) == 0
+    begun = out.read_bytes()
+    inputs = write_inputs(tmp_path / "in.jsonl", records)
+    capsys.readouterr()
+    for extra, refused in [(["--temperature", "1.5"], "--temperature: differs from what wrote "
+                             f"the records in {out} (temperature 0.7"),
+                           (["--temperature", "0.7", "--model", "other-model"],
+                            "--model: differs from what wrote the records in")]:
+      argv = generate_args(fake, inputs, out, "cqa", "--samples", "3", *extra)
+      assert cli.main(argv) == 2
+      err = capsys.readouterr().err.strip()
+      assert err.startswith("dsbs rationales generate: error: ") and refused in err, err
+      assert len(err.splitlines()) == 1 and out.read_bytes() == begun
+    requests = fake.requests
+  assert requests == 2  # nothing was sent for the refused runs
+
+
+@pytest.mark.parametrize("samples, value, message", [
+    ("1", "nan", "--temperature nan: must be a number"),
+    ("3", "inf", "--temperature inf: must be a number"),
+    ("1", "-1", "--temperature -1: must be 0 (greedy) or above"),
+    ("3", "0", "--temperature 0: must be above 0 with --samples 3")])
+def test_a_temperature_that_cannot_be_sent_is_refused(samples, value, message, key_env, tmp_path,
+                                                      capsys):
+  inputs = write_inputs(tmp_path / "in.jsonl", shipped("cqa", "validation")[:1])
+  with FakeTeacher({"cqa": []}) as fake:
+    assert cli.main(generate_args(fake, inputs, tmp_path / "out.jsonl", "cqa", "--samples",
+                                  samples, "--temperature", value)) == 2
+    assert fake.requests == 0
+  assert message in capsys.readouterr().err
