@@ -309,7 +309,21 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
   finally:  # a stop (KeyboardInterrupt) passes on to the command, which reports it
     client.stop_event.set()
     bar.close()
+  if result.remaining == 0:
+    write_in_input_order(out_path, examples)
   return result
+
+
+def write_in_input_order(path: str, examples: Sequence[Example]) -> None:
+  """Rewrites a finished record file (at once, whole) with its records in the order of
+  `examples`, as they were written as they completed: the file is then the same whatever
+  the concurrency or the resumes that made it."""
+  content = storage.path(path).read_bytes()
+  lines = content.decode("utf-8").splitlines(keepends=True)
+  line_of = {json.loads(line)["id"]: line for line in lines if line.strip()}
+  ordered = "".join(line_of[e.id] for e in examples if e.id in line_of).encode("utf-8")
+  if ordered != content and len(ordered) == len(content):
+    storage.write_atomically(path, ordered)
 
 
 @dataclasses.dataclass(frozen=True)

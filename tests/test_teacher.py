@@ -100,8 +100,10 @@ def test_one_sample_writes_the_shipped_file_byte_for_byte(key_env, tmp_path):
   records = [rationales.record_from_dict(json.loads(line), "") for line in lines]
   inputs = write_inputs(tmp_path / "in.jsonl", records)
   out = tmp_path / "out.jsonl"
-  with FakeTeacher({"svamp": records}) as fake:
-    assert cli.main(generate_args(fake, inputs, out, "svamp", "--concurrency", "1")) == 0
+  # Four at a time, the first reply slow: records complete out of order, and the finished
+  # file is in input order all the same.
+  with FakeTeacher({"svamp": records}, faults={1: "slow"}, slow_s=0.5) as fake:
+    assert cli.main(generate_args(fake, inputs, out, "svamp", "--concurrency", "4")) == 0
   assert out.read_bytes() == b"".join(lines)
 
 
