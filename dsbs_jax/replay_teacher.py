@@ -129,7 +129,7 @@ class ReplayTeacher:
 
   def record_for(self, body: dict):
     """(dataset, record) whose query ends the request's prompt, or None."""
-    query = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+    query = request_text(body)
     matches = [(ds, r) for q, ds, r in self.queries if query.endswith(q)]
     return matches[0] if len(matches) == 1 else None
 
@@ -166,7 +166,12 @@ class ReplayTeacher:
         self.wfile.write(payload)
 
       def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        try:
+          body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+          request_text(body)
+        except (ValueError, TypeError) as error:  # as an OpenAI server answers a bad request
+          return self._reply(400, json.dumps({"error": {
+              "message": str(error), "type": "invalid_request_error"}}).encode())
         with replay.lock:
           replay.requests += 1
           fault = replay.faults.get(replay.requests)
@@ -204,6 +209,22 @@ class ReplayTeacher:
           self._reply(200, json.dumps(reply).encode())
 
     return Handler
+
+
+def request_text(body) -> str:
+  """The text a completions request's `prompt`, or a chat request's last message, holds;
+  ValueError naming what the request lacks."""
+  if not isinstance(body, dict):
+    raise ValueError("the request body must be a JSON object")
+  if "messages" in body:
+    messages = body["messages"]
+    if not (isinstance(messages, list) and messages and isinstance(messages[-1], dict)
+            and isinstance(messages[-1].get("content"), str)):
+      raise ValueError("'messages' must be a list whose last message has a string 'content'")
+    return messages[-1]["content"]
+  if not isinstance(body.get("prompt"), str):
+    raise ValueError("the request needs a string 'prompt' (completions) or 'messages' (chat)")
+  return body["prompt"]
 
 
 def shipped_records(dataset: str) -> list:

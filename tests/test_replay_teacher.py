@@ -2,10 +2,13 @@
 it, answers a prompt with the shipped teacher output of its example; its sampling mode draws
 other answers at the set rate, seeded, with and without `n`. (Its fault injection
 is exercised by the client tests, test_teacher_client.py.)"""
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 from dsbs_jax import rationales
 from dsbs_jax import replay_teacher
@@ -62,3 +65,20 @@ def test_sampling_mode_draws_other_answers_at_the_error_rate_seeded():
   every = draw(replay_teacher.Sampling(1.0), n=3)
   assert all(rationales.parse_cqa(t).label != r.teacher_label for r, ts in zip(records, every)
              for t in ts)
+
+
+def test_a_request_without_a_prompt_gets_a_400_naming_what_it_lacks():
+  with replay_teacher.ReplayTeacher({"cqa": replay_teacher.shipped_records("cqa")[:3]}) as replay:
+    for body, lacking in [({"model": "m"}, "'prompt'"), ({"messages": []}, "'messages'"),
+                          ([1, 2], "JSON object"), ({"prompt": 3}, "'prompt'")]:
+      request = urllib.request.Request(f"{replay.url}/completions",
+                                       data=json.dumps(body).encode(), method="POST",
+                                       headers={"Content-Type": "application/json"})
+      try:
+        urllib.request.urlopen(request, timeout=10)
+        raise AssertionError(f"{body} was answered")
+      except urllib.error.HTTPError as error:
+        assert error.code == 400
+        reply = json.loads(error.read())
+        assert lacking in reply["error"]["message"] and reply["error"]["type"] == \
+            "invalid_request_error"
