@@ -278,8 +278,9 @@ class RunDir:
     try:
       lock.__enter__()
     except OSError as error:
+      where = f": {error.filename}" if error.filename else ""  # e.g. the lock file
       raise gin_utils.GinConfigError(f"MODEL_DIR={self.path}: cannot write there "
-                                     f"({error.strerror or error})") from None
+                                     f"({error.strerror or error}{where})") from None
     try:
       yield
     finally:

@@ -96,6 +96,13 @@ def test_run_files_without_a_checkpoint_bind_no_run(written, tiny_config):
 
 
 def test_a_folder_that_cannot_be_written_is_refused(tmp_path):
+  # A lock file that is a folder is named.
+  lock = folder_lock.lock_path(tmp_path / "run")
+  lock.mkdir(parents=True)
+  with pytest.raises(gin_utils.GinConfigError,
+                     match=f"cannot write there \\(Is a directory: {lock}\\)"):
+    with run_dir.RunDir(tmp_path / "run").writing():
+      pass
   (tmp_path / "a_file").write_text("mine")
   with pytest.raises(gin_utils.GinConfigError, match="cannot write there"):
     with run_dir.RunDir(tmp_path / "a_file" / "run").writing():
