@@ -222,8 +222,10 @@ most {decoding["decode_length"]} new tokens.
 def write_hf(student: Student, directory: pathlib.Path, decode: DecodeOptions) -> dict[str, Any]:
   spec = student.spec
   _write_json(directory / "config.json", convert.hf_config(student.config))
-  safetensors_numpy.save_file(convert.hf_weights(student.params), directory / "model.safetensors",
+  weights = directory / "model.safetensors"
+  safetensors_numpy.save_file(convert.hf_weights(student.params), weights,
                               metadata={"format": "pt"})
+  _as_the_umask_says(weights)
   _write_json(directory / "generation_config.json", {
       "decoder_start_token_id": 0, "eos_token_id": t5.EOS_ID, "pad_token_id": 0,
       "max_new_tokens": decode.decode_length, "num_beams": 1, "do_sample": False})
@@ -368,6 +370,14 @@ WRITERS: dict[str, Callable[[Student, pathlib.Path, DecodeOptions], dict[str, An
 
 def _write_json(path: pathlib.Path, values: dict[str, Any]) -> None:
   path.write_text(json.dumps(values, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _as_the_umask_says(path: pathlib.Path) -> None:
+  """Gives a file the mode a new file gets here (safetensors writes its own 0600), so that a
+  serving container running as another user can read it."""
+  umask = os.umask(0)
+  os.umask(umask)
+  path.chmod(0o666 & ~umask)
 
 
 def _new_sibling_dir(out: pathlib.Path, kind: str) -> pathlib.Path:

@@ -109,6 +109,8 @@ def test_hf_export_of_sharded_v1_1_generates_as_dsbs_predict(v1_1_student, tmp_p
   assert {p.name for p in out.iterdir()} == {
       "config.json", "model.safetensors", "generation_config.json", "spiece.model",
       "tokenizer_config.json", export.MANIFEST_FILE, export.MODEL_CARD_FILE}
+  # Every file as the umask makes them, the weights too (safetensors writes 0600).
+  assert len({p.stat().st_mode & 0o777 for p in out.iterdir()}) == 1
   manifest = json.loads((out / export.MANIFEST_FILE).read_text())
   assert manifest["source"] == {"checkpoint": str(v1_1_student), "step": 4,
                                 "mixture_or_task_name": "cqa_dsbs_teacher", "alpha": 0.5,
