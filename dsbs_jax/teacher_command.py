@@ -69,8 +69,9 @@ def add_client_arguments(parser, model_flag: str = "--model",
   parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for one reply")
   parser.add_argument("--max_attempts", type=flags.positive_int, default=6, help="attempts per example")
   parser.add_argument("--max_connection_failures", type=flags.positive_int, default=10, metavar="N",
-                      help="stop after N attempts in a row, across all requests, could not "
-                           "connect to the teacher (refused, reset, unknown host); default 10")
+                      help="stop after N attempts in a row, across all requests, got no reply "
+                           "from the teacher (connection refused or reset, unknown host, or no "
+                           "reply within --timeout); default 10")
   parser.add_argument("--max_failed_examples", type=flags.positive_int, default=10, metavar="N",
                       help="stop after N examples in a row failed every attempt (a teacher "
                            "that answers only with errors); default 10")
@@ -89,10 +90,11 @@ def make_budget(args: argparse.Namespace, ledger_path=None,
 
 
 def api_key_from_env(args: argparse.Namespace) -> Optional[str]:
-  """The key in the variable --api_key_env names; a warning if it is unset."""
+  """The key in the variable --api_key_env names; a warning line if it is unset."""
   api_key = os.environ.get(args.api_key_env)
   if not api_key:
-    logging.warning("$%s is not set; sending requests without an API key", args.api_key_env)
+    print(f"{getattr(args, 'command_name', 'dsbs')}: warning: ${args.api_key_env} is not set; "
+          "sending requests without an API key", file=sys.stderr)
   return api_key
 
 
