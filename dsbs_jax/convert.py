@@ -435,8 +435,10 @@ def _find_gin_file(name: str, search_paths: list, included_at: str) -> storage.P
 
 
 def _read_gin_bindings(gin_file: storage.Path, search_paths: list, config_values: dict,
-                       macros: dict) -> None:
-  """Adds the file's (and its includes') T5Config bindings and macros, the last one winning."""
+                       macros: dict, others: Optional[dict] = None) -> None:
+  """Adds the file's (and its includes') T5Config bindings and macros, the last one winning,
+  and to `others` every other unscoped binding, as {(configurable, field): (value, where)}
+  (the configurable's name without its module)."""
   try:
     statements = list(config_parser.ConfigParser(text_files.read_text(gin_file),
                                                  _UnresolvedValues()))
@@ -446,12 +448,15 @@ def _read_gin_bindings(gin_file: storage.Path, search_paths: list, config_values
     where = f"{gin_file}:{statement.location.line_num}"
     if isinstance(statement, config_parser.IncludeStatement):
       included = _find_gin_file(statement.filename, search_paths, f"{where}: ")
-      _read_gin_bindings(included, search_paths, config_values, macros)
+      _read_gin_bindings(included, search_paths, config_values, macros, others)
     elif isinstance(statement, config_parser.BindingStatement) and not statement.scope:
-      if statement.selector.split(".")[-1] == "T5Config" and statement.arg_name:
+      configurable = statement.selector.split(".")[-1]
+      if configurable == "T5Config" and statement.arg_name:
         config_values[statement.arg_name] = (statement.value, where)
       elif not statement.arg_name:
         macros[statement.selector] = statement.value
+      elif others is not None:
+        others[(configurable, statement.arg_name)] = (statement.value, where)
 
 
 def _resolve(value, macros: dict, where: str, seen: tuple = ()):
@@ -496,10 +501,59 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
     raise ConversionError(f"{gin_file}: {error}") from None
 
 
+def run_spec_from_gin(gin_file, search_paths=()) -> Optional[tuple[Any, str]]:
+  """(run_dir.RunSpec, vocabulary file) of the run a T5X config.gin trained, for `dsbs
+  predict` and `dsbs export`: its MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS, the task
+  options it bound (prefixes, extra ids; this project's defaults otherwise, as its tasks
+  had) and its SentencePiece file (TaskOptions.vocabulary_path, VOCABULARY_FILE or
+  seqio.SentencePieceVocabulary's). None for a gin file of a model alone."""
+  from dsbs_jax import distillation  # pylint: disable=import-outside-toplevel
+  from dsbs_jax import run_dir  # pylint: disable=import-outside-toplevel
+  search_paths = [*search_paths, resources.GIN_DIR]
+  gin_file = _find_gin_file(str(gin_file), search_paths, "")
+  macros, others = {}, {}
+  _read_gin_bindings(gin_file, search_paths, {}, macros, others)
+  if "MIXTURE_OR_TASK_NAME" not in macros:
+    return None
+  where = f"{gin_file}"
+  value = lambda v: _resolve(v, macros, where)
+  mixture = value(macros["MIXTURE_OR_TASK_NAME"])
+  lengths = value(macros.get("TASK_FEATURE_LENGTHS", _Macro("TASK_FEATURE_LENGTHS")))
+  if not (isinstance(lengths, dict) and {"inputs", "targets"} <= set(lengths)):
+    raise ConversionError(f"{gin_file}: TASK_FEATURE_LENGTHS must be a dict with 'inputs' and "
+                          f"'targets', not {lengths!r}")
+  options = {field: value(v) for (configurable, field), (v, _) in others.items()
+             if configurable == "TaskOptions" and field in (
+                 "label_prefix", "rationale_prefix", "label_only_prefix", "vocabulary_extra_ids",
+                 "vocabulary_path")}
+  vocabulary = options.pop("vocabulary_path", None)
+  for candidate in (macros.get("VOCABULARY_FILE"),
+                    others.get(("SentencePieceVocabulary", "sentencepiece_model_file"),
+                               (None,))[0]):
+    if vocabulary is None and candidate is not None:
+      vocabulary = value(candidate)
+  if not isinstance(vocabulary, str):
+    raise ConversionError(f"{gin_file}: names MIXTURE_OR_TASK_NAME but no SentencePiece file "
+                          "(TaskOptions.vocabulary_path, VOCABULARY_FILE or seqio."
+                          "SentencePieceVocabulary.sentencepiece_model_file)")
+  task_options = distillation.TaskOptions(**options).for_run(mixture)
+  spec = run_dir.RunSpec(mixture, lengths["inputs"], lengths["targets"],
+                         task_options.label_prefix, task_options.rationale_prefix,
+                         task_options.vocabulary_extra_ids)
+  return spec, vocabulary
+
+
+def t5x_step(checkpoint_dir: storage.Path) -> Optional[int]:
+  """The step of a T5X `checkpoint_N` folder, from its name."""
+  match = re.fullmatch(r"checkpoint_(\d+)", checkpoint_dir.name)
+  return int(match[1]) if match else None
+
+
 # ------------------------------------------------------------------------------
 # The `dsbs convert` subcommand.
 # ------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> int:
+  trained = None  # (RunSpec, vocabulary) of the T5X run the gin file describes, if it does
   try:
     storage.check(read=[args.source], write=[args.out])
     out = storage.path(args.out)
@@ -519,6 +573,9 @@ def run(args: argparse.Namespace) -> int:
       config = config_from_gin(gin_file, args.gin_search_path)
       if args.dtype:
         config = t5.T5Config.from_dict({**config.to_dict(), "dtype": args.dtype})
+      trained = run_spec_from_gin(gin_file, args.gin_search_path) if args.gin_file else None
+      if trained is not None:
+        storage.check(read=[trained[1]])
       params, config = convert_t5x(args.source, config)
   except (FileNotFoundError, ImportError, ValueError) as error:
     print(f"dsbs convert: error: {error}", file=sys.stderr)
@@ -526,5 +583,14 @@ def run(args: argparse.Namespace) -> int:
   with stop_signals.phase(f"writing {args.out}",
                           resume="rerun the same command with --overwrite to write it whole"):
     checkpoints.save_model(args.out, params, config)
+    if args.source_format == "t5x" and trained is not None:
+      from dsbs_jax import run_dir  # pylint: disable=import-outside-toplevel
+      run = run_dir.RunDir(args.out)
+      run.write_run_files(config, trained[0], trained[1])
+      run.write_source({"format": "t5x", "path": str(args.source),
+                        "step": t5x_step(_find_t5x_checkpoint(storage.path(args.source)))})
+      print(f"wrote {args.out}: the T5X run's {trained[0].mixture_or_task_name}, ready for "
+            f"dsbs predict and dsbs export (--checkpoint {args.out})")
+      return 0
   print(f"wrote {args.out}")
   return 0

@@ -44,6 +44,8 @@ from dsbs_jax.models import t5
 SPEC_FILE = "run.json"
 VOCABULARY_FILE = "vocabulary.model"
 CHECKPOINTS_DIR = "checkpoints"
+# In a model folder that `dsbs convert` wrote from another run: where it came from.
+SOURCE_FILE = "source.json"
 BEST_FILE = "best_step.json"
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -105,6 +107,7 @@ class RunDir:
     self.tensorboard_dir = self.path / TENSORBOARD_DIR
     self.results_path = self.path / RESULTS_FILE
     self.gin_config_path = self.path / GIN_CONFIG_FILE
+    self.source_path = self.path / SOURCE_FILE
     self.learning_curves_path = self.path / LEARNING_CURVES_FILE
 
   def __repr__(self) -> str:
@@ -123,7 +126,8 @@ class RunDir:
   def spec(self) -> RunSpec:
     if not self.spec_path.is_file():
       raise FileNotFoundError(f"{self.spec_path}: not found; is {self.path} a MODEL_DIR written "
-                              "by dsbs train?")
+                              "by dsbs train (or a T5X run's checkpoint converted with its "
+                              "config.gin)?")
     try:
       return RunSpec(**text_files.read_json(self.spec_path))
     except TypeError as error:
@@ -150,9 +154,25 @@ class RunDir:
     return checkpoints.TrainCheckpointer(self.checkpoints_dir, keep=keep, keep_step=keep_step,
                                          asynchronous=asynchronous)
 
+  def write_source(self, source: dict) -> None:
+    storage.write_if_changed(self.source_path, json.dumps(source, indent=1).encode())
+
+  def _load_converted(self, step: str) -> tuple[Any, t5.T5Config, int]:
+    """A model folder's one set of parameters (`dsbs convert` of a T5X run), at its step."""
+    source = self._read_object(self.source_path) or {}
+    converted_step = source.get("step") or 0
+    if step not in ("best", "latest") and int(step) != converted_step:
+      raise FileNotFoundError(f"{self.path} holds one model, of step {converted_step} (converted "
+                              f"from {source.get('path', 'elsewhere')}), not step {step}")
+    params, config = checkpoints.load_model(self.path)
+    return t5.params_in_layout(params, t5.scans_layers(config)), config, converted_step
+
   def load_params(self, step: str = "best") -> tuple[Any, t5.T5Config, int]:
     """(params, config, step) on this host's first device: 'best' (by validation), 'latest'
-    or a step number; params in the layout `config` runs with, whichever the run trained in."""
+    or a step number; params in the layout `config` runs with, whichever the run trained in.
+    A model folder with run files (`dsbs convert --from t5x` of a run) has its one step."""
+    if not self.checkpoints_dir.is_dir() and (self.path / checkpoints.PARAMS_DIR).is_dir():
+      return self._load_converted(step)
     config = self.config()
     checkpointer = self.checkpointer()
     try:

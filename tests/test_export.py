@@ -19,10 +19,14 @@ import tensorflow as tf
 
 from conftest import xla_flags
 from dsbs_jax import cli
+from dsbs_jax import convert
 from dsbs_jax import export
 from dsbs_jax import infer
+from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax.models import t5
+from test_convert import write_t5x_msgpack_checkpoint
+from test_convert import write_t5x_style_gin
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -352,3 +356,54 @@ def test_bad_step_is_named(tmp_path, capsys):
     dsbs_export("--checkpoint", tmp_path, "--format", "hf", "--out", tmp_path / "o",
                 "--step", "last")
   assert "--step" in capsys.readouterr().err
+
+
+# A T5X run's operative config.gin as T5X writes it for gin/t5x/train.gin: the model it
+# trained (T5X's network.T5Config), the mixture, the feature lengths, the vocabulary and the
+# task options it bound.
+T5X_RUN_CONFIG = """
+from __gin__ import dynamic_registration
+import seqio
+from dsbs_jax import distillation
+from t5x.examples.t5 import network
+include 'models/base_like.gin'
+
+MIXTURE_OR_TASK_NAME = 'cqa_dsbs_teacher'
+TASK_FEATURE_LENGTHS = {{'inputs': 64, 'targets': 32}}
+VOCABULARY_FILE = '{vocabulary}'
+VOCABULARY_EXTRA_IDS = 0
+network.T5Config.vocab_size = 8000
+network.T5Config.emb_dim = 32
+distillation.TaskOptions.label_prefix = 'predict: '
+seqio.SentencePieceVocabulary.sentencepiece_model_file = %VOCABULARY_FILE
+distillation.TaskOptions.vocabulary_path = %VOCABULARY_FILE
+distillation.TaskOptions.vocabulary_extra_ids = %VOCABULARY_EXTRA_IDS
+train/utils.DatasetConfig.mixture_or_task_name = %MIXTURE_OR_TASK_NAME
+"""
+
+
+@pytest.mark.slow
+def test_a_t5x_runs_checkpoint_reaches_predict_and_export_as_the_readme_shows(tmp_path):
+  t5x_root = tmp_path / "t5x_root"
+  write_t5x_style_gin(t5x_root)
+  config_gin = tmp_path / "t5x_run" / "config.gin"
+  config_gin.parent.mkdir()
+  config_gin.write_text(T5X_RUN_CONFIG.format(vocabulary=resources.VOCABULARY_FILE))
+  config = convert.config_from_gin(config_gin, [t5x_root])
+  params = t5.init_params(config, jax.random.key(3))
+  write_t5x_msgpack_checkpoint(params, tmp_path / "t5x_run" / "checkpoint_1004")
+  converted = tmp_path / "conv"
+  assert cli.main(["convert", "--from", "t5x", str(tmp_path / "t5x_run" / "checkpoint_1004"),
+                   f"--gin_file={config_gin}", f"--gin_search_path={t5x_root}",
+                   "--dtype", "float32",  # as transformers runs it, to compare greedy outputs
+                   "--out", str(converted)]) == 0
+  predictions = dsbs_predict(converted, tmp_path)
+  assert len(predictions) == len(INPUTS)
+  out = tmp_path / "hf"
+  assert dsbs_export("--checkpoint", converted, "--format", "hf", "--out", out) == 0
+  manifest = json.loads((out / export.MANIFEST_FILE).read_text())
+  assert manifest["task_prefixes"]["label"] == "predict: "  # the T5X run's, not the default
+  assert manifest["source"]["step"] == 1004
+  assert manifest["feature_lengths"] == {"inputs": 64, "targets": 32}
+  # The exported model answers as dsbs predict did on the converted checkpoint.
+  assert hf_generate(out, INPUTS) == [record["prediction"] for record in predictions]
