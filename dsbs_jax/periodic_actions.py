@@ -185,8 +185,9 @@ class BestStep:
         self._run.forget_best()
 
   def offer(self, step: int, accuracy: float, checkpointer: checkpoints.TrainCheckpointer) -> None:
-    """Makes `step` the best if its validation accuracy beats the best so far."""
-    if self.accuracy is not None and accuracy <= self.accuracy:
+    """Makes `step` the best if its validation accuracy is at least the best so far: a tie
+    goes to the later step, trained longer (validation scores accuracy only)."""
+    if self.accuracy is not None and accuracy < self.accuracy:
       return
     self.step, self.accuracy = step, accuracy
     checkpointer.wait()  # best_step.json never names a step not yet on disk

@@ -75,11 +75,12 @@ def test_the_best_step_is_kept_only_when_beaten_and_forgotten_past_a_restore(tmp
   checkpointer = RecordingCheckpointer()
   best = periodic_actions.BestStep(run)
   best.offer(2, 0.3, checkpointer)
-  best.offer(4, 0.3, checkpointer)  # a tie keeps the earlier step
+  best.offer(4, 0.3, checkpointer)  # a tie goes to the later step
   best.offer(6, 0.5, checkpointer)
+  best.offer(8, 0.4, checkpointer)  # worse: kept out
   assert run.best() == {"step": 6, "validation_accuracy": 0.5}
   # best_step.json is written only once the checkpoint it names is on disk.
-  assert checkpointer.calls == ["wait", ("keep", 2), "wait", ("keep", 6)]
+  assert checkpointer.calls == ["wait", ("keep", 2), "wait", ("keep", 4), "wait", ("keep", 6)]
   resumed = periodic_actions.BestStep(run)  # a restarted run keeps the best it had
   assert (resumed.step, resumed.accuracy) == (6, 0.5)
   resumed.forget_if_after(6, checkpointer)
