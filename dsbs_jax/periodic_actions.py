@@ -213,7 +213,7 @@ class Validation(PeriodicAction):
     metrics = self._evaluate(params)
     self._remaining_time.add_evaluation(time.time() - started, self._examples)
     self._log.write(step, "validation", metrics)
-    self._print(f"step {step} validation: {json.dumps(metrics)}")
+    self._print(f"step {step} validation ({self._examples:,} examples): {json.dumps(metrics)}")
     self._best.offer(step, metrics["accuracy"], self._checkpointer)
 
 

@@ -361,17 +361,21 @@ def make_predictor(settings: RunSettings, schedule: Schedule):
       decode_length, batch_size=schedule.eval_batch_size)
 
 
+def evaluated_examples(settings: RunSettings, split: str, most: Optional[int]) -> int:
+  """How many examples of the label task's `split` an evaluation capped at `most` scores."""
+  size = settings.split_sizes.get(settings.label_task, {}).get(split, 0)
+  return min(most or size, size)
+
+
 def make_periodic_actions(settings: RunSettings, schedule: Schedule,
                           trainer: trainer_lib.Trainer,
                           checkpointer: checkpoints.TrainCheckpointer,
                           best: periodic_actions.BestStep, log: run_dir.MetricsLog,
                           input_state: dict, predictor, start_step: int, print_fn):
   """(progress report, checkpointing, validation) of a run starting at `start_step`."""
-  label_sizes = settings.split_sizes.get(settings.label_task, {})
-  cap = lambda split, most: min(most or label_sizes.get(split, 0), label_sizes.get(split, 0))
-  validation_examples = cap("validation", schedule.eval_max_examples)
-  final_examples = ((cap("validation", schedule.final_eval_max_examples)
-                     + cap("test", schedule.final_eval_max_examples))
+  validation_examples = evaluated_examples(settings, "validation", schedule.eval_max_examples)
+  final_examples = ((evaluated_examples(settings, "validation", schedule.final_eval_max_examples)
+                     + evaluated_examples(settings, "test", schedule.final_eval_max_examples))
                     * (2 if schedule.predict_rationales else 1))
   remaining_time = periodic_actions.RemainingTime(start_step, schedule.train_steps,
                                                   schedule.eval_period, validation_examples,
@@ -419,8 +423,11 @@ def final_evaluation(run: run_dir.RunDir, settings: RunSettings, options: distil
     run.write_results(results)
     plots.plot_learning_curves(run.path.name, run.metrics(), run.learning_curves_path)
     run.write_gin_config(gin.operative_config_str())
-  print_fn(f"best step {best_step} (by validation): validation {json.dumps(results['validation'])}, "
-           f"test {json.dumps(results['test'])}; majority-class baseline on test: "
+  counted = {split: evaluated_examples(settings, split, schedule.final_eval_max_examples)
+             for split in ("validation", "test")}
+  print_fn(f"best step {best_step} (by validation): validation ({counted['validation']:,} "
+           f"examples) {json.dumps(results['validation'])}, test ({counted['test']:,} examples) "
+           f"{json.dumps(results['test'])}; majority-class baseline on test: "
            f"{json.dumps(results['majority_baseline_test'])}")
   print_fn(f"outputs in {run.path}: checkpoints/, predictions.jsonl (test), metrics.jsonl, "
            "learning_curves.png, tensorboard/, results.json")
