@@ -170,6 +170,9 @@ def run_predict(args: argparse.Namespace) -> int:
   spec = run.spec()
   examples = read_prediction_inputs(args.input)
   check_output_file(args.output)
+  if not examples:
+    print(f"{args.command_name}: warning: {args.input} holds no inputs (no line with text); "
+          f"{args.output} is written empty", file=sys.stderr)
   with stop_signals.phase(f"predicting {len(examples):,} inputs",
                           resume=f"{args.output} was not written; rerun the same command"):
     params, config, step = run.load_params(args.step)

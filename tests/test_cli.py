@@ -456,3 +456,14 @@ def test_eval_predict_and_export_refuse_bad_input(command, flags, fragment, unin
   assert_refused(capsys, [command, *output, *flags(uninterrupted, corrupt_run, bad_inputs)],
                  fragment, uninterrupted, corrupt_run, bad_inputs)
   assert not list(tmp_path.iterdir())
+
+
+def test_predicting_an_empty_input_file_warns_and_writes_an_empty_output(uninterrupted, tmp_path,
+                                                                          capsys):
+  inputs, output = tmp_path / "empty.txt", tmp_path / "out.jsonl"
+  inputs.write_text("\n  \n")
+  assert cli.main(["predict", "--checkpoint", str(uninterrupted), "--input", str(inputs),
+                   "--output", str(output)]) == 0
+  err = capsys.readouterr().err
+  assert f"dsbs predict: warning: {inputs} holds no inputs" in err
+  assert output.read_text() == ""
