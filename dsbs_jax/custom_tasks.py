@@ -17,8 +17,9 @@ file's splits against them (agreement with the teacher); the gold-label tasks re
 It runs when every dataset is registered (datasets.register_all: `dsbs` commands after
 parsing gin, and `import tasks`) and again when gin is finalized, which T5X does after its
 files and --gin.* flags are parsed: a gin file's `import tasks` comes before the bindings
-that follow it. A dataset already registered
-with the same arguments is left as it is.
+that follow it. A dataset already registered with the same arguments is left as it is; one
+registered here with other arguments (a second `dsbs distill` in one process, over another
+record file) is registered anew in its place.
 
 This module must not define the benchmarks (datasets.py does) or talk to a teacher.
 """
@@ -112,10 +113,23 @@ def register_custom_datasets(datasets: Sequence[Mapping] = ()) -> list[str]:
     if registered and registered[0] == kwargs:
       names.extend(registered[1])
       continue
+    if registered:  # registered here before with other arguments: a new run replaces it
+      _unregister(registered[1])
+      del _REGISTERED[kwargs["name"]]
     dataset_names = register_custom_dataset(**kwargs)
     _REGISTERED[kwargs["name"]] = (kwargs, dataset_names)
     names.extend(dataset_names)
   return names
+
+
+def _unregister(names: Sequence[str]) -> None:
+  """Removes tasks and mixtures from SeqIO's registries, mixtures first (they name tasks)."""
+  for name in names:
+    if name in seqio.MixtureRegistry.names():
+      seqio.MixtureRegistry.remove(name)
+  for name in names:
+    if name in seqio.TaskRegistry.names():
+      seqio.TaskRegistry.remove(name)
 
 
 def names_in_gin() -> list[str]:

@@ -38,14 +38,23 @@ def test_datasets_bound_after_import_tasks_are_registered_when_gin_is_finalized(
   assert [task.num_input_examples("validation") for task in mixture.tasks] == [3, 3]  # 10% of 30
 
 
-def test_registering_again_with_the_same_arguments_keeps_the_first(records_file):
+def test_registering_again_keeps_the_same_and_replaces_another(records_file, tmp_path):
   gin.parse_config(custom_binding("custom_twice", records_file).replace("custom_tasks.", ""))
   first = custom_tasks.register_custom_datasets()
+  task = seqio.get_mixture_or_task("custom_twice_label_teacher")
   assert custom_tasks.register_custom_datasets() == first
+  assert seqio.get_mixture_or_task("custom_twice_label_teacher") is task
+  # Another record file under the same name (a second `dsbs distill` in one process).
+  other = tmp_path / "other.jsonl"
+  rationales.write_records(str(other), rationales.read_records(str(records_file))[:20])
   gin.bind_parameter("register_custom_datasets.datasets",
-                     [{"name": "custom_twice", "rationales_file": str(records_file)}])
-  with pytest.raises(ValueError, match="custom_twice.* already registered"):
-    custom_tasks.register_custom_datasets()
+                     [{"name": "custom_twice", "rationales_file": str(other)}])
+  assert custom_tasks.register_custom_datasets() == first
+  replaced = seqio.get_mixture_or_task("custom_twice_label_teacher")
+  assert replaced is not task and replaced.num_input_examples("validation") == 2  # 10% of 20
+  # A name registered elsewhere (a shipped benchmark) is not replaced.
+  with pytest.raises(ValueError, match="cqa.* already registered"):
+    custom_tasks.register_custom_dataset("cqa", str(records_file))
 
 
 def test_custom_dataset_becomes_trainable_mixtures(svamp_records, tmp_path):
