@@ -18,7 +18,6 @@ which of them fit.
 
 This module compiles and reports; it must not run steps, read data or write checkpoints.
 """
-import argparse
 import dataclasses
 import inspect
 import json
@@ -36,6 +35,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from dsbs_jax import command_flags
 from dsbs_jax import encoder_decoder
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
@@ -49,7 +49,7 @@ from dsbs_jax import tpu_runtime
 from dsbs_jax import trainer as trainer_lib
 from dsbs_jax.models import t5
 
-STEPS = ("train", "eval", "decode")
+STEPS = command_flags.COMPILE_STEPS
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 # Features of a packed training batch (input_pipeline's converter), all int32.
 ENCODER_FEATURES = ("encoder_input_tokens", "encoder_segment_ids", "encoder_positions")
@@ -636,57 +636,6 @@ def fitting_gin(result: dict, shape: RunShape, target: targets.Target, gin_files
            *(f"include '{_include_path(name, search_paths)}'" for name in gin_files),
            *bindings, *knob_bindings]
   return "\n".join(lines) + "\n"
-
-
-DESCRIPTION = """\
-Compiles a run's train, eval and decode steps ahead of time for a target you need not have
-(a TPU slice, through libtpu, or NVIDIA GPUs, through JAX's CUDA plugin, on any machine; or
-cpu:N) with the same gin flags as
-`dsbs train`, and prints per chip: the HBM needed against the chip's capacity and whether
-it fits, the collectives, the compiler's FLOP and byte counts, compile time, and a roofline
-bound on step time and MFU from data-sheet peaks. A train step that does not fit is
-compiled again with one change at a time (microbatches, rematerialization, FSDP, a larger
-slice) to say which would fit."""
-EXAMPLES = """\
-examples:
-  dsbs compile --topology=v5p:2x2x2 --gin_file=models/t5_1_1_base.gin --gin_file=runs/paper.gin \\
-      --gin.PARALLELISM="'fsdp'" --gin.MESH_SHAPE="(-1, 1)"
-  dsbs compile --topology=v5e:2x4 --gin_file=quickstart.gin --gin.PARALLELISM="'fsdp'"
-  dsbs compile --topology=h100:8 --gin_file=models/t5_1_1_base.gin --gin_file=runs/paper.gin
-  dsbs compile --topology=cpu:8 --gin_file=quickstart.gin --steps train"""
-
-
-def _step_list(text: str) -> tuple:
-  steps = tuple(step.strip() for step in text.split(",") if step.strip())
-  unknown = [step for step in steps if step not in STEPS]
-  if unknown or not steps:
-    raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of "
-                                     f"{', '.join(STEPS)}")
-  return steps
-
-
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser("compile", description=DESCRIPTION, epilog=EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-  gin_utils.add_gin_arguments(parser)
-  parser.add_argument("--topology", required=True,
-                      help="target: a TPU slice as <generation>:<chips per axis> (v4, v5e, "
-                           "v5p, v6e; e.g. v5p:4x4x4), N slices as <N>x<slice> (2xv5e:16x16), "
-                           "NVIDIA GPUs as <gpu>:<per host> or <gpu>:<hosts>x<per host> (h100, "
-                           "h200, a100, a100-40gb; e.g. h100:8, h200:2x8), or cpu:N")
-  parser.add_argument("--steps", type=_step_list, default=STEPS, metavar="LIST",
-                      help="which steps to compile, comma-separated (default: train,eval,decode)")
-  parser.add_argument("--no_knobs", action="store_true",
-                      help="when the train step does not fit, do not try other settings")
-  parser.add_argument("--hbm_gib", type=float, default=None, metavar="GIB",
-                      help="memory per chip to fit in, instead of the chip's data-sheet HBM "
-                           "(e.g. what other work on the chips leaves free)")
-  parser.add_argument("--json", metavar="FILE",
-                      help="also append the report to FILE as one JSON line")
-  parser.add_argument("--write_gin", metavar="FILE",
-                      help="write a gin file that `dsbs train --gin_file=FILE` runs: these "
-                           "gin flags, plus the first knob that fit when the run did not")
-  parser.set_defaults(func=run)
 
 
 def run(args) -> int:

@@ -31,7 +31,6 @@ This module only composes the stages' own modules (teacher.py and teacher_comman
 custom_tasks.py through gin, train.py, export.py, run_dir.py); it must not reimplement
 generation, splitting, training, evaluation or export.
 """
-import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -48,12 +47,12 @@ from typing import Optional
 import gin
 
 from dsbs_jax import checkpoints
+from dsbs_jax import command_flags
 from dsbs_jax import console
 from dsbs_jax import datasets
 from dsbs_jax import distillation
 from dsbs_jax import export
 from dsbs_jax import folder_lock
-from dsbs_jax import flags
 from dsbs_jax import gin_utils
 from dsbs_jax import infer
 from dsbs_jax import input_pipeline
@@ -70,7 +69,7 @@ from dsbs_jax import teacher_client
 from dsbs_jax import teacher_command
 from dsbs_jax import train
 
-TOKEN_CAP_FLAG = "--max_teacher_tokens"
+TOKEN_CAP_FLAG = command_flags.DISTILL_TOKEN_CAP_FLAG
 # Macros of DIR/train.gin that flags set, so that no --gin.NAME=VALUE may.
 FLAG_OF_MACRO = {"MODEL_DIR": "--out", "MIXTURE_OR_TASK_NAME": "--name and --use_gold",
                  "TRAIN_STEPS": "--steps", "ALPHA": "--alpha", "INITIAL_CHECKPOINT_PATH": "--student",
@@ -548,60 +547,6 @@ def write_report(args, plan: Plan, layout: Layout, exports: dict[str, str]) -> s
 # ------------------------------------------------------------------------------
 # The command.
 # ------------------------------------------------------------------------------
-DESCRIPTION = __doc__.split("\n\n")[0] + """
-
-Stage 1 asks the teacher for a rationale and a label per input (resumable per example),
-then the student trains on the custom dataset this makes (resumable per checkpoint), is
-scored on validation and test, and exported; DIR/report.md sums it up. Rerun the same
-command to resume; a complete stage is skipped."""
-
-
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser(
-      "distill", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-      epilog="example (README, 'Your own data, end to end'):\n"
-             "  python -m dsbs_jax.replay_teacher --dataset cqa --port 8000 &\n"
-             "  dsbs distill --inputs rationales/examples/distill/questions.jsonl \\\n"
-             "    --test rationales/examples/distill/test.jsonl --prompt rationales/prompts/cqa.json \\\n"
-             "    --teacher http://127.0.0.1:8000/v1 --teacher_model palm-replay \\\n"
-             "    --student t5_1_1_tiny --gin_file=distill_cpu.gin --steps 200 \\\n"
-             "    --out /tmp/dsbs_distill --export hf")
-  parser.add_argument("--inputs", required=True, metavar="FILE.jsonl",
-                      help='examples, one {"id", "input", "label"?} per line; labels all or none')
-  parser.add_argument("--prompt", required=True, metavar="FILE",
-                      help="few-shot prompt file (rationales/prompts/README.md); its parser "
-                           "reads the teacher's outputs and picks the metric")
-  parser.add_argument("--student", required=True,
-                      help="gin model (e.g. t5_1_1_small), a .gin file, or a converted checkpoint "
-                           "folder (dsbs convert) to fine-tune")
-  parser.add_argument("--out", required=True, metavar="DIR", help="the run folder; rerun to resume")
-  parser.add_argument("--test", default=None, metavar="FILE.jsonl",
-                      help="test examples (gold labels give true accuracy); default: "
-                           f"{VALID_FRACTION:.0%}% of the inputs held out")
-  parser.add_argument("--name", default=None,
-                      help="dataset name for the tasks and mixtures (default: from --inputs)")
-  parser.add_argument("--steps", type=flags.positive_int, default=1000,
-                      help="training steps of the student (default 1000)")
-  parser.add_argument("--alpha", type=float, default=0.5,
-                      help="label-task weight, 0 < alpha < 1 (default 0.5)")
-  parser.add_argument("--use_gold", action="store_true",
-                      help="train on the inputs' gold labels (<name>_dsbs_gold) instead of the "
-                           "teacher's")
-  parser.add_argument("--drop_unparsed", action="store_true",
-                      help="leave out inputs whose teacher output did not parse (reported either way)")
-  parser.add_argument("--export", default="", metavar="FORMATS",
-                      help=f"comma-separated export formats: {', '.join(export.FORMATS)}")
-  parser.add_argument("--vocabulary", default=None, metavar="FILE.model",
-                      help="SentencePiece model (default: the shipped 8k one; T5's for a "
-                           "pretrained --student, with --gin.VOCABULARY_EXTRA_IDS=100)")
-  parser.add_argument("--dry_run", action="store_true",
-                      help="print the requests stage 1 would send and a token estimate; send none")
-  teacher_command.add_client_arguments(parser, model_flag="--teacher_model",
-                                       token_cap_flag=TOKEN_CAP_FLAG)
-  gin_utils.add_gin_arguments(parser)
-  parser.set_defaults(func=run)
-
-
 def run(args) -> int:
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                       format="%(levelname)s %(name)s: %(message)s")

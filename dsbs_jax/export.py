@@ -52,9 +52,9 @@ from safetensors import numpy as safetensors_numpy
 
 import dsbs_jax
 from dsbs_jax import checkpoints
+from dsbs_jax import command_flags
 from dsbs_jax import convert
 from dsbs_jax import encoder_decoder
-from dsbs_jax import flags
 from dsbs_jax import folder_lock
 from dsbs_jax import infer
 from dsbs_jax import rationales
@@ -68,7 +68,7 @@ MANIFEST_FILE = "dsbs_export.json"
 MODEL_CARD_FILE = "README.md"  # of a Hugging Face export
 # The vocabulary's name in each format's directory (transformers looks for spiece.model).
 VOCABULARY_FILES = {"hf": "spiece.model", "saved_model": run_dir.VOCABULARY_FILE}
-FORMATS = tuple(VOCABULARY_FILES)
+FORMATS = command_flags.EXPORT_FORMATS
 SIGNATURE_NAME = "serving_default"
 # The token-ids SavedModel's folder inside a saved_model export, and its signature's names
 # (also a second signature of the text SavedModel).
@@ -96,8 +96,9 @@ class Student:
 class DecodeOptions:
   """How a SavedModel decodes (an hf export only records decode_length)."""
   method: str = "greedy"  # or "beam"
-  num_beams: int = 4
-  length_penalty: float = 0.6  # beam search's, as decoding.brevity_penalty applies it
+  num_beams: int = command_flags.DEFAULT_NUM_BEAMS
+  # beam search's, as decoding.brevity_penalty applies it
+  length_penalty: float = command_flags.DEFAULT_LENGTH_PENALTY
   decode_length: Optional[int] = None  # default: the run's target length
   with_rationales: bool = False
 
@@ -453,32 +454,6 @@ def _write_staged(student: Student, out: storage.Path, export_format: str,
 
 
 USER_ERRORS = (ExportError, convert.ConversionError, checkpoints.CheckpointError)
-
-
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser(
-      "export", description=__doc__.split("\n\n")[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  flags.add_checkpoint_arguments(parser)
-  parser.add_argument("--format", dest="export_format", required=True, choices=FORMATS,
-                      help="hf: a Hugging Face T5 folder; saved_model: a TF SavedModel that "
-                           "decodes raw strings")
-  parser.add_argument("--out", required=True, help="directory to write (must not exist)")
-  parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-  parser.add_argument("--decode", default="greedy", choices=("greedy", "beam"),
-                      help="saved_model: decoding inside the graph")
-  parser.add_argument("--num_beams", type=flags.positive_int, default=DecodeOptions.num_beams,
-                      help=f"beams for --decode beam (default {DecodeOptions.num_beams})")
-  parser.add_argument("--length_penalty", type=float, default=DecodeOptions.length_penalty,
-                      help="beam search's length penalty: finished beams score log P / "
-                           f"((5 + length) / 6) ** it (default {DecodeOptions.length_penalty})")
-  parser.add_argument("--alpha", dest="length_penalty", type=float, action=flags.DeprecatedAlias,
-                      help="deprecated name of --length_penalty, removed in the next release")
-  parser.add_argument("--decode_length", type=flags.positive_int, default=None,
-                      help="most tokens to generate (default: the run's target length)")
-  parser.add_argument("--with_rationales", action="store_true",
-                      help="saved_model: also return a generated rationale per input")
-  parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,11 +14,9 @@ if __name__ == "__main__":  # `python -m dsbs_jax.train ...` is `dsbs train ...`
   from dsbs_jax import cli  # here, before anything is defined, keeps gin from registering
   sys.exit(cli.main(["train", *sys.argv[1:]]))  # this file's configurables twice.
 
-import argparse
 import collections
 import dataclasses
 import json
-import os
 import time
 from typing import Mapping, Optional
 
@@ -29,7 +27,6 @@ from dsbs_jax import checkpoints
 from dsbs_jax import console
 from dsbs_jax import datasets
 from dsbs_jax import distillation
-from dsbs_jax import flags
 from dsbs_jax import flops
 from dsbs_jax import gin_utils
 from dsbs_jax import infer
@@ -38,7 +35,6 @@ from dsbs_jax import partitioning
 from dsbs_jax import per_input_batches
 from dsbs_jax import periodic_actions
 from dsbs_jax import plots
-from dsbs_jax import resources
 from dsbs_jax import run_dir
 from dsbs_jax import seqio_tasks
 from dsbs_jax import stop_signals
@@ -432,50 +428,6 @@ def final_evaluation(run: run_dir.RunDir, settings: RunSettings, options: distil
   print_fn(f"outputs in {run.path}: checkpoints/, predictions.jsonl (test), metrics.jsonl, "
            "learning_curves.png, tensorboard/, results.json")
   return results
-
-
-RUN_GIN_FILE = resources.GIN_DIR / "runs" / "train.gin"
-DESCRIPTION = """\
-Trains a student as the gin files say: a T5 (gin/models/*.gin) on a SeqIO mixture of the
-label and rationale tasks, logging both losses, checkpointing and validating as it goes,
-then scores the validation and test splits with the checkpoint best on validation. Outputs
-go to MODEL_DIR. Rerunning the same command resumes from MODEL_DIR's latest checkpoint;
-settings that do not fit that run are refused before anything is written."""
-EXAMPLES = """\
-examples:
-  dsbs train --gin_file=quickstart.gin
-  dsbs train --gin_file=quickstart.gin --gin.MODEL_DIR="'/tmp/run2'" --gin.TRAIN_STEPS=600
-  dsbs train --gin_file=models/t5_1_1_small.gin --gin_file=runs/train.gin \\
-      --gin.MIXTURE_OR_TASK_NAME="'svamp_dsbs_teacher'" --gin.MODEL_DIR="'/tmp/svamp'" \\
-      --gin.TRAIN_STEPS=2000
-  dsbs train ... --gin.train.restore_step=400   # go back to step 400, dropping later ones"""
-
-
-def macros_help() -> str:
-  """The opening comment of gin/runs/train.gin, which lists its required and common macros."""
-  if not os.path.isfile(RUN_GIN_FILE):
-    return ""
-  with open(RUN_GIN_FILE, encoding="utf-8") as f:
-    header = f.read().split("\n\n")[0].splitlines()
-  return "macros (gin/runs/train.gin, included by every run file):\n" + "\n".join(
-      "  " + line.lstrip("#")[1:] for line in header if line.startswith("#"))
-
-
-def add_parser(subparsers) -> None:
-  parser = subparsers.add_parser("train", description=DESCRIPTION,
-                                 epilog=macros_help() + "\n\n" + EXAMPLES,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-  gin_utils.add_gin_arguments(parser)
-  hosts = parser.add_argument_group(
-      "several hosts (jax.distributed; start the same command on each; not needed on Cloud "
-      "TPU VMs, where the slice's workers are found by JAX)")
-  hosts.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                     help="address of process 0")
-  hosts.add_argument("--num_processes", type=flags.positive_int, default=None,
-                     help="number of processes (hosts) in the run")
-  hosts.add_argument("--process_id", type=int, default=None,
-                     help="this process's index, 0 to num_processes - 1")
-  parser.set_defaults(func=run)
 
 
 def initialize_distributed(args) -> None:

@@ -467,3 +467,9 @@ def test_predicting_an_empty_input_file_warns_and_writes_an_empty_output(uninter
   err = capsys.readouterr().err
   assert f"dsbs predict: warning: {inputs} holds no inputs" in err
   assert output.read_text() == ""
+
+
+@pytest.mark.parametrize("command", ["train", "compile", "export", "distill"])
+def test_help_answers_before_the_commands_heavy_module_loads(command):
+  code = f"from dsbs_jax import cli\ntry:\n  cli.main(['{command}', '--help'])\nexcept SystemExit:\n  pass"
+  assert modules_loaded_by(code, ("jax", "tensorflow", "seqio", cli.SUBCOMMANDS[command][0])) == []
