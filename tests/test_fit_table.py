@@ -26,17 +26,19 @@ def test_rows_say_what_fits_what_would_and_what_broke():
       report(row, 9.5, True),
       report(row, 22, False, [{"change": "NUM_MICROBATCHES=8", "fits": False},
                               {"change": "REMAT_POLICY='full'", "fits": True,
-                               "roofline": {**ROOFLINE, "bound": "compute", "best_mfu": 1.0}}],
+                               "roofline": {**ROOFLINE, "bound": "compute", "best_mfu": 1.0}},
+                              {"change": "--topology=v5e:4x4", "fits": True,
+                               "roofline": {**ROOFLINE, "seconds": 0.05}}],
              "refused"),
       report(row, 40, False, [{"change": "PARALLELISM='fsdp'", "fits": False}]),
       {"row": fit_table.label(row), "error": "the compiler crashed (SIGSEGV) after 600 s"}])
   lines = table.splitlines()
   assert lines[2] == ("| t5_1_1_base | v5e:2x4 | 8 | data (8, 1) | 9.5 (16) | yes | "
                       "12.3 (interconnect) | 61% | 42 |")
-  # A row that does not fit gives the roofline of the first knob that did, named.
+  # A row that does not fit gives the lowest roofline of the knobs that did, named.
   assert lines[3] == ("| t5_1_1_base | v5e:2x4 | 8 | data (8, 1) | > 22.0 (16) | no; fits with "
-                      "`REMAT_POLICY='full'` | 12.3 (compute) with `REMAT_POLICY='full'` | "
-                      "100% | 42 |")
+                      "`REMAT_POLICY='full'` or `--topology=v5e:4x4` | 12.3 (compute) with "
+                      "`REMAT_POLICY='full'` | 100% | 42 |")
   assert "no; none of `PARALLELISM='fsdp'`" in lines[4] and lines[4].endswith("|  |  | 42 |")
   assert "the compiler crashed (SIGSEGV) after 600 s" in lines[5]
 

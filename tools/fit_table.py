@@ -74,14 +74,15 @@ def knobs_that_fit(result) -> str:
 
 
 def roofline_cells(result) -> str:
-  """'step >= ms (bound) | MFU <= %' of the row as compiled, or of the first knob that fit
-  (named), or blanks."""
+  """'step >= ms (bound) | MFU <= %' of the row as compiled, or of the knob that fit with
+  the lowest bound (named), or blanks."""
   train, = result["steps"]
   roofline, knob = train.get("roofline") if train["fits"] else None, ""
   if roofline is None:
-    fitting = next((k for k in result.get("knobs", []) if k.get("fits")), None)
-    roofline, knob = (fitting.get("roofline"), f" with `{fitting['change']}`") if fitting else (
-        None, "")
+    fitting = [k for k in result.get("knobs", []) if k.get("fits") and k.get("roofline")]
+    if fitting:
+      best = min(fitting, key=lambda k: k["roofline"]["seconds"])
+      roofline, knob = best["roofline"], f" with `{best['change']}`"
   if not roofline:
     return " | "
   return (f"{roofline['seconds'] * 1e3:.3g} ({roofline['bound']}){knob} | "
@@ -114,11 +115,18 @@ def main(argv=None) -> list:
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--rows", default="", help="only rows whose label matches this regex")
+  parser.add_argument("--render", metavar="FILE.jsonl",
+                      help="print the table of reports written before (--out), compiling nothing")
   parser.add_argument("--out", help="append each row's report here as a JSON line")
   parser.add_argument("--timeout_minutes", type=float, default=60)
   parser.add_argument("--gin", action="append", default=[], metavar="NAME=VALUE",
                       help="extra --gin.NAME=VALUE for every row (e.g. REMAT_POLICY=\"'full'\")")
   args = parser.parse_args(argv)
+  if args.render:
+    with open(args.render, encoding="utf-8") as f:
+      results = [json.loads(line) for line in f if line.strip()]
+    print(markdown([r for r in results if re.search(args.rows, r["row"])]))
+    return results
   rows = [row for row in ROWS if re.search(args.rows, label(row))]
   results = []
   for row in rows:
