@@ -327,7 +327,9 @@ def test_five_samples_an_input_killed_in_stage_1_resume_and_report_one_sample_be
                             capture_output=True, text=True,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stdout + result.stderr
-  assert lines_of(records)[:len(written_before)] == written_before
+  # Every record written before the kill is kept as it was (the finished file is in input
+  # order, so not necessarily where it was).
+  assert set(written_before) <= set(lines_of(records))
   generated = rationales.read_records(str(records))  # refuses duplicate ids
   assert sorted(r.id for r in generated) == sorted(r.id for r in shipped[300:360])
   assert all(len(r.samples) == 5 for r in generated)
