@@ -42,8 +42,8 @@ SUBCOMMANDS = {
     "train": ("dsbs_jax.train",
               "train a student as gin files say; rerun the same command to resume"),
     "compile": ("dsbs_jax.compile_report",
-                "compile a run's steps for a TPU slice (or cpu:N) without one: memory per chip, "
-                "fit, collectives, roofline"),
+                "compile a run's steps for a TPU slice or GPUs (or cpu:N) without them: memory "
+                "per chip, fit, collectives, roofline"),
     "eval": ("dsbs_jax.infer", "decode and score a task's split with a trained student"),
     "predict": ("dsbs_jax.infer", "label (and explain) raw inputs with a trained student"),
     "export": ("dsbs_jax.export",
