@@ -260,11 +260,12 @@ def annotate(args, plan: Plan, layout: Layout) -> int:
   api_key = teacher_command.api_key_from_env(args)
   for _, examples, path in _annotation_jobs(plan, layout):
     client = teacher_command.make_client(args, plan.template, budget, api_key)
+    spent_before = (budget.requests, budget.tokens)
     result = teacher.generate(examples, plan.template, client, str(path),
                               concurrency=args.concurrency, progress=args.progress,
                               samples=args.samples)
     code = teacher_command.summarize_generation("dsbs distill", str(path), result, client,
-                                                args.max_attempts)
+                                                args.max_attempts, spent_before)
     if code:
       return code
   return 0

@@ -156,15 +156,22 @@ def make_client(args: argparse.Namespace, template: teacher.PromptTemplate,
 
 
 def summarize_generation(prog: str, out: str, result: teacher.GenerationResult,
-                         client: teacher_client.TeacherClient, max_attempts: int) -> int:
+                         client: teacher_client.TeacherClient, max_attempts: int,
+                         spent_before: Optional[tuple[int, int]] = None) -> int:
   """Prints what a generation run did and, unless every example is done, why and how to go
-  on; returns the exit code: 0 when done."""
+  on; returns the exit code: 0 when done. `spent_before`: (requests, tokens) the budget had
+  counted before this file, when it is shared with other files (dsbs distill's two): the
+  line then gives this file's own and the total apart."""
   budget = client.budget
   estimated = f", {budget.estimated_tokens:,} of them estimated" if budget.estimated_tokens else ""
   earlier = f", {budget.earlier_tokens:,} of them by earlier runs" if budget.earlier_tokens else ""
+  spent = f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}{earlier}"
+  if spent_before is not None:
+    requests, tokens = budget.requests - spent_before[0], budget.tokens - spent_before[1]
+    spent = (f"{requests:,} requests, {tokens:,} tokens for this file now (in all: "
+             f"{spent})")
   print(f"{out}: {result.total - result.remaining:,} of {result.total:,} examples done "
-        f"({result.written:,} written now, {result.already_done:,} already there); "
-        f"{budget.requests:,} requests, {budget.tokens:,} tokens{estimated}{earlier}")
+        f"({result.written:,} written now, {result.already_done:,} already there); {spent}")
   if result.remaining == 0:
     return 0
   if budget.unreachable:

@@ -106,7 +106,9 @@ def test_token_budget_holds_across_resumes(cqa_teacher, tmp_path, capsys):
   assert "token cap reached (--max_teacher_tokens=300" in capsys.readouterr().err
   assert len(lines_of(records)) == 3 and cqa_teacher.requests == before + 3
   assert cli.main(budget(300)) == 1  # the same budget, already spent: nothing is sent
-  assert "3 requests, 300 tokens, 300 of them by earlier runs" in capsys.readouterr().out
+  # This file's own spending now, apart from the folder's in all.
+  assert ("0 requests, 0 tokens for this file now (in all: 3 requests, 300 tokens, 300 of "
+          "them by earlier runs)") in capsys.readouterr().out
   assert len(lines_of(records)) == 3 and cqa_teacher.requests == before + 3
   assert cli.main(budget(500)) == 1
   assert len(lines_of(records)) == 5 and cqa_teacher.requests == before + 5
