@@ -197,7 +197,7 @@ class TrainCheckpointer:
                asynchronous: bool = True):
     self.directory = storage.path(directory)
     self._kept = _NamedStep(keep_step)
-    self._checkpoint_bytes = None  # the size of one checkpoint on disk, once known
+    self._checkpoint_bytes = None  # (size of one checkpoint on disk, how known), once known
     self._manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "input"),
         options=ocp.CheckpointManagerOptions(
@@ -225,23 +225,26 @@ class TrainCheckpointer:
     """
     self.wait()  # orbax would wait for the previous save too; then its size and room are known
     free = storage.free_bytes(self.directory)
-    if free is not None and free < (needed := self._size_of_a_checkpoint(state)):
+    if free is not None and free < (needed := self._size_of_a_checkpoint(state))[0]:
       raise self._write_failed(self.directory / str(step),
                                f"{_megabytes(free)} free on its disk, a checkpoint takes about "
-                               f"{_megabytes(needed)}")
+                               f"{_megabytes(needed[0])} ({needed[1]})")
     with self._disk_full_reported():
       self._manager.save(step, args=ocp.args.Composite(
           state=ocp.args.StandardSave(state), input=ocp.args.JsonSave(input_state)), force=True)
 
-  def _size_of_a_checkpoint(self, state: Any) -> int:
+  def _size_of_a_checkpoint(self, state: Any) -> tuple[int, str]:
+    """(bytes, how they were found): measured on the latest checkpoint, else estimated from
+    the state's arrays (orbax's compression makes a written one smaller)."""
     if self._checkpoint_bytes is None:
       latest = self.latest_step()
       if latest is not None:
-        self._checkpoint_bytes = storage.bytes_under(self.directory / str(latest))
+        self._checkpoint_bytes = (storage.bytes_under(self.directory / str(latest)),
+                                  f"as step {latest} took")
       else:  # its arrays, with a tenth more for the metadata around them
         arrays = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state)
                      if hasattr(x, "dtype"))
-        return int(arrays * 1.1)
+        return int(arrays * 1.1), "estimated from the state's arrays"
     return self._checkpoint_bytes
 
   def _write_failed(self, what: storage.Path, why: str) -> CheckpointWriteError:

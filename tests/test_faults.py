@@ -188,7 +188,8 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_run_resumes_after(unint
   assert stderr.count("\n") == 1, stderr
   assert re.fullmatch(
       rf"dsbs train: error: {mount}/run/checkpoints/4: not saved: [\d.,]+ MB free on its disk, "
-      r"a checkpoint takes about [\d.,]+ MB; the last complete checkpoint, step 2, is intact\. "
+      r"a checkpoint takes about [\d.,]+ MB \(as step 2 took\); the last complete checkpoint, "
+      r"step 2, is intact\. "
       r"Free some space and rerun the same command to resume\n", stderr), stderr
   run = tmp_path / "run"
   checkpointer = run_dir.RunDir(run).checkpointer()
