@@ -36,6 +36,10 @@ TASK_IDS = {"label": 1, "rationale": 2}
 # The feature that carries those ids through SeqIO (see seqio_tasks.add_task_ids).
 TASK_ID_FEATURE = "targets_task"
 PAPER_PREFIXES = ("predict: ", "explain: ")
+# Characters of text kept per token of a feature (TaskOptions.max_text_chars): twice the
+# longest SentencePiece piece (16, the trainer's default and the longest in T5's and the
+# shipped vocabularies), so that a cut never reaches a kept token.
+CHARS_PER_TOKEN = 32
 # The shipped from-scratch vocabulary, for gin files: VOCABULARY = %DSBS_VOCABULARY.
 gin.constant("DSBS_VOCABULARY", str(resources.VOCABULARY_FILE))
 
@@ -96,6 +100,11 @@ class TaskOptions:
     min_agreement: leave out of training (both tasks) the inputs whose vote won less than
       this share of their K samples; a record of one sample agrees with itself (share 1).
       0 keeps every input, as the paper.
+    max_text_chars: the most characters of a record's input or target that are tokenized:
+      features keep only their first tokens anyway, and a SentencePiece piece holds at most
+      16 characters, so a text cut at twice that per token of TASK_FEATURE_LENGTHS gives
+      the same features, and a line of megabytes costs no more than this (`dsbs train`
+      refuses lengths it would not cover).
   """
   alpha: float = 0.5
   train_fraction: float = 1.0
@@ -110,6 +119,7 @@ class TaskOptions:
   drop_parse_failures: bool = False
   train_rationales: str = self_consistency.TRAIN_FIRST
   min_agreement: float = 0.0
+  max_text_chars: int = 1 << 17
 
   def __post_init__(self):
     gin_utils.check_required("TaskOptions", {f.name: getattr(self, f.name)
@@ -128,6 +138,19 @@ class TaskOptions:
     if not 0.0 <= self.min_agreement <= 1.0:
       raise gin_utils.GinConfigError(
           f"TaskOptions.min_agreement must be in [0, 1], got {self.min_agreement}")
+    if isinstance(self.max_text_chars, bool) or not (isinstance(self.max_text_chars, int)
+                                                      and self.max_text_chars > 0):
+      raise gin_utils.GinConfigError(f"TaskOptions.max_text_chars must be a positive integer, "
+                                     f"got {self.max_text_chars!r}")
+
+  def check_covers(self, task_feature_lengths: Mapping[str, int]) -> None:
+    """Refuses feature lengths longer than max_text_chars keeps exact (CHARS_PER_TOKEN each)."""
+    longest = max(task_feature_lengths.values())
+    if longest * CHARS_PER_TOKEN > self.max_text_chars:
+      raise gin_utils.GinConfigError(
+          f"TASK_FEATURE_LENGTHS up to {longest} tokens need TaskOptions.max_text_chars of at "
+          f"least {longest * CHARS_PER_TOKEN} (it is {self.max_text_chars}): texts are cut "
+          "there before they are tokenized")
 
   def for_run(self, mixture_or_task_name: str) -> "TaskOptions":
     """These options as a run of `mixture_or_task_name` uses them: label_only_prefix

@@ -37,6 +37,11 @@ PREFIX_FIELDS = {"label_gold": "label_prefix", "label_teacher": "label_prefix",
                  "rationale": "rationale_prefix"}
 
 
+def _cut(text: Optional[str], most: int) -> Optional[str]:
+  """A text's first `most` characters (TaskOptions.max_text_chars): what its features keep."""
+  return text if text is None else text[:most]
+
+
 class RecordDataSource(seqio.FunctionDataSource):
   """A SeqIO source over rationale records, resolved from the TaskOptions in use at read time."""
 
@@ -49,7 +54,7 @@ class RecordDataSource(seqio.FunctionDataSource):
     options = distillation.current_options()
     read = records.records_for(self._spec, split, options)
     if self._target_kind == "rationale" and split == "train":
-      return self._training_rationales(read, options.train_rationales)
+      return self._training_rationales(read, options)
     target_of = TARGETS[self._target_kind]
     targets = [target_of(r, split) for r in read]
     if None in targets:
@@ -58,7 +63,9 @@ class RecordDataSource(seqio.FunctionDataSource):
           f"which {distillation.task_name(self._spec.name, self._target_kind)} needs; train "
           f"{distillation.task_name(self._spec.name, 'dsbs_teacher')} or "
           f"{distillation.task_name(self._spec.name, 'distill')} (the teacher's labels) instead")
-    return {"id": [r.id for r in read], "input": [r.input for r in read], "target": targets}
+    most = options.max_text_chars
+    return {"id": [r.id for r in read], "input": [_cut(r.input, most) for r in read],
+            "target": [_cut(target, most) for target in targets]}
 
   def texts(self, split: str) -> dict[str, list[str]]:
     """{"inputs": [...], "targets": [...]}: the texts of `split` as the task tokenizes them."""
@@ -66,7 +73,8 @@ class RecordDataSource(seqio.FunctionDataSource):
     prefix = getattr(distillation.current_options(), PREFIX_FIELDS[self._target_kind])
     return {"inputs": [prefix + text for text in examples["input"]], "targets": examples["target"]}
 
-  def _training_rationales(self, read: list, which: str) -> dict:
+  def _training_rationales(self, read: list, options: distillation.TaskOptions) -> dict:
+    which = options.train_rationales
     same_answer = self_consistency.same_answer_for(self._spec.metric_fn)
     examples = {"id": [], "input": [], "target": []}
     for record in read:
@@ -76,8 +84,8 @@ class RecordDataSource(seqio.FunctionDataSource):
         raise rationales.RationaleFileError(f"{self._spec.name}/train: {e}") from None
       for rationale in chosen:
         examples["id"].append(record.id)
-        examples["input"].append(record.input)
-        examples["target"].append(rationale)
+        examples["input"].append(_cut(record.input, options.max_text_chars))
+        examples["target"].append(_cut(rationale, options.max_text_chars))
     return examples
 
   def _dataset_fn(self, split: str, shuffle_files: bool, seed: Optional[int] = None) -> tf.data.Dataset:

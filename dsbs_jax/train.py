@@ -245,6 +245,7 @@ def train(model_dir: str = gin.REQUIRED, mixture_or_task_name: str = gin.REQUIRE
                       final_eval_max_examples, eval_decode_length, predict_rationales, seed)
   # Read once; the tasks read these until the run ends.
   options = distillation.TaskOptions().for_run(mixture_or_task_name)
+  options.check_covers(task_feature_lengths)
   run = run_dir.RunDir(model_dir)
   with distillation.options_in_use(options), run.writing():
     with stop_signals.phase("checking the data, the model and MODEL_DIR",

@@ -3,6 +3,7 @@ alpha, both tasks see the same examples, prefixes, separators, the vocabulary Ta
 names, the options a command puts in use winning over gin's, and records of K teacher
 samples expanded, filtered and dropped as TaskOptions choose (counted per task)."""
 import collections
+import dataclasses
 import itertools
 import math
 import random
@@ -278,3 +279,33 @@ def test_k_rationales_an_input_keep_the_mixture_at_alpha(sampled_cqa_dir):
   root, _ = sampled_cqa_dir
   bind(rationales_dir=root, train_rationales="all", alpha=0.3)
   assert abs(label_share(seqio.get_mixture_or_task("cqa_dsbs_teacher"), 1000) - 0.3) < 0.05
+
+
+def test_a_text_of_megabytes_is_cut_before_tokenizing_to_the_same_features(tmp_path):
+  # A CQA validation record with an input of 2 MB: the task tokenizes its first
+  # TaskOptions.max_text_chars characters only, and the features keep the same tokens.
+  shutil.copytree(f"{RATIONALES}/cqa", tmp_path / "cqa")
+  for path in (tmp_path / "cqa").glob("valid.jsonl*"):
+    path.unlink()
+  record = records.read_split(RATIONALES, "cqa", "validation")[0]
+  words = " ".join(f"{random.Random(i).choice(['plate', 'cupboard', 'sink', 'dish'])}{i % 97}"
+                   for i in range(200_000))
+  huge = dataclasses.replace(record, input=words[:2_000_000])
+  rationales.write_records(str(tmp_path / "cqa" / "valid.jsonl"), [huge])
+  most = 4096
+  bind(rationales_dir=str(tmp_path), max_text_chars=most)
+  task = seqio.get_mixture_or_task("cqa_label_gold")
+  inputs, = task.source.texts("validation")["inputs"]
+  assert len(inputs) == len("[label] ") + most
+  length = most // distillation.CHARS_PER_TOKEN
+  example, = task.get_dataset({"inputs": length, "targets": 16}, split="validation",
+                              shuffle=False, use_cached=False).as_numpy_iterator()
+  vocabulary = task.output_features["inputs"].vocabulary
+  whole = vocabulary.tokenizer.EncodeAsIds("[label] " + huge.input[:100_000])
+  assert list(example["inputs"][:length - 1]) == whole[:length - 1]
+  # Feature lengths the cut would reach are refused, naming both settings.
+  options = distillation.TaskOptions(max_text_chars=most)
+  options.check_covers({"inputs": length, "targets": 16})
+  with pytest.raises(gin_utils.GinConfigError,
+                     match="TASK_FEATURE_LENGTHS up to 256 tokens need TaskOptions.max_text_chars"):
+    options.check_covers({"inputs": 2 * length, "targets": 16})
