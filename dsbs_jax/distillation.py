@@ -104,7 +104,7 @@ class TaskOptions:
       features keep only their first tokens anyway, and a SentencePiece piece holds at most
       16 characters, so a text cut at twice that per token of TASK_FEATURE_LENGTHS gives
       the same features, and a line of megabytes costs no more than this (`dsbs train`
-      refuses lengths it would not cover).
+      refuses lengths it would not cover; a T5X run over 4,096 tokens raises it itself).
   """
   alpha: float = 0.5
   train_fraction: float = 1.0
