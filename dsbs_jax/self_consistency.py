@@ -9,8 +9,8 @@ of the samples in order. `agreement` is the winner's share of all K samples, par
 failures included. The record's label is the winner's in the metric's normal form
 (stripped). A record of K samples is unparsed (`parse_error`, the first sample's reason)
 only when none of its samples parsed; its agreement is then 0, its label blank, and it
-trains nothing (`unparsed_samples` counts what is left out). The rationales that train
-never include one of a sample that did not parse. One sample gives the record of one
+trains nothing. The rationales that train never include one of a sample that did not
+parse. One sample gives the record of one
 completion, as it always was.
 
 This module must not send requests, read files, or import TensorFlow.
@@ -78,14 +78,6 @@ def make_record(parser: str, same_answer: SameAnswer, example_id: str,
       rationale=first.rationale, teacher_output=first.teacher_output,
       parse_error=None if votes else first.parse_error, agreement=votes / len(samples),
       samples=samples)
-
-
-def unparsed_samples(record: rationales.RationaleRecord) -> int:
-  """How many of a K-sample record's samples did not parse (0 for a one-sample record,
-  which is kept or dropped whole: TaskOptions.drop_parse_failures)."""
-  if record.samples is None:
-    return 0
-  return sum(sample.parse_error is not None for sample in record.samples)
 
 
 def training_rationales(record: rationales.RationaleRecord, which: str,

@@ -37,7 +37,7 @@ def test_parse_failures_do_not_vote_but_count_in_the_share():
   assert (record.teacher_label, record.agreement) == ("z", 1 / 3)
   # One sample parsed: the record did (parse_error is the record's, not its first sample's).
   assert record.parse_error is None and record.samples[0].parse_error is not None
-  assert sc.unparsed_samples(record) == 2
+  assert sum(sample.parse_error is not None for sample in record.samples) == 2
   none_parsed = sc.make_record("cqa", SAME_TEXT, "id", "q", None, outputs[:2])
   assert (none_parsed.teacher_label, none_parsed.agreement) == (" ", 0.0)
   assert none_parsed.parse_error == none_parsed.samples[0].parse_error is not None
