@@ -12,9 +12,9 @@ counted as many times as it runs), the compiler's FLOP and byte counts (XLA coun
 body once), the lower and compile seconds, and a roofline lower bound on the step's time
 with the best MFU it allows (the slowest of: model FLOPs against the data-sheet peak
 FLOP/s; every argument and output crossing HBM once against the data-sheet bandwidth; what
-each chip must send for the collectives against its links' data-sheet rate). A train step that does not fit is compiled again with one knob changed at a time
-(more microbatches, full rematerialization, FSDP, twice the chips) and the report says
-which of them fit.
+each chip must send for the collectives against its links' data-sheet rate). A train step
+that does not fit is compiled again with one knob changed at a time (more microbatches,
+full rematerialization, FSDP, twice the chips) and the report says which of them fit.
 
 This module compiles and reports; it must not run steps, read data or write checkpoints.
 """
@@ -197,12 +197,12 @@ def group_size(line: str, num_devices: int) -> int:
   return num_devices
 
 
-def sent_per_device(kind: str, result_bytes: int, group: int) -> float:
-  """Bytes each device of a group of `group` must send for one collective whose result is
-  `result_bytes` per device (bandwidth-optimal algorithms: a ring's)."""
+def sent_per_result_byte(kind: str, group: int) -> float:
+  """Bytes each device of a group of `group` must send for one collective, per byte of its
+  result on a device (bandwidth-optimal algorithms: a ring's)."""
   share = (group - 1) / group
-  return result_bytes * {"all-reduce": 2 * share, "all-gather": share,
-                         "reduce-scatter": group - 1, "all-to-all": share}.get(kind, 1.0)
+  return {"all-reduce": 2 * share, "all-gather": share, "reduce-scatter": group - 1,
+          "all-to-all": share}.get(kind, 1.0)
 
 
 def collectives(hlo_text: str, num_devices: int = 2) -> dict[str, dict[str, int]]:
@@ -211,7 +211,8 @@ def collectives(hlo_text: str, num_devices: int = 2) -> dict[str, dict[str, int]
 
   A collective inside a loop counts once per iteration when XLA knows the trip count
   (scanned layers, microbatches); `bytes` adds up each one's largest result array,
-  `sent_bytes` what each device must send for it (`sent_per_device`, by its group's size).
+  `sent_bytes` what each device must send for it (`sent_per_result_byte`, by its group's
+  size).
   Over several slices, XLA compiles each collective's part that crosses the data-center
   network into transfers of the Megascale runtime: counted apart, as "<kind> across slices".
   """
@@ -229,7 +230,7 @@ def collectives(hlo_text: str, num_devices: int = 2) -> dict[str, dict[str, int]
     for line in computations.get(name, ()):
       if match := _COLLECTIVE_OP.search(line):
         add(match["kind"], match["type"], times,
-            sent_per_device(match["kind"], 1, group_size(line, num_devices)))
+            sent_per_result_byte(match["kind"], group_size(line, num_devices)))
       if match := _ACROSS_SLICES.search(line):
         add(f"{match['kind'].lower().replace('_', '-')} across slices", match["type"], times,
             1.0)
@@ -443,7 +444,7 @@ def gib(n: float) -> str:
 
 def format_step(report: StepReport, sheet: Optional[targets.DataSheet], capacity: Optional[int],
                 target: targets.Target) -> list[str]:
-  chip = target.chips.removesuffix("s")
+  chip = target.chip
   if report.out_of_memory:
     return [f"{report.step}: DOES NOT FIT: {report.out_of_memory} (compiled for "
             f"{report.compile_seconds:.1f}s)"]
@@ -591,9 +592,9 @@ def try_knobs_until_fit(shape: RunShape, target: targets.Target, run_flags: list
       tried.append({"change": change, "error": error})
       continue
     report = result["steps"][0]
-    chip = target.chips.removesuffix("s")
-    needs = (f"over {gib(report['hbm_bytes'])} GiB per {chip} (the TPU compiler refused it)"
-             if report["out_of_memory"] else f"{gib(report['hbm_bytes'])} GiB per {chip}")
+    needs = (f"over {gib(report['hbm_bytes'])} GiB per {target.chip} (the TPU compiler "
+             "refused it)" if report["out_of_memory"] else
+             f"{gib(report['hbm_bytes'])} GiB per {target.chip}")
     print_fn(f"  {change}: {needs}, {'fits' if report['fits'] else 'does not fit'} "
              f"(compiled in {report['compile_seconds']:.0f}s)")
     tried.append({"change": change, "hbm_bytes": report["hbm_bytes"], "fits": report["fits"],

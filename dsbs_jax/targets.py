@@ -114,8 +114,13 @@ class Target:
   num_slices: int = 1  # TPU: slices joined over the data-center network
 
   @property
+  def chip(self) -> str:
+    """What one device of the target is called in a report: chip, GPU or device."""
+    return {"tpu": "chip", "gpu": "GPU"}.get(self.platform, "device")
+
+  @property
   def chips(self) -> str:
-    return {"tpu": "chips", "gpu": "GPUs"}.get(self.platform, "devices")
+    return f"{self.chip}s"
 
   @property
   def slice_name(self) -> str:
