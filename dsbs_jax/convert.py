@@ -24,7 +24,9 @@ from flax import serialization
 from flax import traverse_util
 
 from dsbs_jax import checkpoints
+from dsbs_jax import distillation
 from dsbs_jax import resources
+from dsbs_jax import run_dir
 from dsbs_jax import stop_signals
 from dsbs_jax import storage
 from dsbs_jax import text_files
@@ -435,7 +437,7 @@ def _find_gin_file(name: str, search_paths: list, included_at: str) -> storage.P
 
 
 def _read_gin_bindings(gin_file: storage.Path, search_paths: list, config_values: dict,
-                       macros: dict, others: Optional[dict] = None) -> None:
+                       macros: dict, others: dict) -> None:
   """Adds the file's (and its includes') T5Config bindings and macros, the last one winning,
   and to `others` every other unscoped binding, as {(configurable, field): (value, where)}
   (the configurable's name without its module)."""
@@ -455,8 +457,18 @@ def _read_gin_bindings(gin_file: storage.Path, search_paths: list, config_values
         config_values[statement.arg_name] = (statement.value, where)
       elif not statement.arg_name:
         macros[statement.selector] = statement.value
-      elif others is not None:
+      else:
         others[(configurable, statement.arg_name)] = (statement.value, where)
+
+
+def _read_gin(gin_file, search_paths) -> tuple[storage.Path, dict, dict, dict]:
+  """(the file found, its T5Config bindings, its macros, its other unscoped bindings), the
+  file and its includes looked up as given, then in `search_paths`, then in gin/."""
+  search_paths = [*search_paths, resources.GIN_DIR]
+  found = _find_gin_file(str(gin_file), search_paths, "")
+  config_values, macros, others = {}, {}, {}
+  _read_gin_bindings(found, search_paths, config_values, macros, others)
+  return found, config_values, macros, others
 
 
 def _resolve(value, macros: dict, where: str, seen: tuple = ()):
@@ -483,10 +495,7 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
   bound to %gin.REQUIRED (T5X's DROPOUT_RATE) keeps its default: dropout and dtype are set
   by the training run.
   """
-  search_paths = [*search_paths, resources.GIN_DIR]
-  gin_file = _find_gin_file(str(gin_file), search_paths, "")
-  bindings, macros = {}, {}
-  _read_gin_bindings(gin_file, search_paths, bindings, macros)
+  gin_file, bindings, macros, _ = _read_gin(gin_file, search_paths)
   if "vocab_size" not in bindings:
     raise ConversionError(f"{gin_file}: binds no T5Config.vocab_size (network.T5Config.vocab_size "
                           "in T5X); is it a model gin file?")
@@ -501,22 +510,16 @@ def config_from_gin(gin_file, search_paths=()) -> t5.T5Config:
     raise ConversionError(f"{gin_file}: {error}") from None
 
 
-def run_spec_from_gin(gin_file, search_paths=()) -> Optional[tuple[Any, str]]:
+def run_spec_from_gin(gin_file, search_paths=()) -> Optional[tuple[run_dir.RunSpec, str]]:
   """(run_dir.RunSpec, vocabulary file) of the run a T5X config.gin trained, for `dsbs
   predict` and `dsbs export`: its MIXTURE_OR_TASK_NAME and TASK_FEATURE_LENGTHS, the task
   options it bound (prefixes, extra ids; this project's defaults otherwise, as its tasks
   had) and its SentencePiece file (TaskOptions.vocabulary_path, VOCABULARY_FILE or
   seqio.SentencePieceVocabulary's). None for a gin file of a model alone."""
-  from dsbs_jax import distillation  # pylint: disable=import-outside-toplevel
-  from dsbs_jax import run_dir  # pylint: disable=import-outside-toplevel
-  search_paths = [*search_paths, resources.GIN_DIR]
-  gin_file = _find_gin_file(str(gin_file), search_paths, "")
-  macros, others = {}, {}
-  _read_gin_bindings(gin_file, search_paths, {}, macros, others)
+  gin_file, _, macros, others = _read_gin(gin_file, search_paths)
   if "MIXTURE_OR_TASK_NAME" not in macros:
     return None
-  where = f"{gin_file}"
-  value = lambda v: _resolve(v, macros, where)
+  value = lambda v: _resolve(v, macros, str(gin_file))
   mixture = value(macros["MIXTURE_OR_TASK_NAME"])
   lengths = value(macros.get("TASK_FEATURE_LENGTHS", _Macro("TASK_FEATURE_LENGTHS")))
   if not (isinstance(lengths, dict) and {"inputs", "targets"} <= set(lengths)):
@@ -584,7 +587,6 @@ def run(args: argparse.Namespace) -> int:
                           resume="rerun the same command with --overwrite to write it whole"):
     checkpoints.save_model(args.out, params, config)
     if args.source_format == "t5x" and trained is not None:
-      from dsbs_jax import run_dir  # pylint: disable=import-outside-toplevel
       run = run_dir.RunDir(args.out)
       run.write_run_files(config, trained[0], trained[1])
       run.write_source({"format": "t5x", "path": str(args.source),
