@@ -221,10 +221,12 @@ class GenerationResult:
 
 def generate(examples: Sequence[Example], template: PromptTemplate, client: teacher_client.TeacherClient,
              out_path: str, parser: Optional[str] = None, concurrency: int = 4,
-             progress: Optional[bool] = None, samples: int = 1) -> GenerationResult:
+             progress: Optional[bool] = None, samples: int = 1,
+             done: Optional[dict] = None) -> GenerationResult:
   """Annotates every example not yet in `out_path`, appending one record per example once
   all its `samples` completions are in (self_consistency.make_record: one sample gives
-  the record of one completion, as it always was).
+  the record of one completion, as it always was). `done`: the records already in
+  `out_path`, when the caller has read them (resume_output); else they are read here.
 
   An example's samples come from one request with the `n` parameter, and from more
   requests for those an endpoint that ignores `n` did not give. At most `concurrency`
@@ -238,7 +240,8 @@ def generate(examples: Sequence[Example], template: PromptTemplate, client: teac
   parser = parser or template.parser
   same_answer = self_consistency.same_answer_for(
       METRIC_FOR_PARSER.get(parser, metrics.exact_match_accuracy))
-  done = resume_output(out_path, samples)
+  if done is None:
+    done = resume_output(out_path, samples)
   pending = [e for e in examples if e.id not in done]
   result = GenerationResult(total=len(examples), already_done=len(examples) - len(pending))
   build_prompt = template.messages if client.api == "chat" else template.prompt

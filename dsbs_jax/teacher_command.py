@@ -22,6 +22,7 @@ from dsbs_jax import stop_signals
 from dsbs_jax import storage
 from dsbs_jax import teacher
 from dsbs_jax import teacher_client
+from dsbs_jax import text_files
 
 EXIT_INCOMPLETE = 1
 EXIT_UNREACHABLE = 2
@@ -133,7 +134,7 @@ def check_teacher_settings(args: argparse.Namespace, prompt_path: str, settings_
   if not path.is_file():
     storage.write_atomically(path, (json.dumps(settings, indent=1) + "\n").encode())
     return
-  before = {**SETTING_DEFAULTS, **json.loads(path.read_text())}
+  before = {**SETTING_DEFAULTS, **text_files.read_json(path)}
   flag_of = {"teacher_model": model_flag, "prompt_sha256": "--prompt", "api": "--api",
              "samples": "--samples", "temperature": "--temperature"}
   for key, value in settings.items():
@@ -250,7 +251,7 @@ def run_generate(args: argparse.Namespace) -> int:
   template = teacher.PromptTemplate.load(prompt_path)
   temperature(args)  # a bad one is refused before the inputs are read
   examples = _read_examples(args)
-  teacher.resume_output(args.out, args.samples)  # the records there refused first, if they are
+  done = teacher.resume_output(args.out, args.samples)  # refused before the settings are kept
   check_teacher_settings(args, prompt_path, f"{args.out}{SETTINGS_SUFFIX}", args.out)
   client = make_client(args, template, make_budget(args), api_key_from_env(args))
   with stop_signals.phase("asking the teacher for rationales",
@@ -258,7 +259,7 @@ def run_generate(args: argparse.Namespace) -> int:
                                  "to go on"):
     result = teacher.generate(examples, template, client, args.out, parser=args.parser,
                               concurrency=args.concurrency, progress=args.progress,
-                              samples=args.samples)
+                              samples=args.samples, done=done)
   return summarize_generation("dsbs rationales generate", args.out, result, client,
                               args.max_attempts)
 

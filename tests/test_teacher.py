@@ -268,6 +268,14 @@ def test_a_file_is_finished_only_by_the_teacher_and_sampling_that_began_it(key_e
       err = capsys.readouterr().err.strip()
       assert err.startswith("dsbs rationales generate: error: ") and refused in err, err
       assert len(err.splitlines()) == 1 and out.read_bytes() == begun
+    # A settings file that is not JSON is named in one line.
+    settings = tmp_path / "out.jsonl.teacher.json"
+    settings.write_text("{not json")
+    assert cli.main(generate_args(fake, inputs, out, "cqa", "--samples", "3",
+                                  "--temperature", "0.7")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"dsbs rationales generate: error: {settings}") and "\n" not in err
+    assert out.read_bytes() == begun
     requests = fake.requests
   assert requests == 2  # nothing was sent for the refused runs
 
