@@ -266,7 +266,9 @@ def _add_export(subparsers) -> None:
 
 # dsbs distill's name for --max_tokens_total: the teacher's tokens, not the student's.
 DISTILL_TOKEN_CAP_FLAG = "--max_teacher_tokens"
-DISTILL_DESCRIPTION = docstring_summary("dsbs_jax.distill") + """
+# After the first paragraph of distill.py's docstring, read when distill's parser is built
+# (not on every command's start: it parses that module's source).
+DISTILL_STAGES = """
 
 Stage 1 asks the teacher for a rationale and a label per input (resumable per example),
 then the student trains on the custom dataset this makes (resumable per checkpoint), is
@@ -278,7 +280,8 @@ def _add_distill(subparsers) -> None:
   # Light, but no other command's flags need it: imported for this one only.
   from dsbs_jax import teacher_command  # pylint: disable=import-outside-toplevel
   parser = subparsers.add_parser(
-      "distill", description=DISTILL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+      "distill", description=docstring_summary("dsbs_jax.distill") + DISTILL_STAGES,
+      formatter_class=argparse.RawDescriptionHelpFormatter,
       epilog="example (README, 'Your own data, end to end'):\n"
              "  python -m dsbs_jax.replay_teacher --dataset cqa --port 8000 &\n"
              "  dsbs distill --inputs rationales/examples/distill/questions.jsonl \\\n"

@@ -196,9 +196,10 @@ def records_for(spec: distillation.DatasetSpec, split: str,
     if not carved_subsample:
       records = subsample(records, options.train_fraction, options.subsample_seed)
     # After subsampling, which so picks the paper's inputs whatever the filters keep.
-    # A record of K samples none of which parsed has no label to train on.
+    # A record of K samples none of which parsed has no label to train on; one of a single
+    # output that did not parse trains with a blank label, as the paper's, unless dropped.
     records = [r for r in records
-               if r.parsed() or not (options.drop_parse_failures or r.samples is not None)]
+               if r.parsed() or (r.samples is None and not options.drop_parse_failures)]
     if options.min_agreement > 0:
       records = [r for r in records
                  if (1.0 if r.agreement is None else r.agreement) >= options.min_agreement]
