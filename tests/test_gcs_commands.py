@@ -77,6 +77,9 @@ def test_generate_writes_and_resumes_records_on_gcs(key_env, gcs_bucket, tmp_pat
   local.write_bytes(storage.path(out).read_bytes())
   assert_matches_shipped(local, records)
   assert len(rationales.read_records(out)) == 12
+  # The teacher's settings are kept beside the records, in the bucket too.
+  assert json.loads(storage.path(f"{out}.teacher.json").read_text())["teacher_model"] == \
+      "palm-replay"
 
 
 def test_compile_appends_its_json_report_to_gcs(gcs_bucket, capfd):

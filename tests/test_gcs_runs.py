@@ -21,6 +21,7 @@ from google.cloud import storage as gcs
 from conftest import tiny_run_flags
 from test_train import assert_resumed_like_uninterrupted, logged_steps
 from dsbs_jax import checkpoints
+from dsbs_jax import convert
 from dsbs_jax import cli
 from dsbs_jax import folder_lock
 from dsbs_jax import resources
@@ -270,6 +271,23 @@ def test_convert_reads_hf_and_t5x_checkpoints_on_gcs_and_writes_models_there(gcs
                    "--out", f"{gcs_bucket}/models/from_t5x"]) == 0
   imported, _ = checkpoints.load_model(f"{gcs_bucket}/models/from_t5x")
   jax.tree.map(np.testing.assert_array_equal, imported, t5x_params)
+  # With the T5X run's config.gin, its run files are written there too, for predict/export.
+  import test_export  # pylint: disable=import-outside-toplevel
+  test_convert.write_t5x_style_gin(tmp_path / "t5x_root")
+  config_gin = tmp_path / "config.gin"
+  config_gin.write_text(test_export.T5X_RUN_CONFIG.format(vocabulary=resources.VOCABULARY_FILE))
+  run_params = t5.init_params(convert.config_from_gin(config_gin, [tmp_path / "t5x_root"]),
+                              jax.random.key(4))
+  test_convert.write_t5x_msgpack_checkpoint(run_params, tmp_path / "t5x_run" / "checkpoint_1004")
+  copy_tree(tmp_path / "t5x_run", f"{gcs_bucket}/t5x_run")
+  served = f"{gcs_bucket}/models/from_t5x_run"
+  assert cli.main(["convert", "--from", "t5x", f"{gcs_bucket}/t5x_run/checkpoint_1004",
+                   f"--gin_file={config_gin}", f"--gin_search_path={tmp_path / 't5x_root'}",
+                   "--out", served]) == 0
+  run = run_dir.RunDir(served)
+  assert run.spec().label_prefix == "predict: " and run.spec().input_length == 64
+  assert json.loads(run.source_path.read_text())["step"] == 1004
+  assert run.vocabulary_path.read_bytes() == resources.VOCABULARY_FILE.read_bytes()
 
 
 @pytest.mark.slow
